@@ -1,0 +1,234 @@
+"""Chat turns and feedback: the logic behind the chat page, with no web framework in it.
+
+``ChatService`` checks what the user sent, builds the prompt the model sees (persona,
+history trimmed oldest-first to fit the context), streams the answer from the engine and
+logs it with the model version that produced it. Feedback (vote, comment, retry, edit,
+undo) goes through here too. The store is passed in (``store.Store``); this module does not
+import it, so serving stays free of storage code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .engine import Adapter, Engine, EngineError, Sampling
+
+# A message over this many characters is refused before it is tokenized: pasting a book
+# into a chat box is almost always a mistake, and tokenizing megabytes blocks a worker.
+MAX_MESSAGE_CHARS = 100_000
+# The persona field is a short instruction, not a document.
+MAX_SYSTEM_PROMPT_CHARS = 4_000
+MAX_COMMENT_CHARS = 2_000
+MAX_EDIT_CHARS = MAX_MESSAGE_CHARS
+
+
+class ChatInputError(ValueError):
+    """Something the user sent that cannot be used; the message says what and why."""
+
+
+@dataclass
+class Reply:
+    """The state of an answer while it streams; the last one has ``done`` set."""
+
+    text: str
+    done: bool = False
+    answer_id: str | None = None
+    message_id: str | None = None
+    model_label: str = ""
+    notice: str | None = None  # e.g. "2 older messages were left out to fit the context"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict]
+    trimmed_messages: int  # whole old messages dropped
+    truncated_chars: int  # characters cut from the start of the newest message
+
+    def notice(self) -> str | None:
+        parts = []
+        if self.trimmed_messages:
+            parts.append(
+                f"{self.trimmed_messages} older message(s) were left out so the conversation fits "
+                "the model's context."
+            )
+        if self.truncated_chars:
+            parts.append(
+                f"Your message was too long for the model's context: its first "
+                f"{self.truncated_chars} characters were left out."
+            )
+        return " ".join(parts) or None
+
+
+def model_label(model: str, adapter: Adapter | None) -> str:
+    return f"{model} · {'base' if adapter is None else f'v{adapter.version} ({adapter.name})'}"
+
+
+def check_text(text: str | None, what: str, limit: int) -> str:
+    text = (text or "").strip()
+    if not text:
+        raise ChatInputError(f"The {what} is empty: type something first.")
+    if len(text) > limit:
+        raise ChatInputError(
+            f"The {what} is {len(text):,} characters long; the limit is {limit:,}."
+        )
+    return text
+
+
+@dataclass
+class ChatService:
+    store: object  # store.Store
+    engine: Engine
+    sampling: Sampling = field(default_factory=Sampling)
+    # Which adapter answers this user; None is the base model. Set by the serving layer.
+    adapter_for: Callable[[str], Adapter | None] = lambda user_id: None
+
+    # -- prompts -------------------------------------------------------------------
+
+    def build_prompt(self, system_prompt: str, history: list[dict], new_message: str) -> Prompt:
+        """System prompt + as much recent history as fits + the new message."""
+        budget = self.engine.context_tokens - self.sampling.max_new_tokens
+        head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        tail = [{"role": "user", "content": new_message}]
+        # Drop whole user/assistant exchanges, oldest first, so no answer loses its question.
+        kept = list(history)
+        dropped = 0
+        while kept and self.engine.count_tokens(head + kept + tail) > budget:
+            kept = kept[2:]
+            dropped += 2
+        truncated = 0
+        if self.engine.count_tokens(head + tail) > budget:
+            truncated = self._truncate_to_fit(head, new_message, budget)
+            tail = [{"role": "user", "content": new_message[truncated:]}]
+        return Prompt(head + kept + tail, dropped, truncated)
+
+    def _truncate_to_fit(self, head: list[dict], text: str, budget: int) -> int:
+        """Smallest number of leading characters to cut so the message fits (binary search)."""
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.engine.count_tokens(head + [{"role": "user", "content": text[mid:]}]) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo >= len(text):
+            raise ChatInputError("The persona alone fills the model's context; shorten it.")
+        return lo
+
+    def history(self, conversation_id: str, user_id: str) -> list[dict]:
+        out: list[dict] = []
+        for turn in self.store.turns(conversation_id, user_id):
+            if turn.answer is None:
+                continue  # a turn whose answer failed is not part of what the model saw
+            out.append({"role": "user", "content": turn.message["content"]})
+            out.append({"role": "assistant", "content": turn.answer["content"]})
+        return out
+
+    # -- turns ---------------------------------------------------------------------
+
+    def new_conversation(self, user_id: str, system_prompt: str = "") -> str:
+        system_prompt = (system_prompt or "").strip()
+        if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+            raise ChatInputError(
+                f"The persona is {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}."
+            )
+        return self.store.create_conversation(user_id, system_prompt=system_prompt)
+
+    def send(self, conversation_id: str, user_id: str, text: str) -> Iterator[Reply]:
+        """Record the user's message and stream the answer to it."""
+        text = check_text(text, "message", MAX_MESSAGE_CHARS)
+        conv = self.store.conversation(conversation_id, user_id)
+        prompt = self.build_prompt(
+            conv["system_prompt"], self.history(conversation_id, user_id), text
+        )
+        message_id = self.store.add_message(conversation_id, user_id, text)
+        yield from self._answer(message_id, user_id, prompt)
+
+    def retry(self, answer_id: str, user_id: str) -> Iterator[Reply]:
+        """Another answer to exactly the conversation state the given answer answered."""
+        answer = self.store.answer(answer_id, user_id)
+        messages = json.loads(answer["prompt_json"])
+        prompt = Prompt(messages, answer["trimmed_messages"] or 0, 0)
+        yield from self._answer(answer["message_id"], user_id, prompt)
+
+    def retry_message(self, message_id: str, user_id: str) -> Iterator[Reply]:
+        """Answer a user turn whose answer failed (there is no answer to retry)."""
+        msg = self.store.message(message_id, user_id)
+        answers = self.store.answers_to(message_id, user_id)
+        if answers:
+            yield from self.retry(answers[-1]["id"], user_id)
+            return
+        conv = self.store.conversation(msg["conversation_id"], user_id)
+        history = self.history(msg["conversation_id"], user_id)
+        prompt = self.build_prompt(conv["system_prompt"], history, msg["content"])
+        yield from self._answer(message_id, user_id, prompt)
+
+    def _answer(self, message_id: str, user_id: str, prompt: Prompt) -> Iterator[Reply]:
+        adapter = self.adapter_for(user_id)
+        label = model_label(self.engine.model_name, adapter)
+        notice = prompt.notice()
+        text = ""
+        start = time.perf_counter()
+        first_token_ms = None
+        finish = None
+        tokens = None
+        try:
+            for chunk in self.engine.stream(prompt.messages, self.sampling, adapter):
+                if chunk.text and first_token_ms is None:
+                    first_token_ms = (time.perf_counter() - start) * 1000
+                text += chunk.text
+                if chunk.finish_reason:
+                    finish, tokens = chunk.finish_reason, chunk.completion_tokens
+                yield Reply(text, message_id=message_id, model_label=label, notice=notice)
+        except EngineError as e:
+            yield Reply(
+                text,
+                done=True,
+                message_id=message_id,
+                model_label=label,
+                notice=notice,
+                error=f"The model could not answer ({e}). Your message is saved; press retry.",
+            )
+            return
+        answer_id = self.store.log_answer(
+            message_id=message_id,
+            user_id=user_id,
+            prompt=prompt.messages,
+            content=text,
+            model=self.engine.model_name,
+            adapter_name=adapter.name if adapter else None,
+            adapter_version=adapter.version if adapter else None,
+            sampling=self.sampling.to_dict(),
+            latency_ms=(time.perf_counter() - start) * 1000,
+            first_token_ms=first_token_ms,
+            completion_tokens=tokens,
+            finish_reason=finish,
+            trimmed_messages=prompt.trimmed_messages,
+        )
+        yield Reply(
+            text, done=True, answer_id=answer_id, message_id=message_id, model_label=label, notice=notice
+        )
+
+    # -- feedback ------------------------------------------------------------------
+
+    def rate(self, answer_id: str, user_id: str, value: int, comment: str | None = None) -> int | None:
+        """Vote; returns the vote it replaced (for undo)."""
+        if comment is not None:
+            comment = comment.strip()[:MAX_COMMENT_CHARS] or None
+        previous = self.store.current_rating(answer_id, user_id)
+        self.store.rate(answer_id, user_id, value, comment)
+        return previous
+
+    def comment(self, answer_id: str, user_id: str, text: str) -> None:
+        text = check_text(text, "comment", MAX_COMMENT_CHARS)
+        self.store.comment(answer_id, user_id, text)
+
+    def edit(self, answer_id: str, user_id: str, new_text: str) -> str:
+        new_text = check_text(new_text, "edited answer", MAX_EDIT_CHARS)
+        return self.store.edit_answer(answer_id, user_id, new_text)
+
+    def withdraw(self, answer_id: str, user_id: str) -> None:
+        self.store.withdraw_answer(answer_id, user_id)

@@ -1,0 +1,69 @@
+"""The engine interface: stream a chat completion, optionally through a named LoRA adapter.
+
+An engine knows messages, tokens and adapters; it knows nothing of users, storage or the
+web page. Two implementations are planned: ``hf_engine.HFEngine`` (transformers + peft, in
+process) and a vLLM client; tests use a fake with the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Protocol
+
+
+class EngineError(RuntimeError):
+    """The engine could not answer (crashed, unreachable, refused an adapter...)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    # Low but non-zero: small models derail at higher temperatures (SmolLM2's card suggests
+    # 0.2), and "retry" still gets a different answer. Greedy (0.0) for evaluation.
+    temperature: float = 0.3
+    top_p: float = 0.9
+    # 256 new tokens keeps one answer under ~15 s on two CPU cores with transformers.
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter version as the engine sees it: an immutable name and a folder."""
+
+    name: str
+    path: str
+    version: int
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed answer; the last one has ``finish_reason`` set."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    model_name: str  # identity of the base model, logged with every answer
+    context_tokens: int  # prompt + answer must fit in this many tokens
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        """Tokens the prompt takes once the chat template is applied (generation prompt included)."""
+        ...
+
+    def stream(
+        self, messages: list[dict], sampling: Sampling, adapter: Adapter | None = None
+    ) -> Iterator[Chunk]:
+        """Yield the answer to ``messages`` piece by piece."""
+        ...
+
+    def load_adapter(self, adapter: Adapter) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,76 @@
+CREATE VIEW "current_ratings" AS 
+        SELECT r.* FROM ratings r
+        WHERE r.id = (
+            SELECT r2.id FROM ratings r2
+            WHERE r2.answer_id = r.answer_id AND r2.user_id = r.user_id
+            ORDER BY r2.created_utc DESC, r2.rowid DESC LIMIT 1
+        );
+
+CREATE TABLE "answers" (
+   "id" TEXT PRIMARY KEY,
+   "conversation_id" TEXT NOT NULL REFERENCES "conversations"("id"),
+   "message_id" TEXT NOT NULL REFERENCES "messages"("id"),
+   "user_id" TEXT NOT NULL,
+   "source" TEXT NOT NULL,
+   "edited_from_id" TEXT REFERENCES "answers"("id"),
+   "prompt_json" TEXT,
+   "prompt_hash" TEXT,
+   "content" TEXT NOT NULL,
+   "model" TEXT,
+   "adapter_name" TEXT,
+   "adapter_version" INTEGER,
+   "sampling_json" TEXT,
+   "latency_ms" REAL,
+   "first_token_ms" REAL,
+   "completion_tokens" INTEGER,
+   "finish_reason" TEXT,
+   "trimmed_messages" INTEGER,
+   "created_utc" TEXT NOT NULL,
+   "withdrawn_utc" TEXT
+);
+
+CREATE TABLE "conversations" (
+   "id" TEXT PRIMARY KEY,
+   "user_id" TEXT NOT NULL,
+   "title" TEXT DEFAULT '',
+   "system_prompt" TEXT DEFAULT '',
+   "exclude_from_training" INTEGER DEFAULT 0,
+   "created_utc" TEXT NOT NULL,
+   "updated_utc" TEXT
+);
+
+CREATE TABLE "messages" (
+   "id" TEXT PRIMARY KEY,
+   "conversation_id" TEXT NOT NULL REFERENCES "conversations"("id"),
+   "user_id" TEXT NOT NULL,
+   "parent_answer_id" TEXT,
+   "content" TEXT NOT NULL,
+   "created_utc" TEXT NOT NULL
+);
+
+CREATE TABLE "ratings" (
+   "id" TEXT PRIMARY KEY,
+   "answer_id" TEXT NOT NULL REFERENCES "answers"("id"),
+   "user_id" TEXT NOT NULL,
+   "value" INTEGER NOT NULL,
+   "comment" TEXT,
+   "created_utc" TEXT NOT NULL
+);
+
+CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
+    ON "_sqlite_migrations" ("migration_set", "name");
+
+CREATE INDEX "idx_answers_message_id_created_utc"
+    ON "answers" ("message_id", "created_utc");
+
+CREATE INDEX "idx_answers_prompt_hash"
+    ON "answers" ("prompt_hash");
+
+CREATE INDEX "idx_conversations_user_id_updated_utc"
+    ON "conversations" ("user_id", "updated_utc");
+
+CREATE INDEX "idx_messages_conversation_id_created_utc"
+    ON "messages" ("conversation_id", "created_utc");
+
+CREATE INDEX "idx_ratings_answer_id_user_id_created_utc"
+    ON "ratings" ("answer_id", "user_id", "created_utc");

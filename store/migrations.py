@@ -1,0 +1,116 @@
+"""Ordered schema migrations for the assistant's SQLite file.
+
+Each step is a small named function registered on ``MIGRATIONS``; sqlite-utils applies the
+pending ones when a :class:`store.Store` opens, each inside a transaction together with
+its record in ``_sqlite_migrations``, so a file is never left half-migrated.
+
+Never edit or reorder a step once it has shipped: add a new one.
+"""
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+MIGRATIONS = Migrations("assistant")
+
+
+@MIGRATIONS()
+def m001_conversations_and_answers(db: Database) -> None:
+    db["conversations"].create(
+        {
+            "id": str,  # ULID
+            "user_id": str,
+            "title": str,
+            "system_prompt": str,
+            # The user's "not for training" switch; rows of such conversations never reach
+            # a training set or an export.
+            "exclude_from_training": int,
+            "created_utc": str,
+            "updated_utc": str,
+        },
+        pk="id",
+        not_null={"user_id", "created_utc"},
+        defaults={"exclude_from_training": 0, "system_prompt": "", "title": ""},
+    )
+    db["conversations"].create_index(["user_id", "updated_utc"])
+
+    # One row per user turn. parent_answer_id is the answer the user was looking at when
+    # they wrote it, so the conversation state each turn answered can be rebuilt exactly.
+    db["messages"].create(
+        {
+            "id": str,
+            "conversation_id": str,
+            "user_id": str,
+            "parent_answer_id": str,
+            "content": str,
+            "created_utc": str,
+        },
+        pk="id",
+        not_null={"conversation_id", "user_id", "content", "created_utc"},
+        foreign_keys=[("conversation_id", "conversations", "id")],
+    )
+    db["messages"].create_index(["conversation_id", "created_utc"])
+
+    # Every answer the user was shown: generated (source='model', retries are siblings with
+    # the same message_id) or written by the user (source='edit', edited_from_id = the
+    # answer it replaced). Withdrawn answers (undo) stay, marked withdrawn_utc.
+    db["answers"].create(
+        {
+            "id": str,
+            "conversation_id": str,
+            "message_id": str,
+            "user_id": str,
+            "source": str,
+            "edited_from_id": str,
+            "prompt_json": str,  # the exact messages sent to the model (after trimming)
+            "prompt_hash": str,  # sha256 of prompt_json: the conversation state answered
+            "content": str,
+            "model": str,  # base model identity
+            "adapter_name": str,  # NULL: the base model
+            "adapter_version": int,
+            "sampling_json": str,
+            "latency_ms": float,  # request to last token
+            "first_token_ms": float,
+            "completion_tokens": int,
+            "finish_reason": str,
+            "trimmed_messages": int,  # how many old messages were dropped to fit the context
+            "created_utc": str,
+            "withdrawn_utc": str,
+        },
+        pk="id",
+        not_null={"conversation_id", "message_id", "user_id", "source", "content", "created_utc"},
+        foreign_keys=[
+            ("conversation_id", "conversations", "id"),
+            ("message_id", "messages", "id"),
+            ("edited_from_id", "answers", "id"),
+        ],
+    )
+    db["answers"].create_index(["message_id", "created_utc"])
+    db["answers"].create_index(["prompt_hash"])
+
+    # Append-only: changing one's mind adds a row; value 0 clears a vote (undo). The
+    # current vote of a user on an answer is their newest row.
+    db["ratings"].create(
+        {
+            "id": str,
+            "answer_id": str,
+            "user_id": str,
+            "value": int,  # +1 up, -1 down, 0 cleared
+            "comment": str,
+            "created_utc": str,
+        },
+        pk="id",
+        not_null={"answer_id", "user_id", "value", "created_utc"},
+        foreign_keys=[("answer_id", "answers", "id")],
+    )
+    db["ratings"].create_index(["answer_id", "user_id", "created_utc"])
+    db.create_view(
+        "current_ratings",
+        """
+        SELECT r.* FROM ratings r
+        WHERE r.id = (
+            SELECT r2.id FROM ratings r2
+            WHERE r2.answer_id = r.answer_id AND r2.user_id = r.user_id
+            ORDER BY r2.created_utc DESC, r2.rowid DESC LIMIT 1
+        )
+        """,
+    )

@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from fakes import FakeEngine  # noqa: E402
+from store import Store  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "assistant.db")
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def service(store, engine):
+    from assistant.chat import ChatService
+    from assistant.engine import Sampling
+
+    return ChatService(store=store, engine=engine, sampling=Sampling(max_new_tokens=32))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Prepared models shared by every test run (dequantizing takes ~30 s)."""
+    path = Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / ".cache" / "models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_model(models_dir) -> Path:
+    from assistant.model_files import prepare_embedded_model
+
+    return prepare_embedded_model(models_dir)

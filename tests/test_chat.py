@@ -1,0 +1,139 @@
+import pytest
+
+from assistant.chat import MAX_MESSAGE_CHARS, ChatInputError
+from assistant.engine import Adapter
+from store import NotFound
+
+
+def _send(service, cid, text, user="alice"):
+    replies = list(service.send(cid, user, text))
+    return replies
+
+
+def test_answer_streams_and_is_logged(service, engine, store):
+    engine.enqueue("Paris is the capital.")
+    cid = service.new_conversation("alice", "You are terse.")
+    replies = _send(service, cid, "Capital of France?")
+    texts = [r.text for r in replies if not r.done]
+    assert texts[0] == "Paris" and texts[-1] == "Paris is the capital."  # grows token by token
+    final = replies[-1]
+    assert final.done and final.answer_id and final.model_label == "fake-model · base"
+    row = store.answer(final.answer_id, "alice")
+    assert row["content"] == "Paris is the capital."
+    assert row["adapter_version"] is None and row["model"] == "fake-model"
+    assert row["latency_ms"] >= 0 and row["completion_tokens"] == 4 and row["finish_reason"] == "stop"
+    sent = engine.history[-1]["messages"]
+    assert sent == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+
+
+def test_multi_turn_history_reaches_the_model(service, engine):
+    cid = service.new_conversation("alice")
+    engine.enqueue("one", "two")
+    _send(service, cid, "first")
+    _send(service, cid, "second")
+    assert engine.history[-1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "second"},
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t"])
+def test_empty_message_is_refused_and_nothing_written(service, engine, store, text):
+    cid = service.new_conversation("alice")
+    with pytest.raises(ChatInputError, match="empty"):
+        _send(service, cid, text)
+    assert engine.history == [] and store.count("messages") == 0
+
+
+def test_huge_message_is_refused_with_the_limit(service, store):
+    cid = service.new_conversation("alice")
+    with pytest.raises(ChatInputError, match=f"{MAX_MESSAGE_CHARS:,}"):
+        _send(service, cid, "x" * (MAX_MESSAGE_CHARS + 1))
+    assert store.count("messages") == 0
+
+
+def test_long_history_is_trimmed_oldest_first_with_a_notice(service, engine, store):
+    engine.context_tokens = 120  # 32 kept for the answer: 88 for the prompt
+    cid = service.new_conversation("alice", "Persona stays.")
+    for i in range(6):
+        engine.enqueue(" ".join(["word"] * 10))
+        _send(service, cid, f"question {i} " + "filler " * 8)
+    replies = _send(service, cid, "last question")
+    sent = engine.history[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Persona stays."}
+    assert sent[-1] == {"role": "user", "content": "last question"}
+    assert engine.count_tokens(sent) <= 120 - 32
+    assert sent[1]["role"] == "user" and not sent[1]["content"].startswith("question 0")
+    assert "older message(s) were left out" in replies[-1].notice
+    row = store.answer(replies[-1].answer_id, "alice")
+    assert row["trimmed_messages"] >= 2 and row["trimmed_messages"] % 2 == 0
+
+
+def test_message_longer_than_the_context_is_cut_from_the_start(service, engine):
+    engine.context_tokens = 100
+    cid = service.new_conversation("alice")
+    words = [f"w{i}" for i in range(300)]
+    replies = _send(service, cid, " ".join(words))
+    sent = engine.history[-1]["messages"][-1]["content"]
+    assert sent.endswith("w299") and "w0 " not in sent
+    assert engine.count_tokens(engine.history[-1]["messages"]) <= 100 - 32
+    assert "too long for the model's context" in replies[-1].notice
+    assert replies[-1].answer_id  # answered, no crash
+
+
+def test_retry_answers_the_same_state_as_a_sibling(service, engine, store):
+    cid = service.new_conversation("alice")
+    engine.enqueue("first", "second")
+    first = _send(service, cid, "hi")[-1]
+    second = list(service.retry(first.answer_id, "alice"))[-1]
+    a1, a2 = store.answer(first.answer_id, "alice"), store.answer(second.answer_id, "alice")
+    assert a1["message_id"] == a2["message_id"] and a1["prompt_hash"] == a2["prompt_hash"]
+    assert store.turns(cid, "alice")[-1].answer["content"] == "second"
+
+
+def test_engine_failure_keeps_the_message_and_retry_answers_it(service, engine, store):
+    cid = service.new_conversation("alice")
+    engine.enqueue(RuntimeError("server died"), "recovered")
+    failed = _send(service, cid, "hello")[-1]
+    assert failed.done and failed.error and "server died" in failed.error and failed.answer_id is None
+    assert store.count("messages") == 1 and store.count("answers") == 0
+    ok = list(service.retry_message(failed.message_id, "alice"))[-1]
+    assert ok.answer_id and store.answer(ok.answer_id, "alice")["content"] == "recovered"
+
+
+def test_feedback_round_trip(service, engine, store):
+    cid = service.new_conversation("alice")
+    aid = _send(service, cid, "hi")[-1].answer_id
+    assert service.rate(aid, "alice", 1) is None
+    assert service.rate(aid, "alice", -1, "  too vague  ") == 1
+    assert list(store.rows("ratings"))[-1]["comment"] == "too vague"
+    new = service.edit(aid, "alice", "A better answer.")
+    assert store.turns(cid, "alice")[-1].answer["id"] == new
+    service.withdraw(new, "alice")
+    assert store.turns(cid, "alice")[-1].answer["id"] == aid
+    with pytest.raises(ChatInputError):
+        service.edit(aid, "alice", "")
+    with pytest.raises(NotFound):
+        service.rate("01DOESNOTEXIST", "alice", 1)
+
+
+def test_answers_record_the_adapter_that_made_them(store, engine):
+    from assistant.chat import ChatService
+
+    adapter = Adapter("v2-0123abcd", "/adapters/v2", 2)
+    service = ChatService(store=store, engine=engine, adapter_for=lambda user: adapter)
+    cid = service.new_conversation("bob")
+    final = list(service.send(cid, "bob", "hello"))[-1]
+    assert final.model_label == "fake-model · v2 (v2-0123abcd)"
+    row = store.answer(final.answer_id, "bob")
+    assert (row["adapter_name"], row["adapter_version"]) == ("v2-0123abcd", 2)
+    assert engine.history[-1]["adapter"] == adapter
+
+
+def test_persona_too_long_is_refused(service):
+    with pytest.raises(ChatInputError, match="persona"):
+        service.new_conversation("alice", "x" * 10_000)

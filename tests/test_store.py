@@ -1,0 +1,163 @@
+import sqlite3
+import threading
+
+import pytest
+
+from store import InvalidFeedback, NotFound, Store
+from store import migrations as migrations_module
+from store.store import hash_prompt
+
+PROMPT = [{"role": "user", "content": "hi"}]
+
+
+def _answer(store, user="alice", content="hello", conversation=None):
+    cid = conversation or store.create_conversation(user, system_prompt="Be brief.")
+    mid = store.add_message(cid, user, "hi")
+    aid = store.log_answer(
+        message_id=mid, user_id=user, prompt=PROMPT, content=content, model="m",
+        adapter_name="v3-abc", adapter_version=3, sampling={"temperature": 0.7}, latency_ms=12.5,
+    )
+    return cid, mid, aid
+
+
+def test_answer_is_logged_with_its_model_version(store):
+    cid, mid, aid = _answer(store)
+    row = store.answer(aid, "alice")
+    assert row["model"] == "m" and row["adapter_version"] == 3 and row["adapter_name"] == "v3-abc"
+    assert row["prompt_hash"] == hash_prompt(PROMPT)
+    assert row["conversation_id"] == cid and row["message_id"] == mid
+    assert store.conversation(cid, "alice")["title"] == "hi"
+
+
+def test_changing_a_vote_replaces_it_but_keeps_history(store):
+    _, _, aid = _answer(store)
+    store.rate(aid, "alice", 1)
+    store.rate(aid, "alice", -1, "wrong city")
+    assert store.current_rating(aid, "alice") == -1
+    rows = list(store.rows("ratings"))
+    assert [r["value"] for r in rows] == [1, -1]
+    assert rows[-1]["comment"] == "wrong city"
+    store.comment(aid, "alice", "also rude")
+    assert store.current_rating(aid, "alice") == -1
+
+
+def test_rating_a_missing_answer_writes_nothing(store):
+    with pytest.raises(NotFound):
+        store.rate("01NOSUCHANSWER", "alice", 1)
+    with pytest.raises(InvalidFeedback):
+        _, _, aid = _answer(store)
+        store.rate(aid, "alice", 5)
+    assert store.count("ratings") == 0
+
+
+def test_users_cannot_touch_each_others_rows(store):
+    cid, mid, aid = _answer(store, user="alice")
+    with pytest.raises(NotFound):
+        store.rate(aid, "mallory", -1)
+    with pytest.raises(NotFound):
+        store.turns(cid, "mallory")
+    with pytest.raises(NotFound):
+        store.edit_answer(aid, "mallory", "pwned")
+    with pytest.raises(NotFound):
+        store.add_message(cid, "mallory", "hello")
+    assert store.conversations("mallory") == []
+    assert store.count("ratings") == 0 and store.count("answers") == 1
+
+
+def test_retry_siblings_edit_and_undo(store):
+    cid, mid, first = _answer(store, content="first")
+    second = store.log_answer(message_id=mid, user_id="alice", prompt=PROMPT, content="second", model="m")
+    assert store.turns(cid, "alice")[-1].answer["id"] == second
+    edit = store.edit_answer(second, "alice", "what I wanted")
+    shown = store.turns(cid, "alice")[-1].answer
+    assert shown["id"] == edit and shown["source"] == "edit" and shown["edited_from_id"] == second
+    assert shown["prompt_hash"] == store.answer(first, "alice")["prompt_hash"]
+    store.withdraw_answer(edit, "alice")
+    assert store.turns(cid, "alice")[-1].answer["id"] == second
+    assert len(store.answers_to(mid, "alice")) == 3  # nothing is deleted
+    with pytest.raises(InvalidFeedback):
+        store.edit_answer(second, "alice", "   ")
+
+
+def test_next_message_follows_the_answer_shown(store):
+    cid, mid, aid = _answer(store)
+    m2 = store.add_message(cid, "alice", "and then?")
+    assert store.message(m2, "alice")["parent_answer_id"] == aid
+
+
+def test_opt_out_is_recorded(store):
+    cid, _, _ = _answer(store)
+    store.update_conversation(cid, "alice", exclude_from_training=True)
+    assert store.conversation(cid, "alice")["exclude_from_training"] == 1
+
+
+def test_writes_from_many_threads_all_land(store):
+    _, _, aid = _answer(store)
+    errors = []
+
+    def vote(i):
+        try:
+            for j in range(20):
+                store.rate(aid, "alice", 1 if j % 2 else -1)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=vote, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert store.count("ratings") == 160
+
+
+def test_wal_and_busy_timeout(store):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def _schema_at(path, stop_before=None):
+    import sqlite_utils
+
+    db = sqlite_utils.Database(path)
+    migrations_module.MIGRATIONS.apply(db, stop_before=stop_before)
+    db.close()
+
+
+@pytest.mark.parametrize("step", range(len(migrations_module.MIGRATIONS._migrations)))
+def test_upgraded_file_ends_with_the_fresh_schema(tmp_path, step):
+    names = [m.name for m in migrations_module.MIGRATIONS._migrations]
+    old = tmp_path / "old.db"
+    _schema_at(old, stop_before=names[step])  # a file made by an older release
+    upgraded = Store(old)
+    fresh = Store(tmp_path / "fresh.db")
+    assert upgraded.schema() == fresh.schema()
+
+
+def test_documented_schema_matches_migrations(store):
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "schema.sql"
+    assert doc.read_text() == store.schema(), "regenerate with: python -m store.schema > docs/schema.sql"
+
+
+def test_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    from sqlite_utils.migrations import Migrations
+
+    path = tmp_path / "a.db"
+    before = Store(path).schema()
+    broken = Migrations("assistant")
+    for m in migrations_module.MIGRATIONS._migrations:
+        broken._migrations.append(m)
+
+    @broken()
+    def m999_half_done(db):
+        db["new_table"].create({"id": int}, pk="id")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("store.store.MIGRATIONS", broken)
+    with pytest.raises(RuntimeError):
+        Store(path)
+    monkeypatch.undo()
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+    assert "new_table" not in tables
+    assert Store(path).schema() == before

@@ -1,0 +1,1 @@
+"""Training and evaluation of LoRA adapters from user feedback (preference data, DPO, gate)."""

@@ -1,0 +1,1 @@
+"""The browser front end (Gradio). Thin: every decision is made in assistant/ or store/."""
