@@ -6,6 +6,26 @@ CREATE VIEW "current_ratings" AS
             ORDER BY r2.created_utc DESC, r2.rowid DESC LIMIT 1
         );
 
+CREATE TABLE "adapters" (
+   "version" INTEGER PRIMARY KEY,
+   "name" TEXT NOT NULL,
+   "content_hash" TEXT NOT NULL,
+   "parent_version" INTEGER,
+   "base_model" TEXT NOT NULL,
+   "path" TEXT NOT NULL,
+   "job_id" TEXT,
+   "pair_ids_json" TEXT,
+   "config_json" TEXT,
+   "metrics_json" TEXT,
+   "eval_json" TEXT,
+   "gate_passed" INTEGER,
+   "trainable_params" INTEGER,
+   "trainable_share" REAL,
+   "train_seconds" REAL,
+   "cost_json" TEXT,
+   "created_utc" TEXT NOT NULL
+);
+
 CREATE TABLE "answers" (
    "id" TEXT PRIMARY KEY,
    "conversation_id" TEXT NOT NULL REFERENCES "conversations"("id"),
@@ -48,6 +68,17 @@ CREATE TABLE "messages" (
    "created_utc" TEXT NOT NULL
 );
 
+CREATE TABLE "promotions" (
+   "id" TEXT PRIMARY KEY,
+   "kind" TEXT NOT NULL,
+   "version" INTEGER,
+   "share" REAL,
+   "actor" TEXT NOT NULL,
+   "reason" TEXT,
+   "gate_override" INTEGER,
+   "created_utc" TEXT NOT NULL
+);
+
 CREATE TABLE "ratings" (
    "id" TEXT PRIMARY KEY,
    "answer_id" TEXT NOT NULL REFERENCES "answers"("id"),
@@ -57,8 +88,24 @@ CREATE TABLE "ratings" (
    "created_utc" TEXT NOT NULL
 );
 
+CREATE TABLE "training_jobs" (
+   "id" TEXT PRIMARY KEY,
+   "status" TEXT NOT NULL,
+   "created_by" TEXT,
+   "config_json" TEXT,
+   "progress_json" TEXT,
+   "error" TEXT,
+   "adapter_version" INTEGER,
+   "created_utc" TEXT NOT NULL,
+   "started_utc" TEXT,
+   "finished_utc" TEXT
+);
+
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");
+
+CREATE UNIQUE INDEX "idx_adapters_name"
+    ON "adapters" ("name");
 
 CREATE INDEX "idx_answers_message_id_created_utc"
     ON "answers" ("message_id", "created_utc");
@@ -74,3 +121,6 @@ CREATE INDEX "idx_messages_conversation_id_created_utc"
 
 CREATE INDEX "idx_ratings_answer_id_user_id_created_utc"
     ON "ratings" ("answer_id", "user_id", "created_utc");
+
+CREATE INDEX "idx_training_jobs_status"
+    ON "training_jobs" ("status");

@@ -114,3 +114,69 @@ def m001_conversations_and_answers(db: Database) -> None:
         )
         """,
     )
+
+
+@MIGRATIONS()
+def m002_adapters_jobs_promotions(db: Database) -> None:
+    # One row per LoRA adapter version. The folder under the data dir holds a standard PEFT
+    # adapter (adapter_config.json + adapter_model.safetensors); name and content_hash are
+    # immutable identities of its content (a new version never reuses a name).
+    db["adapters"].create(
+        {
+            "version": int,
+            "name": str,
+            "content_hash": str,
+            "parent_version": int,
+            "base_model": str,  # identity of the base model it was trained on
+            "path": str,  # relative to the data dir
+            "job_id": str,
+            "pair_ids_json": str,
+            "config_json": str,
+            "metrics_json": str,  # training metrics
+            "eval_json": str,  # evaluation gate results
+            "gate_passed": int,
+            "trainable_params": int,
+            "trainable_share": float,
+            "train_seconds": float,
+            "cost_json": str,  # estimated cost vs full fine-tuning
+            "created_utc": str,
+        },
+        pk="version",
+        not_null={"name", "content_hash", "base_model", "path", "created_utc"},
+    )
+    db["adapters"].create_index(["name"], unique=True)
+
+    db["training_jobs"].create(
+        {
+            "id": str,
+            "status": str,  # queued, running, succeeded, failed, cancelled
+            "created_by": str,
+            "config_json": str,
+            "progress_json": str,  # latest step, loss, reward accuracy, margin
+            "error": str,
+            "adapter_version": int,
+            "created_utc": str,
+            "started_utc": str,
+            "finished_utc": str,
+        },
+        pk="id",
+        not_null={"status", "created_utc"},
+    )
+    db["training_jobs"].create_index(["status"])
+
+    # Append-only log of what was live when; the newest row of kind 'live' says what serves.
+    # version NULL is the base model. kind 'canary' rows give a candidate a share of users.
+    db["promotions"].create(
+        {
+            "id": str,
+            "kind": str,  # live, canary
+            "version": int,
+            "share": float,  # canary: fraction of users; live: 1.0
+            "actor": str,
+            "reason": str,
+            "gate_override": int,
+            "created_utc": str,
+        },
+        pk="id",
+        not_null={"kind", "actor", "created_utc"},
+    )

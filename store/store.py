@@ -24,6 +24,7 @@ import sqlite_utils
 from ulid import ULID
 
 from .migrations import MIGRATIONS
+from .registry import RegistryMixin
 
 # Seconds a writer waits for another writer's lock before giving up with an error. Long
 # enough to ride out a training job's burst of writes, short enough that a user sees an
@@ -63,7 +64,7 @@ class Turn:
     answer: dict | None
 
 
-class Store:
+class Store(RegistryMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,34 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
     assert "new_table" not in tables
     assert Store(path).schema() == before
+
+
+def _adapter_row(store, version, **extra):
+    row = {
+        "version": version, "name": f"v{version}-abc{version}", "content_hash": f"h{version}",
+        "base_model": "m@1", "path": f"adapters/v{version}", "config_json": {"r": 16},
+        "pair_ids_json": ["p1", "p2"],
+    }
+    row.update(extra)
+    return store.add_adapter(row)
+
+
+def test_adapter_versions_jobs_and_promotions(store):
+    assert store.next_adapter_version() == 1 and store.live_version() is None
+    _adapter_row(store, 1)
+    assert store.next_adapter_version() == 2
+    assert store.adapter(1)["config_json"] == {"r": 16}
+    with pytest.raises(sqlite3.IntegrityError):
+        _adapter_row(store, 2, name="v1-abc1")  # a name is never reused
+    with pytest.raises(NotFound):
+        store.record_promotion(7, "admin")
+    store.record_promotion(1, "admin", "better on the gate")
+    assert store.live_version() == 1
+    store.record_promotion(None, "admin", "rollback to base")
+    assert store.live_version() is None
+    assert [p["version"] for p in store.promotions()] == [None, 1]
+
+    job = store.create_job("admin", {"epochs": 2})
+    store.update_job(job, status="running", progress_json={"step": 3, "loss": 0.5})
+    assert store.job(job)["progress_json"]["step"] == 3
+    assert [j["id"] for j in store.jobs("running")] == [job]

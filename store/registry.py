@@ -1,0 +1,151 @@
+"""Adapter versions, training jobs and promotions: the registry half of the store.
+
+Mixed into ``store.Store``; kept apart so each file reads in one sitting.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _loads(row: dict) -> dict:
+    """Decode the *_json columns of a row in place (keys keep their names)."""
+    for key, value in list(row.items()):
+        if key.endswith("_json") and isinstance(value, str):
+            row[key] = json.loads(value)
+    return row
+
+
+class RegistryMixin:
+    db: Any  # provided by Store
+
+    # -- adapter versions ------------------------------------------------------------
+
+    def next_adapter_version(self) -> int:
+        row = self.db.execute("SELECT MAX(version) FROM adapters").fetchone()
+        return (row[0] or 0) + 1
+
+    def add_adapter(self, row: dict) -> int:
+        """Record a validated adapter version; ``row`` has the adapters table's columns."""
+        from .store import canonical_json, utc_now
+
+        row = dict(row)
+        for key in list(row):
+            if key.endswith("_json") and not isinstance(row[key], str | type(None)):
+                row[key] = canonical_json(row[key])
+        row.setdefault("created_utc", utc_now())
+        self.db["adapters"].insert(row)
+        return row["version"]
+
+    def update_adapter(self, version: int, **changes: Any) -> None:
+        from .store import NotFound, canonical_json
+
+        if not self.db["adapters"].count_where("version = ?", [version]):
+            raise NotFound(f"No adapter version {version}.")
+        for key in list(changes):
+            if key.endswith("_json") and not isinstance(changes[key], str | type(None)):
+                changes[key] = canonical_json(changes[key])
+        self.db["adapters"].update(version, changes)
+
+    def adapter(self, version: int) -> dict:
+        from .store import NotFound
+
+        rows = list(self.db["adapters"].rows_where("version = ?", [version]))
+        if not rows:
+            raise NotFound(f"No adapter version {version}.")
+        return _loads(rows[0])
+
+    def adapters(self) -> list[dict]:
+        return [_loads(r) for r in self.db["adapters"].rows_where(order_by="version")]
+
+    # -- training jobs ---------------------------------------------------------------
+
+    def create_job(self, created_by: str, config: dict, status: str = "queued") -> str:
+        from .store import canonical_json, new_id, utc_now
+
+        job_id = new_id()
+        self.db["training_jobs"].insert(
+            {
+                "id": job_id,
+                "status": status,
+                "created_by": created_by,
+                "config_json": canonical_json(config),
+                "progress_json": "{}",
+                "created_utc": utc_now(),
+            }
+        )
+        return job_id
+
+    def update_job(self, job_id: str, **changes: Any) -> None:
+        from .store import NotFound, canonical_json
+
+        if not self.db["training_jobs"].count_where("id = ?", [job_id]):
+            raise NotFound(f"No training job {job_id!r}.")
+        for key in list(changes):
+            if key.endswith("_json") and not isinstance(changes[key], str | type(None)):
+                changes[key] = canonical_json(changes[key])
+        self.db["training_jobs"].update(job_id, changes)
+
+    def job(self, job_id: str) -> dict:
+        from .store import NotFound
+
+        rows = list(self.db["training_jobs"].rows_where("id = ?", [job_id]))
+        if not rows:
+            raise NotFound(f"No training job {job_id!r}.")
+        return _loads(rows[0])
+
+    def jobs(self, status: str | None = None) -> list[dict]:
+        where, params = ("status = ?", [status]) if status else (None, [])
+        return [
+            _loads(r)
+            for r in self.db["training_jobs"].rows_where(where, params, order_by="created_utc DESC")
+        ]
+
+    # -- promotions ------------------------------------------------------------------
+
+    def record_promotion(
+        self,
+        version: int | None,
+        actor: str,
+        reason: str = "",
+        *,
+        kind: str = "live",
+        share: float = 1.0,
+        gate_override: bool = False,
+    ) -> str:
+        """Make ``version`` (None: the base model) live, or a canary with ``share`` of users."""
+        from .store import new_id, utc_now
+
+        if version is not None:
+            self.adapter(version)  # raises NotFound
+        pid = new_id()
+        self.db["promotions"].insert(
+            {
+                "id": pid,
+                "kind": kind,
+                "version": version,
+                "share": share,
+                "actor": actor,
+                "reason": reason,
+                "gate_override": int(gate_override),
+                "created_utc": utc_now(),
+            }
+        )
+        return pid
+
+    def latest_promotion(self, kind: str = "live") -> dict | None:
+        rows = list(
+            self.db["promotions"].rows_where(
+                "kind = ?", [kind], order_by="created_utc DESC, rowid DESC", limit=1
+            )
+        )
+        return rows[0] if rows else None
+
+    def live_version(self) -> int | None:
+        """The adapter version serving users now; None is the base model."""
+        row = self.latest_promotion("live")
+        return None if row is None else row["version"]
+
+    def promotions(self) -> list[dict]:
+        return list(self.db["promotions"].rows_where(order_by="created_utc DESC, rowid DESC"))
