@@ -101,6 +101,14 @@ CREATE TABLE "training_jobs" (
    "finished_utc" TEXT
 );
 
+CREATE TABLE "users" (
+   "name" TEXT PRIMARY KEY,
+   "password_hash" TEXT NOT NULL,
+   "is_admin" INTEGER DEFAULT 0,
+   "disabled" INTEGER DEFAULT 0,
+   "created_utc" TEXT NOT NULL
+);
+
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");
 

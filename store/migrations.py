@@ -180,3 +180,21 @@ def m002_adapters_jobs_promotions(db: Database) -> None:
         pk="id",
         not_null={"kind", "actor", "created_utc"},
     )
+
+
+@MIGRATIONS()
+def m005_users(db: Database) -> None:
+    # Accounts for sign-in. Passwords are stored as scrypt hashes (store/passwords.py);
+    # user ids elsewhere (conversations.user_id, ratings.user_id, ...) are the names here.
+    db["users"].create(
+        {
+            "name": str,
+            "password_hash": str,
+            "is_admin": int,
+            "disabled": int,
+            "created_utc": str,
+        },
+        pk="name",
+        not_null={"password_hash", "created_utc"},
+        defaults={"is_admin": 0, "disabled": 0},
+    )

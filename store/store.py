@@ -25,6 +25,7 @@ from ulid import ULID
 
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
+from .users import UsersMixin
 
 # Seconds a writer waits for another writer's lock before giving up with an error. Long
 # enough to ride out a training job's burst of writes, short enough that a user sees an
@@ -64,7 +65,7 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin):
+class Store(RegistryMixin, UsersMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

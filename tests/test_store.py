@@ -192,3 +192,25 @@ def test_adapter_versions_jobs_and_promotions(store):
     store.update_job(job, status="running", progress_json={"step": 3, "loss": 0.5})
     assert store.job(job)["progress_json"]["step"] == 3
     assert [j["id"] for j in store.jobs("running")] == [job]
+
+
+def test_users_passwords_are_hashed_and_checked(store):
+    from store import UserError
+
+    store.create_user("alice", "correct horse", is_admin=False)
+    store.create_user("root", "admin password", is_admin=True)
+    raw = store.db.execute("select password_hash from users where name='alice'").fetchone()[0]
+    assert "correct horse" not in raw and raw.startswith("scrypt$")
+    assert store.verify_password("alice", "correct horse")
+    assert not store.verify_password("alice", "wrong")
+    assert not store.verify_password("nobody", "correct horse")
+    assert store.is_admin("root") and not store.is_admin("alice") and not store.is_admin(None)
+    with pytest.raises(UserError, match="already exists"):
+        store.create_user("alice", "another password")
+    with pytest.raises(UserError, match="at least"):
+        store.create_user("bob", "short")
+    with pytest.raises(UserError):
+        store.create_user("../etc", "long enough pw")
+    store.set_password("alice", "new password!")
+    assert store.verify_password("alice", "new password!")
+    assert all("password_hash" not in u for u in store.users())

@@ -21,7 +21,9 @@ from assistant.chat import MAX_MESSAGE_CHARS, ChatInputError, ChatService, check
 from assistant.engine import Adapter
 from store import InvalidFeedback, NotFound
 
-ANONYMOUS = "local"  # the user id when the app runs without sign-in (one person, own machine)
+# The user id when no one is signed in; only reachable in tests that build the page without
+# Gradio's sign-in, since the app always launches with it.
+ANONYMOUS = "local"
 FOOTER_RE = re.compile(r"\n*<sub>model: [^<]*</sub>\s*$")
 
 
@@ -242,7 +244,9 @@ class ChatPage:
             self.store.update_conversation(cid, user_of(request), exclude_from_training=excluded)
 
     def on_load(self, request: gr.Request):
-        return gr.update(choices=self._conversation_choices(user_of(request)))
+        user = user_of(request)
+        who = f"Signed in as **{user}** · [Sign out](/logout)" if request and request.username else ""
+        return gr.update(choices=self._conversation_choices(user)), who
 
     # -- API endpoints (ids instead of page positions) --------------------------------
 
@@ -334,6 +338,7 @@ class ChatPage:
     def build(self) -> gr.Blocks:
         with gr.Blocks(title=self.title) as demo:
             state = gr.State({"conversation_id": None, "index": [], "undo": []})
+            signed_in = gr.Markdown(elem_id="signed-in")
             gr.Markdown(f"## {self.title}\nServing **{self.service.engine.model_name}**. "
                         "Vote answers up or down, retry for another answer, or edit an answer into what you "
                         "wanted (buttons under each answer): the assistant learns from it.")
@@ -368,7 +373,7 @@ class ChatPage:
             new_chat.click(self.on_new_chat, [state], [chatbot, state, persona, conversations, opt_out], api_visibility="private")
             conversations.input(self.on_pick, [conversations, state], [chatbot, state, persona, opt_out], api_visibility="private")
             opt_out.input(self.on_opt_out, [opt_out, state], None, api_visibility="private")
-            demo.load(self.on_load, None, [conversations], api_visibility="private")
+            demo.load(self.on_load, None, [conversations, signed_in], api_visibility="private")
 
             gr.api(self.api_chat, api_name="chat")
             gr.api(self.api_retry, api_name="retry")

@@ -6,6 +6,7 @@ import pytest
 from gradio_client import Client
 
 from servers import running_app
+from store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -13,6 +14,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, embedded_model):
     data = tmp_path_factory.mktemp("app-data")
+    users = Store(data / "assistant.db")
+    users.create_user("alice", "alice-password")
+    users.create_user("bob", "bob-password")
     with running_app(
         data, "--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "48",
         "--context-tokens", "512",
@@ -22,7 +26,7 @@ def app(tmp_path_factory, embedded_model):
 
 def test_chat_rate_retry_edit_land_in_the_database(app):
     url, data = app
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, auth=("alice", "alice-password"))
     answer = client.predict(message="What is the capital of France?", api_name="/chat")
     assert answer["done"] and "Paris" in answer["text"]
     assert answer["model"] == "SmolLM2-135M-Instruct · base"
@@ -53,10 +57,29 @@ def test_chat_rate_retry_edit_land_in_the_database(app):
 
 def test_long_input_is_trimmed_and_answered(app):
     url, _ = app
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, auth=("alice", "alice-password"))
     long_text = "Please summarise this. " + "The quick brown fox jumps over the lazy dog. " * 200
     answer = client.predict(message=long_text, api_name="/chat")
     assert answer["done"] and answer["answer_id"]
     assert "too long for the model's context" in answer["notice"]
     with pytest.raises(Exception, match="empty"):
         client.predict(message="   ", api_name="/chat")
+
+
+def test_sign_in_is_required_and_users_see_only_their_own(app):
+    import urllib.error
+    import urllib.request
+
+    url, _ = app
+    with pytest.raises(Exception):
+        Client(url, verbose=False, auth=("alice", "wrong-password"))
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/gradio_api/info")
+    assert e.value.code == 401
+    alice = Client(url, verbose=False, auth=("alice", "alice-password"))
+    mine = alice.predict(message="Hello", api_name="/chat")
+    bob = Client(url, verbose=False, auth=("bob", "bob-password"))
+    with pytest.raises(Exception, match="No conversation"):
+        bob.predict(conversation_id=mine["conversation_id"], api_name="/history")
+    with pytest.raises(Exception, match="No answer"):
+        bob.predict(answer_id=mine["answer_id"], value=-1, comment="", api_name="/rate")

@@ -1,0 +1,55 @@
+"""The command line: accounts, exit codes, first-admin bootstrap."""
+
+import subprocess
+import sys
+
+import pytest
+
+from store import Store
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def cli(tmp_path, *args, stdin=""):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path), *args],
+        input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+
+
+def test_users_add_list_passwd_admin(tmp_path):
+    r = cli(tmp_path, "users", "add", "carol", "--password-stdin", stdin="carol-password\n")
+    assert r.returncode == 0, r.stderr
+    r = cli(tmp_path, "users", "add", "carol", "--password-stdin", stdin="carol-password\n")
+    assert r.returncode == 3 and "already exists" in r.stderr
+    r = cli(tmp_path, "users", "add", "dave", "--password-stdin", stdin="short\n")
+    assert r.returncode == 3 and "at least 8" in r.stderr
+    assert cli(tmp_path, "users", "admin", "carol").returncode == 0
+    listing = cli(tmp_path, "users", "list").stdout
+    assert "carol\tadmin" in listing and "dave" not in listing
+    assert cli(tmp_path, "users", "passwd", "nobody", "--password-stdin", stdin="whatever-pw\n").returncode == 3
+    store = Store(tmp_path / "assistant.db")
+    assert store.verify_password("carol", "carol-password") and store.is_admin("carol")
+
+
+def test_unknown_command_is_a_usage_error(tmp_path):
+    r = cli(tmp_path, "users", "frobnicate")
+    assert r.returncode == 2
+
+
+def test_first_admin_is_created_once(tmp_path, capsys, monkeypatch):
+    from app import ensure_first_admin
+
+    store = Store(tmp_path / "a.db")
+    monkeypatch.delenv("ASSISTANT_ADMIN_PASSWORD", raising=False)
+    ensure_first_admin(store)
+    out = capsys.readouterr().out
+    password = out.split("password '")[1].split("'")[0]
+    assert store.is_admin("admin") and store.verify_password("admin", password)
+    ensure_first_admin(store)
+    assert capsys.readouterr().out == ""  # shown only once
+
+    other = Store(tmp_path / "b.db")
+    monkeypatch.setenv("ASSISTANT_ADMIN_PASSWORD", "chosen-by-me")
+    ensure_first_admin(other)
+    assert capsys.readouterr().out == "" and other.verify_password("admin", "chosen-by-me")
