@@ -25,6 +25,7 @@ from ulid import ULID
 
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
+from .stats import StatsMixin
 from .users import UsersMixin
 
 # Seconds a writer waits for another writer's lock before giving up with an error. Long
@@ -65,7 +66,7 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin, UsersMixin):
+class Store(RegistryMixin, StatsMixin, UsersMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

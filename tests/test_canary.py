@@ -1,0 +1,40 @@
+from collections import Counter
+
+import pytest
+
+from assistant.canary import in_canary
+from tuning.canary import CanaryConfig, compare, wilson
+
+
+def test_assignment_is_sticky_and_matches_the_share():
+    users = [f"user{i}" for i in range(4000)]
+    picked = [u for u in users if in_canary(u, "canary-1", 0.25)]
+    assert 0.22 < len(picked) / len(users) < 0.28
+    assert picked == [u for u in users if in_canary(u, "canary-1", 0.25)]  # same every time
+    other = {u for u in users if in_canary(u, "canary-2", 0.25)}
+    assert 0.1 < len(other & set(picked)) / len(picked) < 0.4  # independent between canaries
+    assert not in_canary("x", "c", 0.0) and in_canary("x", "c", 1.0)
+
+
+def test_clearly_worse_candidate_is_flagged():
+    v = compare(live_up=80, live_down=20, cand_up=40, cand_down=60)
+    assert v.enough_votes and v.clearly_worse and v.p_value < 1e-6
+    assert "clearly worse" in v.summary()
+
+
+def test_similar_or_better_candidate_is_not_flagged():
+    assert not compare(80, 20, 78, 22).clearly_worse
+    assert not compare(50, 50, 90, 10).clearly_worse
+
+
+def test_small_samples_give_no_verdict():
+    v = compare(live_up=10, live_down=0, cand_up=0, cand_down=10)
+    assert not v.enough_votes and not v.clearly_worse
+    assert v.summary() == "Not enough votes yet for a verdict."
+    assert compare(10, 0, 0, 10, CanaryConfig(min_votes=5)).clearly_worse
+
+
+def test_wilson_interval_contains_the_rate():
+    lo, hi = wilson(30, 100)
+    assert lo < 0.3 < hi and hi - lo < 0.2
+    assert wilson(0, 0) == (0.0, 1.0)

@@ -1,0 +1,73 @@
+"""Is a canary version worse than the live one? Thumbs-up counts, compared soundly.
+
+The test is Fisher's exact test, one-sided (candidate's thumbs-up rate lower than live's):
+exact at the small counts a canary starts with, where a normal approximation misleads.
+A candidate is rolled back only when the evidence is strong (p below ``alpha``) and each
+side has enough votes; otherwise the verdict is "not enough evidence yet" or "not worse".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    # Votes each side needs before any verdict: below this, chance swings dominate.
+    min_votes: int = 30
+    # One-sided p-value under which the candidate counts as clearly worse. Strict (1%),
+    # because an automatic rollback throws away a training cycle.
+    alpha: float = 0.01
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    live_rate: float | None
+    candidate_rate: float | None
+    live_interval: tuple[float, float]
+    candidate_interval: tuple[float, float]
+    p_value: float | None  # P(candidate at least this much worse | same true rate)
+    enough_votes: bool
+    clearly_worse: bool
+
+    def summary(self) -> str:
+        if not self.enough_votes:
+            return "Not enough votes yet for a verdict."
+        word = "clearly worse" if self.clearly_worse else "not clearly worse"
+        return (
+            f"Candidate {self.candidate_rate:.0%} vs live {self.live_rate:.0%} thumbs-up: "
+            f"{word} (one-sided Fisher p = {self.p_value:.3g})."
+        )
+
+
+def wilson(up: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sensible at small counts)."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = up / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def compare(live_up: int, live_down: int, cand_up: int, cand_down: int, config: CanaryConfig = CanaryConfig()) -> CanaryVerdict:
+    from scipy.stats import fisher_exact
+
+    live_n, cand_n = live_up + live_down, cand_up + cand_down
+    enough = live_n >= config.min_votes and cand_n >= config.min_votes
+    p = None
+    if live_n and cand_n:
+        # Table rows: candidate, live; columns: up, down. alternative="less": the odds of
+        # thumbs-up are lower for the candidate.
+        p = float(fisher_exact([[cand_up, cand_down], [live_up, live_down]], alternative="less").pvalue)
+    return CanaryVerdict(
+        live_rate=live_up / live_n if live_n else None,
+        candidate_rate=cand_up / cand_n if cand_n else None,
+        live_interval=wilson(live_up, live_n),
+        candidate_interval=wilson(cand_up, cand_n),
+        p_value=p,
+        enough_votes=enough,
+        clearly_worse=bool(enough and p is not None and p < config.alpha),
+    )
