@@ -16,6 +16,7 @@ run: $(VENV)/.installed
 	$(PY) app.py $(ARGS)
 
 test: $(VENV)/.installed
+	bash scripts/setup-browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
