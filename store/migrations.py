@@ -198,3 +198,13 @@ def m005_users(db: Database) -> None:
         not_null={"password_hash", "created_utc"},
         defaults={"is_admin": 0, "disabled": 0},
     )
+
+
+@MIGRATIONS()
+def m006_job_control(db: Database) -> None:
+    # The console asks a running job to stop by setting cancel_requested; the trainer polls
+    # it between steps. pid and heartbeat_utc let a restarted app tell a job whose process
+    # died (left 'running') from one still at work.
+    db["training_jobs"].add_column("cancel_requested", int, not_null_default=0)
+    db["training_jobs"].add_column("pid", int)
+    db["training_jobs"].add_column("heartbeat_utc", str)

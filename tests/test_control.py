@@ -1,0 +1,162 @@
+"""The admin loop's decisions, over a fake router and launcher."""
+
+import datetime as dt
+
+import pytest
+
+from assistant.engine import Adapter
+from tuning.canary import CanaryConfig
+from tuning.control import Conflict, Controller, LoopConfig, Refused
+
+
+class FakeRouter:
+    def __init__(self):
+        self.live = "unset"
+        self.canary = (None, 0.0, "")
+
+    def set_live(self, adapter):
+        self.live = adapter
+
+    def set_canary(self, adapter, share, key):
+        self.canary = (adapter, share, key)
+
+
+def _version(store, v, gate=True):
+    store.add_adapter({
+        "version": v, "name": f"v{v}-{v:012x}", "content_hash": str(v), "base_model": "m@1",
+        "path": f"adapters/v{v}", "gate_passed": int(gate),
+    })
+
+
+@pytest.fixture
+def loop(store):
+    store.create_user("root", "root-password", is_admin=True)
+    store.create_user("alice", "alice-password")
+    launched = []
+    router = FakeRouter()
+    c = Controller(
+        store, router, adapter_of=lambda v: Adapter(f"v{v}-{v:012x}", f"/a/{v}", v),
+        launcher=launched.append, config=LoopConfig(canary=CanaryConfig(min_votes=5)),
+    )
+    return c, router, launched
+
+
+def test_non_admins_are_refused_everything(loop, store):
+    c, router, launched = loop
+    _version(store, 1)
+    for action in (
+        lambda: c.retrain("alice"), lambda: c.promote("alice", 1), lambda: c.rollback("alice", None),
+        lambda: c.start_canary("alice", 1, 0.5), lambda: c.stop_canary("alice"), lambda: c.retrain(None),
+    ):
+        with pytest.raises(Refused):
+            action()
+    assert launched == [] and store.promotions() == [] and router.live == "unset"
+
+
+def test_one_training_job_at_a_time(loop, store):
+    c, _, launched = loop
+    job = c.retrain("root", {"epochs": 1})
+    assert launched == [job] and store.job(job)["status"] == "queued"
+    with pytest.raises(Conflict, match="still queued"):
+        c.retrain("root")
+    store.update_job(job, status="running")
+    with pytest.raises(Conflict, match="still running"):
+        c.retrain("root")
+    c.cancel("root", job)
+    assert store.job(job)["cancel_requested"] == 1
+    store.update_job(job, status="cancelled")
+    assert len(launched) == 1 and c.retrain("root") != job
+
+
+def test_promote_needs_the_gate_or_a_recorded_override(loop, store):
+    c, router, _ = loop
+    _version(store, 1, gate=True)
+    _version(store, 2, gate=False)
+    c.promote("root", 1, "gate passed")
+    assert router.live.version == 1 and store.live_version() == 1
+    with pytest.raises(Conflict, match="did not pass"):
+        c.promote("root", 2)
+    with pytest.raises(Conflict, match="needs a reason"):
+        c.promote("root", 2, " ", override=True)
+    c.promote("root", 2, "users asked for it", override=True)
+    row = store.promotions()[0]
+    assert (row["version"], row["actor"], row["gate_override"], row["reason"]) == (2, "root", 1, "users asked for it")
+
+
+def test_rollback_to_any_earlier_version_or_base_is_one_click(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    _version(store, 2)
+    c.promote("root", 1)
+    c.promote("root", 2)
+    c.rollback("root", 1)
+    assert router.live.version == 1 and store.live_version() == 1
+    c.rollback("root", None)
+    assert router.live is None and store.live_version() is None
+    assert [p["actor"] for p in store.promotions()] == ["root"] * 4
+
+
+def test_live_version_survives_a_restart(loop, store):
+    c, _, _ = loop
+    _version(store, 1)
+    c.promote("root", 1)
+    fresh_router = FakeRouter()
+    Controller(store, fresh_router, adapter_of=c.adapter_of, launcher=lambda j: None).restore()
+    assert fresh_router.live.version == 1
+
+
+def _vote(store, user, version, value):
+    cid = store.create_conversation(user)
+    mid = store.add_message(cid, user, "q")
+    aid = store.log_answer(message_id=mid, user_id=user, prompt=[], content="a", model="m",
+                           adapter_name=f"v{version}" if version else None, adapter_version=version)
+    store.rate(aid, user, value)
+
+
+def test_canary_rolls_back_by_itself_when_clearly_worse(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    _version(store, 2)
+    c.promote("root", 1)
+    c.start_canary("root", 2, 0.3, "try v2")
+    adapter, share, key = router.canary
+    assert adapter.version == 2 and share == 0.3 and key
+    assert c.check_canary() is not None and router.canary[1] == 0.3  # no votes yet: no verdict
+    for i in range(12):
+        _vote(store, f"l{i}", 1, 1)
+        _vote(store, f"c{i}", 2, -1 if i < 10 else 1)
+    verdict = c.check_canary()
+    assert verdict.clearly_worse
+    assert router.canary == (None, 0.0, "")
+    last = store.latest_promotion("canary")
+    assert last["share"] == 0 and last["actor"] == "canary-monitor" and "automatic rollback" in last["reason"]
+
+
+def test_canary_keeps_running_when_not_worse(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    _version(store, 2)
+    c.promote("root", 1)
+    c.start_canary("root", 2, 0.5)
+    for i in range(12):
+        _vote(store, f"l{i}", 1, 1 if i % 2 else -1)
+        _vote(store, f"c{i}", 2, 1)
+    assert not c.check_canary().clearly_worse and router.canary[1] == 0.5
+    c.promote("root", 2, "canary won")
+    assert router.canary[1] == 0.0 and router.live.version == 2
+
+
+def test_schedule_is_off_by_default_and_fires_on_new_feedback(loop, store):
+    c, _, launched = loop
+    assert c.due() is None and c.tick() is None
+    c.config = LoopConfig(retrain_min_new_feedback=3)
+    for i in range(3):
+        _vote(store, f"u{i}", None, 1)
+    assert "3 new pieces of feedback" in c.due()
+    job = c.tick()
+    assert launched == [job] and store.job(job)["created_by"] == "scheduler"
+    assert c.tick() is None  # one job at a time, never queued twice
+    c.config = LoopConfig(retrain_every_hours=1)
+    store.update_job(job, status="succeeded")
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    assert "1 h since the last job" in c.due(later)

@@ -1,0 +1,224 @@
+"""The loop in the hands of admins: retrain, promote, canary, roll back, on a schedule too.
+
+``Controller`` is what the admin console and the command line call. Every action takes the
+acting user and refuses non-admins here, on the server side, whatever the page shows.
+Training runs in a separate process (``launcher``) so a crash or a cancel never takes the
+chat down; its progress reaches the console through the job's row in the store.
+Promotion and rollback flip the serving router's live adapter: effective for the next
+request, with no reload, and recorded with who, when and why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from assistant.engine import Adapter
+
+from .canary import CanaryConfig, CanaryVerdict, compare
+
+
+class Refused(PermissionError):
+    """The actor may not do this (not an admin)."""
+
+
+class Conflict(RuntimeError):
+    """The action clashes with the current state (a job already runs, a gate failed...)."""
+
+
+class Router(Protocol):
+    def set_live(self, adapter: Adapter | None) -> None: ...
+
+    def set_canary(self, adapter: Adapter | None, share: float, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    # Scheduled retraining is off by default: a new version should be an admin's decision
+    # until they trust the gate. Either trigger alone starts a job.
+    retrain_min_new_feedback: int | None = None
+    retrain_every_hours: float | None = None
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+    # How often the background thread checks the schedule and the canary.
+    poll_seconds: float = 30.0
+
+
+ACTIVE = ("queued", "running")
+
+
+def _parse(ts: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(ts) if ts else None
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Any,
+        router: Router,
+        adapter_of: Callable[[int], Adapter],
+        launcher: Callable[[str], Any],
+        config: LoopConfig = LoopConfig(),
+    ):
+        """``adapter_of(version)`` validates a registered version and returns it for serving;
+        ``launcher(job_id)`` starts the training process for a queued job."""
+        self.store = store
+        self.router = router
+        self.adapter_of = adapter_of
+        self.launcher = launcher
+        self.config = config
+        self._lock = threading.Lock()  # one state change at a time
+        self._stop = threading.Event()
+
+    # -- permissions -----------------------------------------------------------------
+
+    def require_admin(self, actor: str | None) -> str:
+        if not actor or not self.store.is_admin(actor):
+            raise Refused("This action needs an admin account.")
+        return actor
+
+    # -- training --------------------------------------------------------------------
+
+    def retrain(self, actor: str, overrides: dict | None = None) -> str:
+        """Queue and launch a training job; refused while another one is queued or running."""
+        if actor != "scheduler":
+            self.require_admin(actor)
+        with self._lock:
+            active = [j for s in ACTIVE for j in self.store.jobs(s)]
+            if active:
+                raise Conflict(f"Training job {active[0]['id']} is still {active[0]['status']}; wait or cancel it.")
+            job_id = self.store.create_job(actor, overrides or {}, status="queued")
+        try:
+            self.launcher(job_id)
+        except Exception as e:
+            self.store.update_job(job_id, status="failed", error=f"could not start: {e}")
+            raise
+        return job_id
+
+    def cancel(self, actor: str, job_id: str) -> None:
+        self.require_admin(actor)
+        job = self.store.job(job_id)
+        if job["status"] not in ACTIVE:
+            raise Conflict(f"Job {job_id} is {job['status']}; there is nothing to cancel.")
+        # The trainer polls this flag between steps and stops, leaving nothing behind.
+        self.store.update_job(job_id, cancel_requested=1)
+
+    # -- serving ---------------------------------------------------------------------
+
+    def promote(self, actor: str, version: int | None, reason: str = "", *, override: bool = False) -> None:
+        """Make a version (None: the base model) live for every user from the next request."""
+        self.require_admin(actor)
+        if version is not None:
+            row = self.store.adapter(version)
+            was_live = any(p["version"] == version for p in self.store.promotions() if p["kind"] == "live")
+            if not row["gate_passed"] and not was_live:
+                if not override:
+                    raise Conflict(f"Version {version} did not pass the evaluation gate; override it with a reason to promote anyway.")
+                if not reason.strip():
+                    raise Conflict("Overriding the gate needs a reason, recorded with your name.")
+        with self._lock:
+            adapter = None if version is None else self.adapter_of(version)
+            self.router.set_live(adapter)
+            self.store.record_promotion(version, actor, reason, gate_override=override)
+            canary = self.store.latest_promotion("canary")
+            if canary and canary["share"] > 0 and canary["version"] == version:
+                self.router.set_canary(None, 0.0, "")
+                self.store.record_promotion(version, actor, "promoted to live", kind="canary", share=0.0)
+
+    def rollback(self, actor: str, version: int | None, reason: str = "") -> None:
+        """Go back to an earlier version or the base model: one click, no gate (it served before)."""
+        self.promote(actor, version, reason or "rollback", override=version is not None and not self._served(version))
+
+    def _served(self, version: int) -> bool:
+        return any(p["version"] == version for p in self.store.promotions() if p["kind"] == "live") or bool(
+            self.store.adapter(version)["gate_passed"]
+        )
+
+    def start_canary(self, actor: str, version: int, share: float, reason: str = "") -> None:
+        self.require_admin(actor)
+        if not 0 < share < 1:
+            raise Conflict("A canary share is between 0 and 1 (for example 0.1 for 10% of users).")
+        with self._lock:
+            adapter = self.adapter_of(version)
+            pid = self.store.record_promotion(version, actor, reason, kind="canary", share=share)
+            self.router.set_canary(adapter, share, pid)
+
+    def stop_canary(self, actor: str, reason: str = "") -> None:
+        if actor != "canary-monitor":
+            self.require_admin(actor)
+        with self._lock:
+            current = self.store.latest_promotion("canary")
+            if not current or current["share"] <= 0:
+                return
+            self.router.set_canary(None, 0.0, "")
+            self.store.record_promotion(current["version"], actor, reason, kind="canary", share=0.0)
+
+    def canary_verdict(self) -> tuple[dict | None, CanaryVerdict | None]:
+        current = self.store.latest_promotion("canary")
+        if not current or current["share"] <= 0:
+            return None, None
+        live = self.store.live_version()
+        counts = {r["version"]: r for r in self.store.thumbs_up_by_version(since_utc=current["created_utc"])}
+        lv, cv = counts.get(live, {}), counts.get(current["version"], {})
+        verdict = compare(lv.get("up", 0), lv.get("down", 0), cv.get("up", 0), cv.get("down", 0), self.config.canary)
+        return current, verdict
+
+    def check_canary(self) -> CanaryVerdict | None:
+        """Roll the canary back by itself when it is clearly worse than live."""
+        current, verdict = self.canary_verdict()
+        if verdict is not None and verdict.clearly_worse:
+            self.stop_canary("canary-monitor", "automatic rollback: " + verdict.summary())
+        return verdict
+
+    def restore(self) -> None:
+        """After a restart: serve what the log says was live, and resume a running canary."""
+        live = self.store.live_version()
+        self.router.set_live(None if live is None else self.adapter_of(live))
+        canary = self.store.latest_promotion("canary")
+        if canary and canary["share"] > 0:
+            self.router.set_canary(self.adapter_of(canary["version"]), canary["share"], canary["id"])
+
+    # -- schedule --------------------------------------------------------------------
+
+    def due(self, now: dt.datetime | None = None) -> str | None:
+        """Why a scheduled retrain is due now, or None."""
+        c = self.config
+        if c.retrain_min_new_feedback is None and c.retrain_every_hours is None:
+            return None
+        now = now or dt.datetime.now(dt.timezone.utc)
+        jobs = self.store.jobs()
+        last = _parse(jobs[0]["created_utc"]) if jobs else None
+        if c.retrain_min_new_feedback is not None:
+            new = self.store.feedback_count_since(last.isoformat() if last else None)
+            if new >= c.retrain_min_new_feedback:
+                return f"{new} new pieces of feedback since the last job"
+        if c.retrain_every_hours is not None and (last is None or now - last >= dt.timedelta(hours=c.retrain_every_hours)):
+            return f"{c.retrain_every_hours} h since the last job"
+        return None
+
+    def tick(self) -> str | None:
+        """One round of the background loop: canary check, then scheduled retraining."""
+        self.check_canary()
+        reason = self.due()
+        if reason and not any(self.store.jobs(s) for s in ACTIVE):
+            try:
+                return self.retrain("scheduler", {"trigger": reason})
+            except Conflict:
+                return None
+        return None
+
+    def run_forever(self) -> threading.Thread:
+        def loop():
+            while not self._stop.wait(self.config.poll_seconds):
+                try:
+                    self.tick()
+                except Exception as e:  # keep the loop alive; the console shows job errors
+                    print(f"control loop: {e}", flush=True)
+
+        t = threading.Thread(target=loop, name="control-loop", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
