@@ -336,50 +336,55 @@ class ChatPage:
     # -- layout ----------------------------------------------------------------------
 
     def build(self) -> gr.Blocks:
+        """A whole app with only the chat page (tests, and apps without the admin loop)."""
         with gr.Blocks(title=self.title) as demo:
-            state = gr.State({"conversation_id": None, "index": [], "undo": []})
-            signed_in = gr.Markdown(elem_id="signed-in")
-            gr.Markdown(f"## {self.title}\nServing **{self.service.engine.model_name}**. "
-                        "Vote answers up or down, retry for another answer, or edit an answer into what you "
-                        "wanted (buttons under each answer): the assistant learns from it.")
-            with gr.Row():
-                conversations = gr.Dropdown(label="Your conversations", choices=[], scale=3, allow_custom_value=False)
-                new_chat = gr.Button("New chat", scale=1)
-            persona = gr.Textbox(label="Persona (system prompt for a new chat)", placeholder="You are a concise assistant.", max_lines=3)
-            chatbot = gr.Chatbot(
-                label="Chat", height=480, editable="all", feedback_options=("Like", "Dislike"),
-                sanitize_html=True, elem_id="chatbot",
-            )
-            notice = gr.Markdown(elem_id="notice")
-            with gr.Row():
-                box = gr.Textbox(label="Message", placeholder="Ask anything", scale=5, elem_id="message")
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            with gr.Row(visible=False) as comment_row:
-                comment = gr.Textbox(label="What was wrong with that answer? (optional)", scale=5, elem_id="comment")
-                send_comment = gr.Button("Send comment", scale=1, elem_id="send-comment")
-            with gr.Row():
-                opt_out = gr.Checkbox(label="Don't use this conversation for training", value=False, scale=3)
-                undo = gr.Button("Undo last feedback", scale=1, size="sm", elem_id="undo")
-
-            outputs = [chatbot, box, state, notice, conversations]
-            send.click(self.on_send, [box, persona, state], outputs, api_visibility="private")
-            box.submit(self.on_send, [box, persona, state], outputs, api_visibility="private")
-            chatbot.like(self.on_like, [state], [chatbot, state, comment, comment_row], api_visibility="private")
-            chatbot.retry(self.on_retry, [state], outputs, api_visibility="private")
-            chatbot.edit(self.on_edit, [state], [chatbot, state], api_visibility="private")
-            send_comment.click(self.on_comment, [comment, state], [comment, comment_row, state], api_visibility="private")
-            comment.submit(self.on_comment, [comment, state], [comment, comment_row, state], api_visibility="private")
-            undo.click(self.on_undo, [state], [chatbot, state], api_visibility="private")
-            new_chat.click(self.on_new_chat, [state], [chatbot, state, persona, conversations, opt_out], api_visibility="private")
-            conversations.input(self.on_pick, [conversations, state], [chatbot, state, persona, opt_out], api_visibility="private")
-            opt_out.input(self.on_opt_out, [opt_out, state], None, api_visibility="private")
-            demo.load(self.on_load, None, [conversations, signed_in], api_visibility="private")
-
-            gr.api(self.api_chat, api_name="chat")
-            gr.api(self.api_retry, api_name="retry")
-            gr.api(self.api_rate, api_name="rate")
-            gr.api(self.api_comment, api_name="comment")
-            gr.api(self.api_edit, api_name="edit")
-            gr.api(self.api_undo_answer, api_name="undo_answer")
-            gr.api(self.api_history, api_name="history")
+            self.layout(demo)
         return demo
+
+    def layout(self, demo: gr.Blocks) -> None:
+        """Put the chat page's components and events into the Blocks being built."""
+        state = gr.State({"conversation_id": None, "index": [], "undo": []})
+        signed_in = gr.Markdown(elem_id="signed-in")
+        gr.Markdown(f"## {self.title}\nServing **{self.service.engine.model_name}**. "
+                    "Vote answers up or down, retry for another answer, or edit an answer into what you "
+                    "wanted (buttons under each answer): the assistant learns from it.")
+        with gr.Row():
+            conversations = gr.Dropdown(label="Your conversations", choices=[], scale=3, allow_custom_value=False)
+            new_chat = gr.Button("New chat", scale=1)
+        persona = gr.Textbox(label="Persona (system prompt for a new chat)", placeholder="You are a concise assistant.", max_lines=3)
+        chatbot = gr.Chatbot(
+            label="Chat", height=480, editable="all", feedback_options=("Like", "Dislike"),
+            sanitize_html=True, elem_id="chatbot",
+        )
+        notice = gr.Markdown(elem_id="notice")
+        with gr.Row():
+            box = gr.Textbox(label="Message", placeholder="Ask anything", scale=5, elem_id="message")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row(visible=False) as comment_row:
+            comment = gr.Textbox(label="What was wrong with that answer? (optional)", scale=5, elem_id="comment")
+            send_comment = gr.Button("Send comment", scale=1, elem_id="send-comment")
+        with gr.Row():
+            opt_out = gr.Checkbox(label="Don't use this conversation for training", value=False, scale=3)
+            undo = gr.Button("Undo last feedback", scale=1, size="sm", elem_id="undo")
+
+        outputs = [chatbot, box, state, notice, conversations]
+        send.click(self.on_send, [box, persona, state], outputs, api_visibility="private")
+        box.submit(self.on_send, [box, persona, state], outputs, api_visibility="private")
+        chatbot.like(self.on_like, [state], [chatbot, state, comment, comment_row], api_visibility="private")
+        chatbot.retry(self.on_retry, [state], outputs, api_visibility="private")
+        chatbot.edit(self.on_edit, [state], [chatbot, state], api_visibility="private")
+        send_comment.click(self.on_comment, [comment, state], [comment, comment_row, state], api_visibility="private")
+        comment.submit(self.on_comment, [comment, state], [comment, comment_row, state], api_visibility="private")
+        undo.click(self.on_undo, [state], [chatbot, state], api_visibility="private")
+        new_chat.click(self.on_new_chat, [state], [chatbot, state, persona, conversations, opt_out], api_visibility="private")
+        conversations.input(self.on_pick, [conversations, state], [chatbot, state, persona, opt_out], api_visibility="private")
+        opt_out.input(self.on_opt_out, [opt_out, state], None, api_visibility="private")
+        demo.load(self.on_load, None, [conversations, signed_in], api_visibility="private")
+
+        gr.api(self.api_chat, api_name="chat")
+        gr.api(self.api_retry, api_name="retry")
+        gr.api(self.api_rate, api_name="rate")
+        gr.api(self.api_comment, api_name="comment")
+        gr.api(self.api_edit, api_name="edit")
+        gr.api(self.api_undo_answer, api_name="undo_answer")
+        gr.api(self.api_history, api_name="history")
