@@ -214,3 +214,28 @@ def test_users_passwords_are_hashed_and_checked(store):
     store.set_password("alice", "new password!")
     assert store.verify_password("alice", "new password!")
     assert all("password_hash" not in u for u in store.users())
+
+
+def test_a_writer_holding_the_lock_for_seconds_delays_but_loses_nothing(store):
+    """Another process (a backup, a training job) locks the file; votes wait, then land."""
+    import time
+
+    _, _, aid = _answer(store)
+    other = sqlite3.connect(store.path, timeout=1)
+    other.execute("BEGIN IMMEDIATE")  # hold the write lock
+    done = []
+
+    def vote():
+        store.rate(aid, "alice", 1)
+        done.append(time.monotonic())
+
+    t = threading.Thread(target=vote)
+    start = time.monotonic()
+    t.start()
+    time.sleep(2.0)
+    assert not done  # still waiting for the lock, not failed
+    other.rollback()
+    other.close()
+    t.join(timeout=10)
+    assert done and done[0] - start >= 2.0
+    assert store.current_rating(aid, "alice") == 1

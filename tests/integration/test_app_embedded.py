@@ -1,6 +1,7 @@
 """The real app on the embedded SmolLM2 model, driven through Gradio's Python client."""
 
 import sqlite3
+import urllib.error
 
 import pytest
 from gradio_client import Client
@@ -83,3 +84,24 @@ def test_sign_in_is_required_and_users_see_only_their_own(app):
         bob.predict(conversation_id=mine["conversation_id"], api_name="/history")
     with pytest.raises(Exception, match="No answer"):
         bob.predict(answer_id=mine["answer_id"], value=-1, comment="", api_name="/rate")
+
+
+def test_a_logged_out_session_cookie_is_refused(app):
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    url, _ = app
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = urllib.parse.urlencode({"username": "alice", "password": "alice-password"}).encode()
+    opener.open(url + "/login", data=form)
+    cookies = [(c.name, c.value) for c in jar]
+    assert any(name.startswith("access-token") for name, _ in cookies)
+    assert opener.open(url + "/gradio_api/info").status == 200
+    opener.open(url + "/logout")
+    # Replay the old cookie, as someone who copied it before the logout would.
+    replay = urllib.request.Request(url + "/gradio_api/info", headers={"Cookie": "; ".join(f"{n}={v}" for n, v in cookies)})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(replay)
+    assert e.value.code == 401
