@@ -160,3 +160,15 @@ def test_schedule_is_off_by_default_and_fires_on_new_feedback(loop, store):
     store.update_job(job, status="succeeded")
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
     assert "1 h since the last job" in c.due(later)
+
+
+def test_promotions_from_another_process_reach_the_router(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    c.restore()
+    assert router.live is None and c.sync() is False
+    # The command line runs its own controller on the same database, with no engine.
+    cli = Controller(store, FakeRouter(), adapter_of=c.adapter_of, launcher=lambda j: None)
+    cli.promote("root", 1, "from cron")
+    assert c.sync() is True and router.live.version == 1
+    assert c.sync() is False

@@ -41,8 +41,9 @@ class LoopConfig:
     retrain_min_new_feedback: int | None = None
     retrain_every_hours: float | None = None
     canary: CanaryConfig = field(default_factory=CanaryConfig)
-    # How often the background thread checks the schedule and the canary.
-    poll_seconds: float = 30.0
+    # How often the background thread syncs promotions made elsewhere (the command line),
+    # checks the canary and the schedule: a few cheap SQLite reads.
+    poll_seconds: float = 2.0
 
 
 ACTIVE = ("queued", "running")
@@ -68,8 +69,9 @@ class Controller:
         self.adapter_of = adapter_of
         self.launcher = launcher
         self.config = config
-        self._lock = threading.Lock()  # one state change at a time
+        self._lock = threading.RLock()  # one state change at a time
         self._stop = threading.Event()
+        self._applied: tuple | None = None  # ids of the promotions the router reflects
 
     # -- permissions -----------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class Controller:
             if canary and canary["share"] > 0 and canary["version"] == version:
                 self.router.set_canary(None, 0.0, "")
                 self.store.record_promotion(version, actor, "promoted to live", kind="canary", share=0.0)
+            self._applied = self._log_state()
 
     def rollback(self, actor: str, version: int | None, reason: str = "") -> None:
         """Go back to an earlier version or the base model: one click, no gate (it served before)."""
@@ -143,6 +146,7 @@ class Controller:
             adapter = self.adapter_of(version)
             pid = self.store.record_promotion(version, actor, reason, kind="canary", share=share)
             self.router.set_canary(adapter, share, pid)
+            self._applied = self._log_state()
 
     def stop_canary(self, actor: str, reason: str = "") -> None:
         if actor != "canary-monitor":
@@ -153,6 +157,7 @@ class Controller:
                 return
             self.router.set_canary(None, 0.0, "")
             self.store.record_promotion(current["version"], actor, reason, kind="canary", share=0.0)
+            self._applied = self._log_state()
 
     def canary_verdict(self) -> tuple[dict | None, CanaryVerdict | None]:
         current = self.store.latest_promotion("canary")
@@ -171,13 +176,28 @@ class Controller:
             self.stop_canary("canary-monitor", "automatic rollback: " + verdict.summary())
         return verdict
 
+    def _log_state(self) -> tuple:
+        return tuple((p or {}).get("id") for p in (self.store.latest_promotion("live"), self.store.latest_promotion("canary")))
+
     def restore(self) -> None:
         """After a restart: serve what the log says was live, and resume a running canary."""
-        live = self.store.live_version()
-        self.router.set_live(None if live is None else self.adapter_of(live))
-        canary = self.store.latest_promotion("canary")
-        if canary and canary["share"] > 0:
-            self.router.set_canary(self.adapter_of(canary["version"]), canary["share"], canary["id"])
+        with self._lock:
+            state = self._log_state()
+            live = self.store.live_version()
+            self.router.set_live(None if live is None else self.adapter_of(live))
+            canary = self.store.latest_promotion("canary")
+            if canary and canary["share"] > 0:
+                self.router.set_canary(self.adapter_of(canary["version"]), canary["share"], canary["id"])
+            else:
+                self.router.set_canary(None, 0.0, "")
+            self._applied = state
+
+    def sync(self) -> bool:
+        """Apply promotions another process (the command line) recorded; True if any."""
+        if self._log_state() == self._applied:
+            return False
+        self.restore()
+        return True
 
     # -- schedule --------------------------------------------------------------------
 
@@ -198,7 +218,8 @@ class Controller:
         return None
 
     def tick(self) -> str | None:
-        """One round of the background loop: canary check, then scheduled retraining."""
+        """One round of the background loop: sync, canary check, then scheduled retraining."""
+        self.sync()
         self.check_canary()
         reason = self.due()
         if reason and not any(self.store.jobs(s) for s in ACTIVE):
