@@ -24,6 +24,7 @@ import sqlite_utils
 from ulid import ULID
 
 from .migrations import MIGRATIONS
+from .feedback import FeedbackMixin
 from .registry import RegistryMixin
 
 # Seconds a writer waits for another writer's lock before giving up with an error. Long
@@ -64,7 +65,7 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin):
+class Store(RegistryMixin, FeedbackMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
