@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Pat
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
     from store import Store
+
+    datasets.disable_progress_bars()  # the summary is the output; bars would bury it
 
     db = a.data_dir / "assistant.db"
     if not db.exists():

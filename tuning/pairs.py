@@ -149,6 +149,8 @@ def build_preferences(store, config: PairConfig = PairConfig(), embedder: Embedd
     )
     for a in answers:
         a["group_id"] = grouping.group_of[prompt_key(a["prompt"])]
+        # The store keeps canonical JSON (sorted keys); exports read better role-first.
+        a["prompt"] = [{"role": m["role"], "content": m["content"], **m} for m in a["prompt"]]
         a["norm"] = normalize(a["content"])
 
     dropped_votes = _settle_votes(answers)
