@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import sqlite_utils
 from ulid import ULID
 
+from .feedback import FeedbackMixin
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
 from .stats import StatsMixin
@@ -66,7 +67,7 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin, StatsMixin, UsersMixin):
+class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,84 @@
+"""Reading feedback for training: the rows preference data is built from, as plain dicts.
+
+Mixed into ``store.Store``; ``tuning.pairs`` calls :meth:`FeedbackMixin.training_feedback`
+and never sees SQL. Two rules are enforced here, at the source, so no caller can forget
+them: conversations marked "not for training" contribute nothing (they are only counted),
+and withdrawn answers (an undone retry or edit) are not feedback (also only counted).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# User turns that carry any feedback: a current (non-cleared) vote on one of their answers,
+# or an edit. Only their answers are read: an unrated turn without edits has no signal.
+_FEEDBACK_MESSAGES = """
+    SELECT a.message_id FROM current_ratings r JOIN answers a ON a.id = r.answer_id
+    WHERE r.value != 0
+    UNION
+    SELECT message_id FROM answers WHERE source = 'edit'
+"""
+
+_ANSWERS = f"""
+    SELECT a.rowid AS seq, a.id, a.conversation_id, a.message_id, a.user_id, a.source,
+           a.edited_from_id, a.prompt_json, a.prompt_hash, a.content, a.created_utc,
+           a.withdrawn_utc, c.exclude_from_training
+    FROM answers a JOIN conversations c ON c.id = a.conversation_id
+    WHERE a.message_id IN ({_FEEDBACK_MESSAGES})
+    ORDER BY a.created_utc, a.rowid
+"""
+
+_VOTES = """
+    SELECT answer_id, user_id, value, created_utc FROM current_ratings WHERE value != 0
+"""
+
+
+class FeedbackMixin:
+    db: Any  # provided by Store
+
+    def training_feedback(self) -> dict:
+        """Every answer with training signal, its current votes, and what was left out.
+
+        Returns ``{"answers": [...], "opted_out": {...}, "withdrawn": {...}}``. Each answer
+        is a dict: ``id, conversation_id, message_id, user_id, source ('model'|'edit'),
+        edited_from_id, prompt (the message list the model saw), prompt_hash, content,
+        created_utc, shown`` (True for the answer the conversation shows for its turn:
+        the newest live one, which the user kept) and ``votes`` (list of ``{user_id,
+        value (+1|-1), created_utc}``, each user's current vote; cleared votes are absent).
+        Answers are ordered oldest first and include every live sibling of a rated turn.
+        ``opted_out`` and ``withdrawn`` count the conversations, answers and votes that
+        were left out for those two reasons.
+        """
+        votes: dict[str, list[dict]] = {}
+        for answer_id, user_id, value, created in self.db.execute(_VOTES).fetchall():
+            votes.setdefault(answer_id, []).append(
+                {"user_id": user_id, "value": value, "created_utc": created}
+            )
+        cursor = self.db.execute(_ANSWERS)
+        columns = [d[0] for d in cursor.description]
+        answers: list[dict] = []
+        newest: dict[str, dict] = {}
+        opted_out = {"conversations": set(), "answers": 0, "votes": 0}
+        withdrawn = {"answers": 0, "votes": 0}
+        for values in cursor:
+            row = dict(zip(columns, values))
+            row_votes = votes.get(row["id"], [])
+            if row.pop("exclude_from_training"):
+                opted_out["conversations"].add(row["conversation_id"])
+                opted_out["answers"] += 1
+                opted_out["votes"] += len(row_votes)
+                continue
+            if row.pop("withdrawn_utc"):
+                withdrawn["answers"] += 1
+                withdrawn["votes"] += len(row_votes)
+                continue
+            row["prompt"] = json.loads(row.pop("prompt_json") or "[]")
+            row["votes"] = row_votes
+            row["shown"] = False
+            answers.append(row)
+            newest[row["message_id"]] = row  # rows come oldest first: the last one wins
+        for row in newest.values():
+            row["shown"] = True
+        opted_out["conversations"] = len(opted_out["conversations"])
+        return {"answers": answers, "opted_out": opted_out, "withdrawn": withdrawn}

@@ -1,0 +1,105 @@
+"""Exports: JSONL and datasets folders that load directly into TRL's record shapes."""
+
+import json
+
+import pytest
+from feedback_scenario import SAME, TopicEmbedder, build_scenario
+
+from store import Store
+from tuning import export
+from tuning.pairs import PairConfig, build_preferences
+
+CONFIG = PairConfig(per_user_cap=4, eval_fraction=0.25)
+
+
+@pytest.fixture
+def built(store):
+    ids = build_scenario(store)
+    return ids, build_preferences(store, CONFIG, TopicEmbedder(SAME))
+
+
+def test_jsonl_loads_with_datasets_in_trl_shapes(built, tmp_path):
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational, unpair_preference_dataset
+
+    _, data = built
+    files = export.export_preferences(data, tmp_path / "out")
+    pairs = load_dataset("json", data_files={"train": str(files["pairs_train"]), "eval": str(files["pairs_eval"])})
+    assert (len(pairs["train"]), len(pairs["eval"])) == (9, 1)
+    row = pairs["eval"][0]
+    assert {"prompt", "chosen", "rejected"} <= set(row)
+    assert is_conversational(row)
+    assert row["chosen"] == [{"role": "assistant", "content": "Joyful."}]
+    assert row["rejected"] == [{"role": "assistant", "content": "Sad."}]
+    assert row["prompt"][-1] == {"role": "user", "content": "Give me a synonym for happy"}
+    # TRL's own converter reads the pair columns and yields its unpaired form.
+    as_unpaired = unpair_preference_dataset(pairs["eval"])
+    assert as_unpaired["label"] == [True, False]
+    assert as_unpaired["completion"][0] == [{"role": "assistant", "content": "Joyful."}]
+
+    unpaired = load_dataset("json", data_files=str(files["unpaired_eval"]), split="train")
+    assert sorted(unpaired["label"]) == [False, True]
+    assert {"prompt", "completion", "label"} <= set(unpaired.column_names)
+    assert is_conversational(unpaired[0])
+
+
+def test_dataset_folders_hold_both_splits_even_when_one_is_empty(built, tmp_path):
+    from datasets import load_from_disk
+
+    _, data = built
+    files = export.export_preferences(data, tmp_path / "out")
+    pairs = load_from_disk(str(files["pairs"]))
+    assert pairs["train"].num_rows == 9 and pairs["eval"].num_rows == 1
+    assert set(pairs["train"][0]["chosen"][0]) == {"role", "content"}
+    unpaired = load_from_disk(str(files["unpaired"]))
+    assert unpaired["train"].num_rows == 0  # both unpaired votes are newest: held out
+    assert "label" in unpaired["train"].column_names
+    assert unpaired["eval"].features["label"].dtype == "bool"
+
+
+def test_exports_never_contain_opted_out_text(built, tmp_path):
+    _, data = built
+    files = export.export_preferences(data, tmp_path / "out")
+    for path in files.values():
+        for f in [path] if path.is_file() else path.rglob("*"):
+            if f.is_file():
+                assert b"Marseille" not in f.read_bytes(), f
+
+
+def test_an_export_never_overwrites_another(built, tmp_path):
+    _, data = built
+    export.export_preferences(data, tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        export.export_preferences(data, tmp_path / "out")
+
+
+def test_admin_export_goes_to_a_new_folder_under_the_data_dir(store, tmp_path):
+    build_scenario(store)
+    data_dir = tmp_path / "data"
+    first, data = export.export_for_admin(store, data_dir, CONFIG, TopicEmbedder(SAME))
+    second, _ = export.export_for_admin(store, data_dir, CONFIG, TopicEmbedder(SAME))
+    assert first != second
+    for path in (first, second):
+        assert path.parent == data_dir / "exports"
+        assert (path / "pairs_train.jsonl").exists()
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["pairs"]["total"] == len(data.pairs) == 10
+    assert summary["dropped_pairs"]["user_cap"] == 2
+    assert summary["config"]["per_user_cap"] == 4
+
+
+def test_command_line_prints_the_summary_and_writes_the_folder(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    build_scenario(Store(data_dir / "assistant.db"))
+    out = export.main(
+        ["--data-dir", str(data_dir), "--out", str(tmp_path / "prefs"), "--per-user-cap", "4", "--eval-fraction", "0.25"],
+        embedder=TopicEmbedder(SAME),
+    )
+    printed = capsys.readouterr().out
+    assert "Pairs: 10 (1 edit, 7 vote, 2 retry); train 9, eval 1." in printed
+    assert f"Wrote {tmp_path / 'prefs'}" in printed
+    assert len((out / "pairs_train.jsonl").read_text().splitlines()) == 9
+    with pytest.raises(SystemExit):  # refuses a folder that already holds files
+        export.main(["--data-dir", str(data_dir), "--out", str(out)], embedder=TopicEmbedder(SAME))
+    with pytest.raises(SystemExit):
+        export.main(["--data-dir", str(tmp_path / "nowhere")])

