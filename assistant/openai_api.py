@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from .engine import Adapter, EngineError
 
@@ -43,9 +45,6 @@ def read_keys(path: Path) -> dict[str, str]:
 
 def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str]):
     """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     upstream = httpx.AsyncClient(
         base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0)
