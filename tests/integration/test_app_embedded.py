@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 from gradio_client import Client
 
-from servers import running_app
+from servers import running_app, still_running, vllm_processes_of
 
 pytestmark = pytest.mark.slow
 
@@ -15,9 +15,13 @@ def app(tmp_path_factory, embedded_model):
     data = tmp_path_factory.mktemp("app-data")
     with running_app(
         data, "--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "48",
-        "--context-tokens", "512",
+        "--context-tokens", "512", timeout_s=420,  # vLLM start-up on a busy 2-core machine
     ) as url:
+        vllm = vllm_processes_of(data)
+        assert vllm, "the default engine is vLLM, started by the app"
         yield url, data
+    # The app started vLLM and must have stopped it (the whole process tree) on the way out.
+    assert not still_running(vllm, wait_s=10)
 
 
 def test_chat_rate_retry_edit_land_in_the_database(app):
