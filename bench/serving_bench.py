@@ -94,6 +94,7 @@ def swap_ms(router: AdapterRouter, engine, versions: list[int]) -> list[float]:
 
 def measure(name, engine, chats, sampling, adapter, router=None, swap_versions=()):
     row = {"engine": name}
+    throughput(engine, chats, Sampling(temperature=0.0, max_new_tokens=8), adapter)  # warm-up: first batches allocate
     row["tok/s base"] = throughput(engine, chats, sampling, None)
     row["tok/s adapter"] = throughput(engine, chats, sampling, adapter)
     row["tok/s 1 chat"] = throughput(engine, 1, sampling, None)
