@@ -1,15 +1,27 @@
-"""The self-hosted assistant: a Gradio chat page on a local model, and its admin commands.
+"""The self-hosted assistant: a Gradio chat page on a local model served by vLLM, and the
+commands admins use.
 
     python app.py                      # serve: embedded SmolLM2-135M-Instruct on http://127.0.0.1:7860
     python app.py serve --model /path/to/hf-checkpoint --port 8000
     python app.py serve --host 0.0.0.0 # listen beyond loopback
+    python app.py serve --vllm-url http://10.0.0.5:8000 --vllm-api-key KEY   # a vLLM already running
+    python app.py serve --engine hf    # transformers+peft in process, where vLLM cannot run
+    python app.py serve --api-keys keys.txt   # OpenAI-compatible API on port+1 for these users
     python app.py users add alice [--admin]   # password read from the terminal or stdin
-    python app.py users list | passwd NAME | admin NAME --on/--off
+    python app.py users list | passwd NAME | admin NAME [--off]
+    python app.py versions                    # every adapter version, its gate and thumbs-up rate
+    python app.py promote v3 --as admin --reason "..." [--override]
+    python app.py rollback v2|base --as admin
+    python app.py canary v3 --percent 10 --as admin | canary stop --as admin
+    python app.py train --as admin [--set epochs=1]   # build pairs from feedback, train, gate
+    python app.py export [--out DIR]          # preference data as JSONL and datasets folders
 
 Everyone signs in. On the first start with no accounts, an admin named "admin" is created
 with the password in $ASSISTANT_ADMIN_PASSWORD, or a random one printed once.
+Exit codes: 0 done, 1 failed, 2 usage error, 3 refused (not an admin, gate failed, bad name).
 
-Wiring only: parse options, open the store, start the engine, build the page, launch.
+Wiring only: parse options, open the store, start the engine and the control loop, build
+the page, launch; stop the vLLM server on the way out.
 """
 
 from __future__ import annotations
@@ -18,27 +30,43 @@ import argparse
 import getpass
 import os
 import secrets
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from assistant.config import ServeConfig
 from assistant.engine import Sampling
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_REFUSED = 3  # the command was understood but refused (bad name, unknown user...)
+EXIT_REFUSED = 3  # the command was understood but refused (bad name, not an admin, gate...)
+ROOT = Path(__file__).resolve().parent
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--models-dir", type=Path, default=None, help="where prepared base models are kept (default DATA_DIR/models)")
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:
     d = ServeConfig()
-    p.add_argument("--models-dir", type=Path, default=None, help="where prepared base models are kept (default DATA_DIR/models)")
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--engine", choices=["hf"], default=d.engine, help="serving engine")
+    _model_options(p)
+    p.add_argument("--engine", choices=["vllm", "hf"], default=d.engine, help="serving engine (default vllm)")
+    p.add_argument("--vllm-url", default=None, help="use this running vLLM server instead of starting one")
+    p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="its API key (or env ASSISTANT_VLLM_API_KEY)")
+    p.add_argument("--vllm-dtype", default=d.vllm_dtype, help="dtype of the started vLLM server")
+    p.add_argument("--api-keys", type=Path, default=None, help="file of 'user_id key' lines: serve the OpenAI-compatible API")
+    p.add_argument("--api-port", type=int, default=None, help="port of that API (default PORT+1)")
     p.add_argument("--host", default=d.host, help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--context-tokens", type=int, default=d.context_tokens, help="prompt + answer token budget")
     p.add_argument("--max-new-tokens", type=int, default=d.sampling.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.sampling.temperature, help="0 for greedy answers")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable answers, for tests)")
+    p.add_argument("--retrain-after", type=int, default=None, metavar="N", help="scheduled retraining after N new pieces of feedback (default off)")
+    p.add_argument("--retrain-every-hours", type=float, default=None, help="scheduled retraining every so many hours (default off)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="training setting for jobs started from the console (repeatable)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=ServeConfig().data_dir, help="where the database, models and adapters live")
     sub = p.add_subparsers(dest="command")
     _serve_options(sub.add_parser("serve", help="start the chat app (the default command)"))
+
     users = sub.add_parser("users", help="create and manage accounts").add_subparsers(dest="action", required=True)
     add = users.add_parser("add", help="create an account")
     add.add_argument("name")
@@ -58,6 +87,28 @@ def parser() -> argparse.ArgumentParser:
     adm = users.add_parser("admin", help="grant or remove admin rights")
     adm.add_argument("name")
     adm.add_argument("--off", action="store_true", help="remove admin rights (default grants them)")
+
+    sub.add_parser("versions", help="list adapter versions")
+    for name, text in (("promote", "make a version live"), ("rollback", "go back to an earlier version or base")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("version", help="v3, 3, or base")
+        c.add_argument("--as", dest="actor", required=True, help="the admin account doing this (recorded)")
+        c.add_argument("--reason", default="")
+        if name == "promote":
+            c.add_argument("--override", action="store_true", help="promote despite a failed gate (needs --reason)")
+        _model_options(c)
+    can = sub.add_parser("canary", help="serve a version to a share of users, or stop the canary")
+    can.add_argument("version", help="v3, or 'stop'")
+    can.add_argument("--percent", type=float, default=10.0)
+    can.add_argument("--as", dest="actor", required=True)
+    _model_options(can)
+    tr = sub.add_parser("train", help="build pairs from feedback, train a version, run the gate")
+    tr.add_argument("--as", dest="actor", required=True, help="the admin account starting the job (recorded)")
+    tr.add_argument("--job", default=None, help="run this queued job (the console's launcher uses it)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
+    _model_options(tr)
+    ex = sub.add_parser("export", help="export preference data (JSONL and datasets folders)")
+    ex.add_argument("--out", type=Path, default=None, help="folder to write (default DATA_DIR/exports/<time>/)")
     return p
 
 
@@ -67,6 +118,8 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
+        vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, vllm_dtype=a.vllm_dtype,
+        api_keys_file=a.api_keys, api_port=a.api_port,
     )
 
 
@@ -86,29 +139,113 @@ def ensure_first_admin(store) -> None:
         )
 
 
-def build(config: ServeConfig):
-    """Open the store, start the engine and return (Gradio app, store); nothing launched."""
-    from assistant.chat import ChatService
-    from assistant.hf_engine import HFEngine
-    from assistant.model_files import resolve_model
-    from store import Store
-    from ui.chat_page import ChatPage
+def training_launcher(config: ServeConfig, train_set: list[str]):
+    """Start ``app.py train --job J`` as its own process: a crash or a cancel there never
+    touches the chat, and its progress reaches the console through the job's row."""
 
+    def launch(job_id: str) -> subprocess.Popen:
+        cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(config.data_dir), "train",
+               "--as", "scheduler", "--job", job_id, "--models-dir", str(config.models_dir)]
+        if config.model:
+            cmd += ["--model", config.model]
+        for item in train_set:
+            cmd += ["--set", item]
+        log = open(Path(config.data_dir) / f"train-{job_id}.log", "wb")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+    return launch
+
+
+def build(config: ServeConfig, closers: list | None = None, loop_config=None, train_set: list[str] | None = None):
+    """Open the store, start the engine and the control loop; return (Gradio app, store).
+
+    What must be stopped on exit (the vLLM server, the API, the loop) goes into ``closers``.
+    """
+    from assistant.adapters import base_model_identity, base_weight_shapes
+    from assistant.chat import ChatService
+    from assistant.model_files import resolve_model
+    from assistant.serving import AdapterRouter, record_from_row
+    from store import Store
+    from tuning.control import Controller, LoopConfig
+    from tuning.export import export_for_admin
+    from tuning.pairs import format_summary
+    from tuning.versions import resolve_version
+    from ui.admin_page import AdminPage
+    from ui.chat_page import ChatPage
+    from ui.page import build_app
+
+    closers = closers if closers is not None else []
     store = Store(config.db_path)
     ensure_first_admin(store)
     model_path = resolve_model(config.model, config.models_dir)
-    engine = HFEngine(model_path, config.context_tokens)
-    service = ChatService(store=store, engine=engine, sampling=config.sampling)
-    return ChatPage(service).build(), store
+    if config.engine == "vllm":
+        from assistant.vllm_engine import open_vllm_engine
+
+        engine = open_vllm_engine(config, model_path)
+    else:
+        from assistant.hf_engine import HFEngine
+
+        engine = HFEngine(model_path, config.context_tokens)
+    closers.append(engine.close)
+    shapes, base = base_weight_shapes(model_path), base_model_identity(model_path)
+    router = AdapterRouter(
+        engine, lambda version: record_from_row(store.adapter(version), config.data_dir),
+        base_shapes=shapes, max_rank=config.max_lora_rank,
+    )
+
+    def adapter_of(version: int):
+        return resolve_version(store, config.data_dir, version, base_shapes=shapes, base_model=base,
+                               max_rank=config.max_lora_rank)
+
+    controller = Controller(store, router, adapter_of, training_launcher(config, train_set or []),
+                            loop_config or LoopConfig())
+    controller.restore()
+    controller.run_forever()
+    closers.insert(0, controller.stop)
+    if config.api_keys_file:
+        if config.engine != "vllm":
+            raise SystemExit("--api-keys needs --engine vllm")
+        from assistant.openai_api import build_api, read_keys, serve_api
+
+        api = serve_api(
+            build_api(engine, router.adapter_for, read_keys(config.api_keys_file)),
+            config.host, config.api_port or config.port + 1,
+        )
+        closers.insert(0, lambda: setattr(api, "should_exit", True))
+    service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for)
+
+    def summary() -> dict:
+        from tuning.pairs import build_preferences
+
+        return {"summary": format_summary(build_preferences(store).summary)}
+
+    def export() -> list[str]:
+        folder, _ = export_for_admin(store, config.data_dir)
+        return [str(p) for p in sorted(Path(folder).glob("*.jsonl"))] + [str(Path(folder) / "summary.json")]
+
+    admin = AdminPage(controller, pair_summary=summary, exporter=export)
+    return build_app(ChatPage(service), admin), store
 
 
 def serve(a: argparse.Namespace) -> int:
+    from tuning.control import LoopConfig
+
     config = serve_config(a)
-    demo, store = build(config)
-    demo.queue(default_concurrency_limit=16).launch(
-        server_name=config.host, server_port=config.port, show_error=True,
-        auth=store.verify_password, auth_message="Sign in to chat with the assistant.",
-    )
+    loop = LoopConfig(retrain_min_new_feedback=a.retrain_after, retrain_every_hours=a.retrain_every_hours)
+    # SIGTERM (systemd, docker stop, a test) unwinds like Ctrl-C so the finally below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    closers: list = []
+    try:
+        demo, store = build(config, closers, loop, a.train_set)
+        demo.queue(default_concurrency_limit=16).launch(
+            server_name=config.host, server_port=config.port, show_error=True,
+            auth=store.verify_password, auth_message="Sign in to chat with the assistant.",
+            # Exported files live under the data folder; the File component may serve them.
+            allowed_paths=[str(Path(config.data_dir) / "exports")],
+        )
+    finally:
+        for close in closers:
+            close()
     return 0
 
 
@@ -121,26 +258,44 @@ def _read_password(from_stdin: bool) -> str:
     return first
 
 
-def users(a: argparse.Namespace) -> int:
-    from store import Store, UserError
+def users(a: argparse.Namespace, store) -> int:
+    if a.action == "add":
+        store.create_user(a.name, _read_password(a.password_stdin), is_admin=a.admin)
+        print(f"created {'admin' if a.admin else 'user'} {a.name}")
+    elif a.action == "passwd":
+        store.set_password(a.name, _read_password(a.password_stdin))
+        print(f"password changed for {a.name}")
+    elif a.action == "admin":
+        store.set_admin(a.name, not a.off)
+        print(f"{a.name} is {'no longer ' if a.off else ''}an admin")
+    else:
+        for u in store.users():
+            print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}")
+    return 0
 
-    store = Store(Path(a.data_dir) / "assistant.db")
-    try:
-        if a.action == "add":
-            store.create_user(a.name, _read_password(a.password_stdin), is_admin=a.admin)
-            print(f"created {'admin' if a.admin else 'user'} {a.name}")
-        elif a.action == "passwd":
-            store.set_password(a.name, _read_password(a.password_stdin))
-            print(f"password changed for {a.name}")
-        elif a.action == "admin":
-            store.set_admin(a.name, not a.off)
-            print(f"{a.name} is {'no longer ' if a.off else ''}an admin")
-        else:
-            for u in store.users():
-                print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+
+def admin_command(a: argparse.Namespace, store) -> int:
+    from assistant.model_files import resolve_model
+    from tuning import commands
+
+    if a.command == "versions":
+        print(commands.versions_table(store))
+        return 0
+    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    c = commands.controller(store, a.data_dir, model_dir, ServeConfig().max_lora_rank)
+    if a.command == "promote":
+        c.promote(a.actor, commands.parse_version(a.version), a.reason, override=a.override)
+    elif a.command == "rollback":
+        c.rollback(a.actor, commands.parse_version(a.version), a.reason or "rollback")
+    elif a.version == "stop":
+        c.stop_canary(a.actor, "stopped from the command line")
+    else:
+        c.start_canary(a.actor, commands.parse_version(a.version), a.percent / 100, f"canary {a.percent}%")
+    live = store.live_version()
+    canary = store.latest_promotion("canary")
+    print(f"live: {'base' if live is None else f'v{live}'}"
+          + (f"; canary: v{canary['version']} for {canary['share']:.0%} of users" if canary and canary["share"] > 0 else ""))
+    print("a running server applies this within a few seconds")
     return 0
 
 
@@ -148,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = parser()
-    commands = {"serve", "users"}
+    commands = {"serve", "users", "versions", "promote", "rollback", "canary", "train", "export"}
     # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []
@@ -157,8 +311,27 @@ def main(argv: list[str] | None = None) -> int:
             i = argv.index("--data-dir")
             data, argv = argv[i : i + 2], argv[:i] + argv[i + 2 :]
         argv = data + ["serve"] + argv
-    a = p.parse_args(argv)
-    return {"serve": serve, "users": users}[a.command](a)
+    a = parser().parse_args(argv)
+    if a.command == "serve":
+        return serve(a)
+    from store import NotFound, Store, UserError
+    from tuning.control import Conflict, Refused
+
+    if a.command == "train":
+        from tuning.train import run_from_app
+
+        return run_from_app(a)
+    if a.command == "export":
+        from tuning.export import main as export_main
+
+        export_main(["--data-dir", str(a.data_dir)] + (["--out", str(a.out)] if a.out else []))
+        return 0
+    store = Store(Path(a.data_dir) / "assistant.db")
+    try:
+        return users(a, store) if a.command == "users" else admin_command(a, store)
+    except (UserError, Refused, Conflict, NotFound, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -14,7 +14,23 @@ class ServeConfig:
     data_dir: Path = Path("data")
     # None: the embedded SmolLM2-135M-Instruct; else a local Hugging Face checkpoint folder.
     model: str | None = None
-    engine: str = "hf"
+    # vLLM batches concurrent chats (5x+ the throughput of "hf" on 8 chats) and swaps
+    # adapters at run time; "hf" (transformers+peft in process) is for machines where vLLM
+    # cannot run.
+    engine: str = "vllm"
+    # Connect to a vLLM server already running (replicas, tensor parallelism) instead of
+    # starting one; it must have been started with LoRA and runtime loading enabled and
+    # see the adapter folders at the same paths.
+    vllm_url: str | None = None
+    vllm_api_key: str | None = None
+    # vLLM's LoRA limits: see assistant.vllm_server.VLLMServerConfig for why.
+    max_loras: int = 4
+    max_lora_rank: int = 32
+    kv_cache_gib: int = 2
+    vllm_dtype: str = "bfloat16"
+    # OpenAI-compatible API for users ("user_id key" per line); off when None.
+    api_keys_file: Path | None = None
+    api_port: int | None = None  # None: port + 1
     # Loopback unless told otherwise: the app is not a public service by default.
     host: str = "127.0.0.1"
     port: int = 7860
@@ -29,6 +45,10 @@ class ServeConfig:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "assistant.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
 
     @property
     def models_dir(self) -> Path:

@@ -57,3 +57,37 @@ def running_app(data_dir: Path, *args: str, timeout_s: float = 180):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def vllm_processes_of(data_dir: Path) -> list[int]:
+    """Pids of the vLLM servers started by the app running on ``data_dir``."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                procs[int(d.name)] = (
+                    (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"),
+                    (d / "environ").read_bytes().split(b"\0"),
+                )
+            except OSError:
+                continue
+    apps = [pid for pid, (cmd, _) in procs.items() if "app.py" in cmd and str(data_dir) in cmd]
+    marks = {f"ASSISTANT_PARENT_PID={pid}".encode() for pid in apps}
+    return [pid for pid, (_, env) in procs.items() if marks & set(env)]
+
+
+def still_running(pids: list[int], wait_s: float = 0) -> list[int]:
+    """Those of ``pids`` alive after up to ``wait_s`` seconds (zombies count as ended)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.5)

@@ -194,9 +194,15 @@ class Controller:
 
     def sync(self) -> bool:
         """Apply promotions another process (the command line) recorded; True if any."""
-        if self._log_state() == self._applied:
+        state = self._log_state()
+        if state == self._applied:
             return False
-        self.restore()
+        try:
+            self.restore()
+        except Exception:
+            # Keep serving what was live; do not retry the same bad state every poll.
+            self._applied = state
+            raise
         return True
 
     # -- schedule --------------------------------------------------------------------

