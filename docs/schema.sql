@@ -99,7 +99,7 @@ CREATE TABLE "training_jobs" (
    "created_utc" TEXT NOT NULL,
    "started_utc" TEXT,
    "finished_utc" TEXT
-);
+, "cancel_requested" INTEGER NOT NULL DEFAULT 0, "pid" INTEGER, "heartbeat_utc" TEXT);
 
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");

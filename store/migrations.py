@@ -180,3 +180,15 @@ def m002_adapters_jobs_promotions(db: Database) -> None:
         pk="id",
         not_null={"kind", "actor", "created_utc"},
     )
+
+
+# Same step, same name as on the main branch (the admin console's controller): training
+# jobs need it here too, and an identical step merges without a second migration.
+@MIGRATIONS()
+def m006_job_control(db: Database) -> None:
+    # The console asks a running job to stop by setting cancel_requested; the trainer polls
+    # it between steps. pid and heartbeat_utc let a restarted app tell a job whose process
+    # died (left 'running') from one still at work.
+    db["training_jobs"].add_column("cancel_requested", int, not_null_default=0)
+    db["training_jobs"].add_column("pid", int)
+    db["training_jobs"].add_column("heartbeat_utc", str)
