@@ -91,3 +91,18 @@ def test_training_stops_between_steps_when_asked(lora_model):
         train_loop(model, tok, toy_pairs(16), TrainConfig(rank=4, bf16=False), progress=seen.append,
                    should_stop=lambda: len(seen) >= 2)
     assert len(seen) == 2
+
+
+def test_trl_trainer_optimises_the_same_objective(lora_model):
+    from tuning.trl_trainer import train_trl
+
+    model, tok = lora_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = []
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, bf16=False, trainer="trl")
+    metrics = train_trl(model, tok, toy_pairs(16), config, progress=rows.append)
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert rows[0]["reward_margin"] == pytest.approx(0, abs=1e-3)  # step 1: policy == reference
+    assert metrics["steps"] == 12 and metrics["reward_accuracy"] > 0.9
+    assert list(model.peft_config) == ["default"]
