@@ -4,8 +4,12 @@
 ``decide`` (pure, unit-tested on made-up numbers) turns the two sets of metrics into a
 verdict with one line per check:
 
-- preference accuracy: the share of held-out pairs where the version gives the chosen
-  answer a higher log-probability than the rejected one; it must beat the live version's;
+- preference accuracy: the share of held-out pairs whose implicit DPO reward margin (below)
+  is positive, TRL's held-out ``rewards/accuracies``; it must beat the live version's. The
+  base model scores 0 by construction (its margins are 0). The plain likelihood accuracies
+  (chosen more likely than rejected, summed and per token) are stored beside it but not
+  gated on: summed log-probabilities favour the shorter answer whatever the model learned
+  (the base scored 1.0 on "one-sentence answers" pairs);
 - reward margin: the mean implicit DPO reward margin ``beta * ((log pi(c) - log pi(r)) -
   (log pi_base(c) - log pi_base(r)))`` must beat the live version's, and the per-pair
   improvement must not be luck (a one-sided sign test over pairs, p <= max_p_value);
@@ -36,9 +40,10 @@ class Golden:
     expect: tuple[str, ...]
 
 
-# Questions the base SmolLM2-135M-Instruct answers right greedily (checked in
-# tests/integration/test_dpo_embedded.py): facts and simple instructions. A version that
-# loses one of them has lost something users had.
+# Questions the base SmolLM2-135M-Instruct answers right greedily, in padded batches as the
+# gate asks them (checked in tests/integration/test_dpo_embedded.py): facts and simple
+# instructions. "How many hours are in a day?" was dropped: right alone, wrong when batched.
+# A version that loses one of them has lost something users had.
 GOLDEN = (
     Golden("What is the capital of France?", ("Paris",)),
     Golden("What is the capital of Japan?", ("Tokyo",)),
@@ -49,7 +54,6 @@ GOLDEN = (
     Golden("What is the chemical symbol for water?", ("H2O",)),
     Golden("What is the opposite of hot?", ("cold",)),
     Golden("What language is spoken in Spain?", ("Spanish",)),
-    Golden("How many hours are in a day?", ("24", "twenty-four")),
 )
 
 
@@ -93,14 +97,16 @@ class GateResult:
 
 
 def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, batch_size: int = 8,
-                   max_length: int = 512) -> list[float]:
-    """log pi(chosen) - log pi(rejected) for each pair, summed over answer tokens.
+                   max_length: int = 512) -> tuple[list[float], list[float]]:
+    """Per pair: log pi(chosen) - log pi(rejected) summed over answer tokens, and the same
+    difference of per-token means.
 
     Runs in the model's own dtype: the trainer casts to bf16 for evaluation, as served.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     items = [tokenize_pair(tokenizer, p, max_length) for p in pairs]
-    out: list[float] = []
+    summed: list[float] = []
+    per_token: list[float] = []
     was_training = model.training
     model.eval()
     try:
@@ -110,14 +116,16 @@ def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, ba
             with torch.inference_mode():
                 if adapter_off:
                     with model.disable_adapter():
-                        logps, _ = sequence_logps(model, batch)
+                        logps, counts = sequence_logps(model, batch)
                 else:
-                    logps, _ = sequence_logps(model, batch)
+                    logps, counts = sequence_logps(model, batch)
             n = len(chunk)
-            out += (logps[:n] - logps[n:]).tolist()
+            means = logps / counts.clamp(min=1)
+            summed += (logps[:n] - logps[n:]).tolist()
+            per_token += (means[:n] - means[n:]).tolist()
     finally:
         model.train(was_training)
-    return out
+    return summed, per_token
 
 
 def golden_passes(answer: str, golden: Golden) -> bool:
@@ -128,8 +136,8 @@ def golden_passes(answer: str, golden: Golden) -> bool:
 def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float], *,
             adapter_off: bool, beta: float, config: GateConfig, max_length: int = 512) -> dict:
     """One version's gate metrics; the active adapter is the version (or none: the base)."""
-    lr = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
-                        batch_size=config.batch_size, max_length=max_length)
+    lr, per_token = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
+                                   batch_size=config.batch_size, max_length=max_length)
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
     prompts: list[list[dict]] = []
     for p in eval_pairs:
@@ -143,9 +151,10 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     n = len(lr)
     return {
         "pairs": n,
-        "preference_accuracy": round(sum(x > 0 for x in lr) / n, 4) if n else None,
+        "preference_accuracy": round(sum(m > 0 for m in margins) / n, 4) if n else None,
         "reward_margin": round(sum(margins) / n, 4) if n else None,
-        "reward_accuracy": round(sum(m > 0 for m in margins) / n, 4) if n else None,
+        "likelihood_accuracy": round(sum(x > 0 for x in lr) / n, 4) if n else None,
+        "likelihood_accuracy_per_token": round(sum(x > 0 for x in per_token) / n, 4) if n else None,
         "logratios": [round(x, 4) for x in lr],
         "golden": golden,
         "golden_passed": sum(g["passed"] for g in golden.values()),

@@ -101,6 +101,8 @@ def train_adapter(
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if job_id is None:
         job_id = store.create_job(created_by, job_config, status="queued")
+    else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
+        job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
     started = time.monotonic()
     store.update_job(job_id, status="running", started_utc=_now(), heartbeat_utc=_now(), pid=os.getpid(),
                      config_json=job_config, error=None)
@@ -208,7 +210,7 @@ def train_adapter(
 def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config):
     """Gate metrics of the new adapter ('default') and the live version, side by side."""
     live_version = store.live_version()
-    base_lr = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
+    base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
                              max_length=config.max_length)
     kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
     model.set_adapter("default")
