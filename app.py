@@ -139,9 +139,13 @@ def ensure_first_admin(store) -> None:
         )
 
 
-def training_launcher(config: ServeConfig, train_set: list[str]):
+def training_launcher(config: ServeConfig, train_set: list[str], store):
     """Start ``app.py train --job J`` as its own process: a crash or a cancel there never
-    touches the chat, and its progress reaches the console through the job's row."""
+    touches the chat, and its progress reaches the console through the job's row. A
+    watcher thread reaps the process and fails the job if it died without saying so."""
+    import threading
+
+    from tuning.trainer import recover_stale_jobs
 
     def launch(job_id: str) -> subprocess.Popen:
         cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(config.data_dir), "train",
@@ -150,8 +154,17 @@ def training_launcher(config: ServeConfig, train_set: list[str]):
             cmd += ["--model", config.model]
         for item in train_set:
             cmd += ["--set", item]
-        log = open(Path(config.data_dir) / f"train-{job_id}.log", "wb")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+        def watch() -> None:
+            code = proc.wait()
+            if store.job(job_id)["status"] in ("queued", "running"):
+                store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
+                recover_stale_jobs(store, config.data_dir)  # removes what it left half-written
+
+        threading.Thread(target=watch, daemon=True, name=f"train-{job_id}").start()
+        return proc
 
     return launch
 
@@ -197,8 +210,14 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         return resolve_version(store, config.data_dir, version, base_shapes=shapes, base_model=base,
                                max_rank=config.max_lora_rank)
 
-    controller = Controller(store, router, adapter_of, training_launcher(config, train_set or []),
+    controller = Controller(store, router, adapter_of, training_launcher(config, train_set or [], store),
                             loop_config or LoopConfig())
+    from tuning.trainer import recover_stale_jobs
+
+    for job_id in recover_stale_jobs(store, config.data_dir):  # left running by a dead process
+        print(f"training job {job_id} was left running by a process that died: marked failed", flush=True)
+    for job in store.jobs("queued"):  # queued by an app that stopped before launching it
+        store.update_job(job["id"], status="failed", error="the app stopped before this job started")
     controller.restore()
     controller.run_forever()
     closers.insert(0, controller.stop)

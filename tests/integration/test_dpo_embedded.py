@@ -1,0 +1,140 @@
+"""DPO on the embedded SmolLM2-135M with a learnable synthetic preference, through the real store.
+
+Users ask questions, get the model's own greedy answer (on-policy, logged with log_answer)
+and edit it down to its first sentence. After one training run the new version must
+*generate* one-sentence answers to most held-out questions, score the held-out pairs clearly
+better than the base, keep every golden answer, and pass the gate. A version trained on
+noise (half the users cut answers to one sentence, half lengthen one-sentence answers
+back) must be refused.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tuning.config import TrainConfig
+from tuning.gate import GateConfig, decide
+from tuning.pairs import PairConfig, build_preferences
+from tuning.synthetic import first_sentence, is_one_sentence, prompts
+from tuning.trainer import train_adapter
+
+pytestmark = pytest.mark.slow
+
+N_TRAIN, N_HELD = 64, 24
+# The CI recipe: the default one (r=16 all-linear, DPO + NLL, 2 epochs, batch 4) on half the
+# pairs (64, 32 steps) with double the learning rate; measured to halve answer length on
+# held-out questions (README "Training"). The default recipe wants 128+ pairs.
+RECIPE = TrainConfig(learning_rate=1e-4)
+# Teaching brevity halves answer length on purpose; the default +-50% band would (rightly)
+# flag that, so the admin who asked for short answers widens it.
+GATE = GateConfig(max_length_drift=0.75)
+ANSWER_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def on_policy(embedded_model):
+    """The base model's greedy answers to the questions (what users were shown), for the
+    questions it answers in more than one sentence (the others leave nothing to cut)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.generation import greedy_answers
+
+    qs = prompts()
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.bfloat16)
+    answers = greedy_answers(model, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens=ANSWER_TOKENS)
+    usable = [(i, q, a) for i, (q, (a, _)) in enumerate(zip(qs, answers)) if first_sentence(a) != a]
+    held = [(q, a) for i, q, a in usable if i % 5 == 0][:N_HELD]
+    train = [(q, a) for i, q, a in usable if i % 5 != 0][:N_TRAIN]
+    assert len(held) == N_HELD and len(train) == N_TRAIN
+    return train + held, len(train)
+
+
+def log_feedback(store, shown: list[tuple[str, str]], model_name: str, noise: bool = False) -> None:
+    """Each question in its own conversation by one of four users, answered, then edited."""
+    rng = random.Random(7)
+    for i, (question, answer) in enumerate(shown):
+        user = f"user{i % 4}"
+        cid = store.create_conversation(user)
+        mid = store.add_message(cid, user, question)
+        prompt = [{"role": "user", "content": question}]
+        shown_answer, wanted = answer, first_sentence(answer)
+        if noise and rng.random() < 0.5:  # this user wants the longer answer back
+            shown_answer, wanted = wanted, shown_answer
+        aid = store.log_answer(message_id=mid, user_id=user, prompt=prompt, content=shown_answer, model=model_name)
+        store.edit_answer(aid, user, wanted)
+
+
+def train_on(tmp_path, embedded_model, on_policy, noise: bool):
+    from store import Store
+
+    shown, n_train = on_policy
+    store = Store(tmp_path / "assistant.db")
+    log_feedback(store, shown, embedded_model.name, noise=noise)
+    # The real pair builder: edits become pairs, and its split holds out the newest
+    # conversations (the held-out questions, logged last) with no prompt group on both sides.
+    data = build_preferences(store, PairConfig(eval_fraction=(len(shown) - n_train) / len(shown)))
+    train, held = data.train_pairs, data.eval_pairs
+    assert data.summary["pairs"]["by_signal"]["edit"] >= len(shown) - 4, data.summary
+    assert len(held) >= 0.8 * (len(shown) - n_train) and not {p["prompt"][-1]["content"] for p in train} & {
+        p["prompt"][-1]["content"] for p in held}
+    lines = []
+    result = train_adapter(train, held, store=store, data_dir=tmp_path, base_model_dir=embedded_model,
+                           config=RECIPE, gate_config=GATE, created_by="test", progress=lines.append)
+    assert result.status == "succeeded", result.error
+    return store, result, lines
+
+
+def test_a_learnable_preference_changes_what_the_model_says(tmp_path, embedded_model, on_policy):
+    store, result, lines = train_on(tmp_path, embedded_model, on_policy, noise=False)
+    row = store.adapter(result.version)
+    ev = row["eval_json"]
+    base = ev["live"]  # nothing promoted yet: the live version is the base model
+    print("\ngate:", ev["summary"])
+    for key in ("preference_accuracy", "reward_margin", "likelihood_accuracy", "likelihood_accuracy_per_token"):
+        print(f"{key}: base {base[key]} new {ev[key]}")
+    for a in ev["answers"][:4]:
+        print(" ", a["prompt"], "->", a["answer"])
+
+    # The goldens are questions the base answers right (this checks GOLDEN stays true).
+    assert base["golden_passed"] == base["golden_total"], base["golden"]
+    base_short = sum(is_one_sentence(a["answer"]) for a in base["answers"])
+    short = sum(is_one_sentence(a["answer"]) for a in ev["answers"])
+    print(f"one-sentence held-out answers: base {base_short}/{len(base['answers'])}, new {short}/{len(ev['answers'])}; "
+          f"mean tokens {base['mean_answer_tokens']} -> {ev['mean_answer_tokens']}")
+    # Scores: clearly above the base on held-out pairs (the base's reward accuracy is 0).
+    assert ev["preference_accuracy"] >= 0.9 and ev["reward_margin"] > 0.5
+    # ... and on plain per-token likelihood, which the base can score on (measured 0.58 -> 1.0).
+    assert ev["likelihood_accuracy_per_token"] >= base["likelihood_accuracy_per_token"] + 0.25
+    # Behaviour: one-sentence answers to most held-out questions, goldens still right.
+    assert short >= 0.75 * len(ev["answers"]) and short >= base_short + 0.5 * len(ev["answers"]), ev["answers"]
+    assert ev["mean_answer_tokens"] < base["mean_answer_tokens"]
+    assert ev["golden_passed"] == ev["golden_total"], ev["golden"]
+    assert ev["golden_passed"] == ev["golden_total"], ev["golden"]
+    assert result.gate.passed and row["gate_passed"] == 1, ev["summary"]
+    default = decide(ev, base, GateConfig())
+    print("with the default length band:", default.summary())
+    # Progress reached whoever started it, step by step.
+    steps = [r for r in lines if "loss" in r and r.get("phase") == "training"]
+    assert steps[-1]["step"] == steps[-1]["steps"] == RECIPE.epochs * N_TRAIN // RECIPE.batch_size
+    assert store.adapter(result.version)["gate_passed"] == 1  # promotable without an override
+
+
+def test_a_version_trained_on_noise_is_refused(tmp_path, embedded_model, on_policy):
+    store, result, _ = train_on(tmp_path, embedded_model, on_policy, noise=True)
+    ev = store.adapter(result.version)["eval_json"]
+    print("\ngate:", ev["summary"])
+    assert not result.gate.passed and store.adapter(result.version)["gate_passed"] == 0
+    assert not next(c for c in ev["checks"] if c["check"] == "reward margin")["passed"]
+    from assistant.engine import Adapter
+    from tuning.control import Conflict, Controller
+
+    store.create_user("root", "root-password", is_admin=True)
+    router = type("NoEngine", (), {"set_live": lambda *a: None, "set_canary": lambda *a: None})()
+    c = Controller(store, router, adapter_of=lambda v: Adapter("x", "x", v), launcher=lambda j: None)
+    with pytest.raises(Conflict, match="did not pass"):
+        c.promote("root", result.version)
+    assert store.live_version() is None

@@ -1,0 +1,90 @@
+"""The gate's decisions on made-up metrics, promotion with overrides, the cost estimate."""
+
+import pytest
+
+from tuning.config import TrainConfig
+from tuning.cost import estimate_cost
+from tuning.gate import GateConfig, decide, sign_test_p
+
+
+def metrics(acc, margin, logratios, golden=(True, True, True), length=40.0):
+    return {
+        "preference_accuracy": acc,
+        "reward_margin": margin,
+        "logratios": list(logratios),
+        "golden": {f"q{i}": {"answer": "", "passed": ok} for i, ok in enumerate(golden)},
+        "golden_passed": sum(golden),
+        "golden_total": len(golden),
+        "mean_answer_tokens": length,
+    }
+
+
+LIVE = metrics(0.45, 0.0, [0.0] * 32)
+
+
+def failed(result):
+    return {c["check"] for c in result.checks if not c["passed"]}
+
+
+def test_a_clearly_better_version_passes():
+    result = decide(metrics(0.95, 2.1, [5.0] * 30 + [-1.0] * 2), LIVE)
+    assert result.passed, result.summary()
+    assert [c["check"] for c in result.checks] == ["preference accuracy", "reward margin", "golden prompts", "answer length"]
+    assert "30/32" in result.checks[1]["detail"]
+
+
+def test_noise_that_happens_to_raise_the_mean_is_refused_by_the_sign_test():
+    # A few big wins lift the mean margin, but only 17 of 32 pairs improved: luck.
+    noisy = metrics(0.5, 0.3, [4.0] * 17 + [-0.5] * 15)
+    result = decide(noisy, LIVE)
+    assert failed(result) == {"reward margin"}, result.summary()
+    assert "17/32" in result.summary()
+
+
+def test_accuracy_must_beat_the_live_version():
+    assert "preference accuracy" in failed(decide(metrics(0.45, 2.0, [5.0] * 32), LIVE))
+    assert "preference accuracy" in failed(decide(metrics(0.5, 2.0, [5.0] * 32), LIVE, GateConfig(min_accuracy_gain=0.1)))
+    # Matching a live version that is already perfect is as good as it gets.
+    perfect = metrics(1.0, 3.0, [5.0] * 32)
+    assert decide(metrics(1.0, 3.5, [6.0] * 32), perfect).passed
+
+
+def test_losing_a_golden_answer_fails_even_when_everything_else_improves():
+    result = decide(metrics(0.95, 2.0, [5.0] * 32, golden=(True, False, True)), LIVE)
+    assert failed(result) == {"golden prompts"}
+    assert "now wrong: q1" in result.summary()
+    # A golden question the live version already gets wrong is not held against the candidate.
+    live = metrics(0.45, 0.0, [0.0] * 32, golden=(True, False, True))
+    assert decide(metrics(0.95, 2.0, [5.0] * 32, golden=(True, False, True)), live).passed
+
+
+def test_answers_that_grow_or_shrink_too_much_fail():
+    assert failed(decide(metrics(0.95, 2.0, [5.0] * 32, length=70.0), LIVE)) == {"answer length"}
+    assert failed(decide(metrics(0.95, 2.0, [5.0] * 32, length=15.0), LIVE)) == {"answer length"}
+    assert decide(metrics(0.95, 2.0, [5.0] * 32, length=55.0), LIVE).passed
+    assert not decide(metrics(0.95, 2.0, [5.0] * 32, length=55.0), LIVE, GateConfig(max_length_drift=0.2)).passed
+
+
+def test_sign_test():
+    assert sign_test_p(32, 32) == pytest.approx(2**-32)
+    assert sign_test_p(16, 32) > 0.5
+    assert sign_test_p(22, 32) < 0.05 < sign_test_p(21, 32)
+
+
+def test_cost_estimate_uses_measured_seconds_and_the_work_ratio():
+    cost = estimate_cost(train_seconds=360.0, price_per_hour=0.5, total_params=135_000_000, trainable=4_900_000)
+    assert cost["estimated_usd"] == pytest.approx(0.05)
+    assert cost["full_finetune_seconds"] == pytest.approx(480.0)  # 8N / 6N per token
+    assert cost["full_finetune_usd"] == pytest.approx(0.5 * 480 / 3600, abs=1e-6)
+    assert cost["full_finetune_state_gb"] > cost["lora_state_gb"]
+
+
+def test_config_overrides_are_checked_by_name_and_type():
+    c = TrainConfig().replace(epochs=1, learning_rate=1e-4)
+    assert (c.epochs, c.learning_rate) == (1, 1e-4) and TrainConfig().epochs == 2
+    with pytest.raises(ValueError, match="Unknown training setting"):
+        TrainConfig().replace(epoch=1)
+    with pytest.raises(ValueError, match="number"):
+        TrainConfig().replace(beta="high")
+    with pytest.raises(ValueError, match="max_rank"):
+        TrainConfig().replace(rank=128)

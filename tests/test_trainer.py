@@ -1,0 +1,177 @@
+"""A whole training job on the tiny checkpoint: registry row, atomic folder, cancel, failure,
+a killed process cleaned up on the next start."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny_checkpoint, toy_pairs
+from tuning.config import TrainConfig
+from tuning.gate import GateConfig, Golden
+from tuning.trainer import TMP_PREFIX, recover_stale_jobs, train_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, bf16=False)
+GATE = GateConfig(golden=(Golden("question 1?", ("yes",)),), max_new_tokens=8, max_length_prompts=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-chat")
+
+
+def run(store, data, checkpoint, **kw):
+    kw.setdefault("config", FAST)
+    kw.setdefault("gate_config", GATE)
+    return train_adapter(toy_pairs(16), toy_pairs(8, start=100, prefix="e"), store=store, data_dir=data,
+                         base_model_dir=checkpoint, **kw)
+
+
+def adapter_dirs(data):
+    root = data / "adapters"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_path, checkpoint):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from assistant.adapters import base_model_identity, content_hash
+
+    seen = []
+    result = run(store, tmp_path, checkpoint, progress=seen.append, created_by="alice")
+    assert result.status == "succeeded", result.error
+    row = store.adapter(result.version)
+    folder = tmp_path / row["path"]
+    assert adapter_dirs(tmp_path) == [row["name"]] == [result.name]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert row["content_hash"] == content_hash(folder) and row["name"].startswith(f"v{row['version']}-")
+    assert row["base_model"] == base_model_identity(checkpoint)
+    assert row["pair_ids_json"] == [p["id"] for p in toy_pairs(16)]
+    assert row["config_json"]["learning_rate"] == 5e-3 and row["config_json"]["gate"]["max_new_tokens"] == 8
+    assert row["metrics_json"]["steps"] == 8 and row["metrics_json"]["newest_feedback_utc"]
+    assert 0 < row["trainable_share"] < 1 and row["trainable_params"] > 0 and row["train_seconds"] > 0
+    assert row["cost_json"]["full_finetune_usd"] > row["cost_json"]["estimated_usd"] > 0
+    ev = row["eval_json"]
+    assert ev["live_version"] is None and ev["live"]["reward_margin"] == 0  # the base against itself
+    assert {c["check"] for c in ev["checks"]} == {"preference accuracy", "reward margin", "golden prompts", "answer length"}
+    assert row["gate_passed"] == int(ev["passed"]) == int(result.gate.passed)
+    job = store.job(result.job_id)
+    assert (job["status"], job["adapter_version"], job["created_by"]) == ("succeeded", result.version, "alice")
+    assert job["progress_json"]["phase"] == "done" and job["pid"] == os.getpid()
+    steps = [r for r in seen if r.get("phase") == "training" and "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all({"loss", "reward_accuracy", "reward_margin"} <= set(r) for r in steps)
+    # Anyone can load it with plain peft.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), folder)
+    assert model.active_adapter == "default"
+
+
+def test_the_next_version_is_gated_against_the_live_one(store, tmp_path, checkpoint):
+    first = run(store, tmp_path, checkpoint)
+    store.record_promotion(first.version, "alice", "test")
+    second = run(store, tmp_path, checkpoint, config=FAST.replace(seed=1))
+    ev = store.adapter(second.version)["eval_json"]
+    assert second.version == first.version + 1 and ev["live_version"] == first.version
+    assert ev["live"]["reward_margin"] > 0  # the live adapter was measured, not the base
+    assert len(adapter_dirs(tmp_path)) == 2
+
+
+def test_cancel_leaves_nothing_and_says_so(store, tmp_path, checkpoint):
+    cancel = threading.Event()
+    result = run(store, tmp_path, checkpoint, cancel=cancel,
+                 progress=lambda r: cancel.set() if r.get("step") == 2 else None)
+    assert result.status == "cancelled" and "step 2" in result.error
+    job = store.job(result.job_id)
+    assert job["status"] == "cancelled" and "step 2" in job["error"] and job["finished_utc"]
+    assert adapter_dirs(tmp_path) == [] and store.adapters() == [] and store.live_version() is None
+
+
+def test_the_admin_flag_cancels_too(store, tmp_path, checkpoint):
+    job_id = store.create_job("admin", {})
+    result = run(store, tmp_path, checkpoint, job_id=job_id,
+                 progress=lambda r: store.update_job(job_id, cancel_requested=1) if r.get("step") == 1 else None)
+    assert result.status == "cancelled" and store.job(job_id)["status"] == "cancelled"
+    assert adapter_dirs(tmp_path) == []
+
+
+def test_a_version_that_fails_validation_is_not_registered(store, tmp_path, checkpoint, monkeypatch):
+    from assistant.adapters import InvalidAdapter
+
+    def refuse(*a, **kw):
+        raise InvalidAdapter("finite", "lora_B holds NaN or infinite values")
+
+    monkeypatch.setattr("tuning.trainer.validate_adapter", refuse)
+    result = run(store, tmp_path, checkpoint)
+    assert result.status == "failed" and "(finite)" in result.error
+    assert store.job(result.job_id)["error"] == result.error
+    assert adapter_dirs(tmp_path) == [] and store.adapters() == []
+
+
+def test_held_out_pairs_must_not_be_training_pairs(store, tmp_path, checkpoint):
+    result = train_adapter(toy_pairs(8), toy_pairs(4), store=store, data_dir=tmp_path, base_model_dir=checkpoint,
+                           config=FAST, gate_config=GATE)
+    assert result.status == "failed" and "held-out" in result.error
+
+
+def test_recovery_fails_jobs_of_dead_processes_and_removes_their_leftovers(store, tmp_path):
+    dead = store.create_job("cli", {}, status="running")
+    store.update_job(dead, pid=999_999_999)
+    alive = store.create_job("cli", {}, status="running")
+    store.update_job(alive, pid=12345)
+    root = tmp_path / "adapters"
+    (root / f"{TMP_PREFIX}{dead}-abc").mkdir(parents=True)
+    (root / f"{TMP_PREFIX}{alive}-def").mkdir()
+    (root / "v7-0123456789ab").mkdir()  # moved into place, never registered
+    assert recover_stale_jobs(store, tmp_path, is_alive=lambda pid: pid == 12345) == [dead]
+    assert store.job(dead)["status"] == "failed" and "pid 999999999" in store.job(dead)["error"]
+    assert store.job(alive)["status"] == "running"
+    assert adapter_dirs(tmp_path) == [f"{TMP_PREFIX}{alive}-def"]
+
+
+@pytest.mark.slow
+def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoint):
+    from store import Store
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(400)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(8, 1000, "e")))
+    cmd = [sys.executable, "-m", "tuning.train", "--data-dir", str(tmp_path), "--model", str(checkpoint),
+           "--pairs", str(tmp_path / "train.jsonl"), "--eval-pairs", str(tmp_path / "eval.jsonl"),
+           "--set", "rank=4", "--set", "bf16=false", "--set", "batch_size=1", "--set", "epochs=50"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    store = Store(tmp_path / "assistant.db")
+
+    def start_and_wait_for_steps():
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            jobs = store.jobs("running")
+            if jobs and (jobs[0].get("progress_json") or {}).get("step", 0) >= 2:
+                return proc, jobs[0]["id"]
+            time.sleep(0.2)
+        proc.kill()
+        pytest.fail("training did not start: " + proc.communicate()[0][-2000:])
+
+    proc, job_id = start_and_wait_for_steps()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "step 2/" in out and "reward acc" in out
+    assert store.job(job_id)["status"] == "cancelled"
+    assert adapter_dirs(tmp_path) == []
+
+    proc, job_id = start_and_wait_for_steps()
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert store.job(job_id)["status"] == "running"
+    assert [d for d in adapter_dirs(tmp_path) if not d.startswith(".")] == []  # nothing loadable
+    assert recover_stale_jobs(store, tmp_path) == [job_id]
+    assert store.job(job_id)["status"] == "failed" and "ended without finishing" in store.job(job_id)["error"]
+    assert adapter_dirs(tmp_path) == []

@@ -1,0 +1,104 @@
+"""Training configuration: one frozen dataclass, recorded with every job and adapter version.
+
+The defaults are the recipe measured to change what SmolLM2-135M *generates* on a 2-core
+CPU (docs/platform facts): DPO alone raised held-out log-prob preference to 1.0 while the
+greedy answers did not change at all; on-policy pairs + an NLL term on chosen + lr 5e-5 +
+r=16 on every linear layer + 2 epochs moved 8 of 8 held-out answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- LoRA ---------------------------------------------------------------------------
+    # r=16 on all linear layers: r=8 on q/v only did not move generations within 2 epochs
+    # on a few hundred pairs; 16 is also well under the server's default max rank (64).
+    rank: int = 16
+    # alpha = 2r, the usual scale; the learning rate below was measured with it.
+    alpha: int = 32
+    # No dropout: a few hundred pairs and 2 epochs do not overfit through the adapter, and
+    # dropout makes the policy differ from the (dropout-free) reference at step 1.
+    dropout: float = 0.0
+    # peft's "all-linear": every attention and MLP projection, never the (tied) lm_head.
+    target_modules: str = "all-linear"
+
+    # -- objective ----------------------------------------------------------------------
+    # DPO's temperature: 0.1 is the paper's and TRL's default; lower let the policy drift
+    # further from the base before the loss saturates.
+    beta: float = 0.1
+    # Weight of the NLL (SFT) term on the chosen answer next to the DPO sigmoid loss: it is
+    # what turned a preference the model *scores* into one it *generates*, and it kept
+    # answers fluent (plain DPO at lr 1e-4 degenerated into "Smol! I'm a Smol!...").
+    nll_weight: float = 1.0
+
+    # -- optimisation -------------------------------------------------------------------
+    # 5e-5: 1e-4 over-optimised within an epoch; 1e-6 (TRL's default) moves nothing on CPU
+    # budgets. Linear decay to zero, AdamW, clip 1.0: TRL's defaults, so both trainers match.
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    # 4 pairs (8 sequences) per step: bigger batches gained no tokens/s on two cores.
+    batch_size: int = 4
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    # Prompt + answer tokens per sequence. Chat pairs here are ~100-300 tokens; longer ones
+    # keep the end of the prompt and the start of the answer (what the preference is about).
+    max_length: int = 512
+    # bf16 autocast over fp32 weights: ~20% faster than fp32 on AVX-512-bf16 CPUs, and
+    # the LoRA weights and optimiser state stay fp32.
+    bf16: bool = True
+    seed: int = 0
+
+    # -- which trainer ------------------------------------------------------------------
+    # "loop" (tuning.dpo, our own) or "trl" (TRL's DPOTrainer). The loop was kept: same
+    # losses, faster per step here (bench/dpo_bench.py, README "Training").
+    trainer: str = "loop"
+    # Optional: continue training this registered version instead of starting from zero.
+    # The DPO reference stays the base model either way.
+    continue_from: int | None = None
+
+    # -- registry, serving and cost -----------------------------------------------------
+    # Validation refuses adapters of higher rank: the vLLM server is started with
+    # --max-lora-rank 64 (more rank costs it memory for every slot).
+    max_rank: int = 64
+    # Price of one hour of the machine the job ran on, for the cost estimate (USD). A
+    # 2-vCPU, 24 GB cloud VM is about 0.10/h on demand; set yours.
+    price_per_hour: float = 0.10
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes``; unknown keys and wrong types are refused by name."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(f"Unknown training setting(s): {', '.join(unknown)}. Known: {', '.join(fields)}.")
+        clean = {}
+        for key, value in changes.items():
+            default = getattr(self, key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key} must be true or false, not {value!r}.")
+            elif isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{key} must be a number, not {value!r}.")
+                value = type(default)(value)
+            clean[key] = value
+        new = dataclasses.replace(self, **clean)
+        new.check()
+        return new
+
+    def check(self) -> None:
+        if self.trainer not in ("loop", "trl"):
+            raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
+        for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1.")
+        if self.rank > self.max_rank:
+            raise ValueError(f"rank {self.rank} exceeds the server's limit max_rank={self.max_rank}.")
+        if not (self.learning_rate > 0 and self.beta > 0):
+            raise ValueError("learning_rate and beta must be positive.")

@@ -1,0 +1,72 @@
+"""A learnable synthetic preference, for the end-to-end tests and the benchmark.
+
+"Users prefer one-sentence answers": the rejected answer is the model's own greedy answer
+(on-policy, as real feedback is), the chosen one is its first sentence (what a user's edit
+that deletes the rest would say). Whether a version learned it is judged on what it
+*generates* (``is_one_sentence``), not only on its scores.
+
+Measured first, on SmolLM2-135M with 64 pairs x 2 epochs: "answers end with a sign-off"
+did not move generations. Chosen = answer cut at its last full sentence + "Hope this
+helps!" (lr 5e-5): 0 of 24 held-out answers changed. Chosen = first sentence + the sign-off
+(lr 1e-4): answers halved to one sentence, but 0 of 24 carried the sign-off. Ending sooner
+is learned from a few dozen pairs; new words at the end need more data or steps.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+_THINGS = [
+    "volcano", "rainbow", "noun", "glacier", "comet", "desert", "vaccine", "battery",
+    "compass", "telescope", "thermometer", "calendar", "library", "museum", "bridge",
+    "river", "forest", "island", "planet", "robot", "recipe", "poem", "budget", "habit",
+    "password", "browser", "spreadsheet", "microscope", "magnet", "hurricane", "tornado",
+    "coral reef", "bicycle", "piano", "marathon", "garden", "passport", "airport",
+    "sandwich", "umbrella",
+]
+_ACTIVITIES = [
+    "sleeping better", "learning a language", "saving money", "staying focused",
+    "cooking rice", "running a first 5k", "writing an email", "keeping plants alive",
+    "reading more books", "drinking more water", "waking up early", "packing a suitcase",
+    "studying for an exam", "making new friends", "cleaning a kitchen", "taking notes",
+    "staying warm in winter", "learning to draw", "speaking in public", "staying calm",
+    "walking a dog", "baking bread", "planning a trip", "organizing a desk",
+    "starting to exercise", "learning to swim", "remembering names", "painting a room",
+    "growing tomatoes", "writing a story",
+]
+_WHYS = [
+    "Why do leaves change color in autumn?", "Why do birds migrate?", "Why do cats purr?",
+    "Why do we need sleep?", "Why is the sea salty?", "Why does bread rise?",
+    "Why does ice float on water?", "Why do onions make us cry?", "Why do stars twinkle?",
+    "Why do we yawn?", "Why do dogs wag their tails?", "Why does metal feel cold?",
+    "Why do apples turn brown?", "Why do bees make honey?", "Why do we get hiccups?",
+    "Why do clouds float?", "Why do plants need sunlight?", "Why do people snore?",
+    "Why do bubbles pop?", "Why do rivers flow to the sea?",
+]
+
+
+def prompts() -> list[str]:
+    """About 150 varied user questions, none of them a golden prompt of the gate."""
+    qs = [f"What is a {t}?" for t in _THINGS]
+    qs += [f"Give me one tip for {a}." for a in _ACTIVITIES]
+    qs += _WHYS
+    qs += [f"Describe a {t} in simple words." for t in _THINGS]
+    qs += [f"How do I get better at {a}?" for a in _ACTIVITIES[:20]]
+    return qs
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(answer: str) -> str:
+    """The answer up to and including its first sentence end (all of it if it has none)."""
+    end = _SENTENCE_END.search(answer)
+    return answer[: end.end()].strip() if end else answer.strip()
+
+
+def is_one_sentence(answer: str) -> bool:
+    """One complete sentence and nothing after it."""
+    text = answer.strip()
+    ends = list(_SENTENCE_END.finditer(text))
+    return len(ends) == 1 and ends[0].end() == len(text)

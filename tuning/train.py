@@ -1,0 +1,171 @@
+"""Train a LoRA adapter version from preference pairs, from the command line.
+
+    python -m tuning.train --data-dir data --pairs train.jsonl --eval-pairs heldout.jsonl
+    python -m tuning.train --data-dir data --pairs train.jsonl --eval-pairs heldout.jsonl \\
+        --set learning_rate=1e-4 --set epochs=1 --price-per-hour 0.2
+    python -m tuning.train --data-dir data --job JOB_ID ...   # run a job queued by the admin page
+
+Prints one progress line per step (loss, reward accuracy and margin, seconds) and the
+gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
+adapter is kept. Jobs left 'running' by a process that died are marked failed first.
+Pairs files hold one JSON preference pair per line (TRL conversational form with an id).
+Exit status: 0 when a version was registered (whatever the gate said), 1 failed, 130
+cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, required=True, help="the assistant's data folder (database, adapters)")
+    p.add_argument("--model", default=None, help="base checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--models-dir", type=Path, default=None, help="prepared models (default DATA_DIR/models)")
+    p.add_argument("--pairs", type=Path, required=True, help="training pairs, JSON lines")
+    p.add_argument("--eval-pairs", type=Path, required=True, help="held-out pairs for the gate, JSON lines")
+    p.add_argument("--job", default=None, help="run this queued job (its config_json holds setting overrides)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig setting (repeatable), e.g. --set epochs=1")
+    p.add_argument("--price-per-hour", type=float, default=None, help="hardware price for the cost estimate (USD/h)")
+    p.add_argument("--trainer", choices=["loop", "trl"], default=None, help="our own loop (default) or TRL's DPOTrainer")
+    p.add_argument("--by", default=os.environ.get("USER", "cli"), help="who started the job (recorded)")
+    return p.parse_args(argv)
+
+
+def read_pairs(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    a = parse_args(argv)
+    from assistant.model_files import resolve_model
+    from store import Store
+
+    from .config import TrainConfig
+    from .trainer import recover_stale_jobs, train_adapter
+
+    store = Store(a.data_dir / "assistant.db")
+    for job_id in recover_stale_jobs(store, a.data_dir):
+        print(f"job {job_id}: marked failed (its process died)", flush=True)
+
+    overrides = {}
+    if a.job:
+        queued = store.job(a.job)
+        overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = _value(value.strip())
+    if a.price_per_hour is not None:
+        overrides["price_per_hour"] = a.price_per_hour
+    if a.trainer:
+        overrides["trainer"] = a.trainer
+    try:
+        config = TrainConfig().replace(**overrides)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    pairs, eval_pairs = read_pairs(a.pairs), read_pairs(a.eval_pairs)
+    # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"training on {len(pairs)} pairs, gate on {len(eval_pairs)} held-out pairs; Ctrl-C cancels", flush=True)
+    result = train_adapter(pairs, eval_pairs, store=store, data_dir=a.data_dir, base_model_dir=model_dir,
+                           config=config, job_id=a.job, created_by=a.by, progress=print_progress)
+    if result.status == "succeeded":
+        verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
+        print(f"version {result.version} ({result.name}) registered; gate {verdict}")
+        for c in result.gate.checks:
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['check']}: {c['detail']}")
+        return 0
+    print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
+    return 130 if result.status == "cancelled" else 1
+
+
+def print_progress(row: dict) -> None:
+    if "loss" in row and row.get("phase") == "training":
+        print(
+            f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
+            f"reward acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:+.3f}  {row['seconds']:.0f}s",
+            flush=True,
+        )
+    elif row.get("phase") not in (None, "training"):
+        print(f"[{row['phase']}] {row['job_seconds']:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run_from_app(a) -> int:
+    """``app.py train``: build pairs from the feedback in the store, then one job.
+
+    Used by an admin at the command line and by the console's launcher (``--job`` names the
+    job the console queued, whose row holds its setting overrides).
+    """
+    from assistant.model_files import resolve_model
+    from store import Store
+
+    from .config import TrainConfig
+    from .pairs import build_preferences, format_summary
+    from .trainer import recover_stale_jobs, train_adapter
+
+    store = Store(a.data_dir / "assistant.db")
+    if a.actor != "scheduler" and not store.is_admin(a.actor):
+        print(f"error: {a.actor!r} is not an admin account", file=sys.stderr)
+        return 3
+    for job_id in recover_stale_jobs(store, a.data_dir):
+        print(f"job {job_id}: marked failed (its process died)", flush=True)
+    overrides: dict = {}
+    if a.job:
+        queued = store.job(a.job)
+        overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = _value(value.strip())
+    try:
+        config = TrainConfig().replace(**overrides)
+    except ValueError as e:
+        if a.job:
+            store.update_job(a.job, status="failed", error=str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    data = build_preferences(store)
+    print(format_summary(data.summary), flush=True)
+    if not data.train_pairs or not data.eval_pairs:
+        reason = (f"not enough preference data: {len(data.train_pairs)} training and "
+                  f"{len(data.eval_pairs)} held-out pairs (both are needed)")
+        if a.job:
+            store.update_job(a.job, status="failed", error=reason)
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
+    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    result = train_adapter(data.train_pairs, data.eval_pairs, store=store, data_dir=a.data_dir,
+                           base_model_dir=model_dir, config=config, job_id=a.job, created_by=a.actor,
+                           progress=print_progress)
+    if result.status == "succeeded":
+        verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
+        print(f"version {result.version} ({result.name}) registered; gate {verdict}")
+        return 0
+    print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
+    return 130 if result.status == "cancelled" else 1

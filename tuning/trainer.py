@@ -1,0 +1,285 @@
+"""One training job, start to finish: pairs in, a validated, gated, registered version out.
+
+``train_adapter`` runs the whole job and records it in the store as it goes (status,
+progress after every step, heartbeat, pid). The adapter is written to a hidden temporary
+folder beside ``<data_dir>/adapters/``, validated, evaluated by the gate, and only then
+moved into place with one atomic rename and registered. A run that fails or is cancelled
+(``cancel`` event, the job's ``cancel_requested`` flag, Ctrl-C) removes its temporary
+folder, marks the job with the reason and changes nothing users see. A process killed
+outright (SIGKILL) cannot clean up: ``recover_stale_jobs`` does it on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, validate_adapter
+
+from .config import TrainConfig
+from .cost import estimate_cost, trainable_params
+from .dpo import Cancelled, train_loop
+from .gate import GateConfig, GateResult, decide, measure, pair_logratios
+
+TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"v\d+-[0-9a-f]{12}")
+
+
+@dataclass
+class TrainResult:
+    job_id: str
+    status: str  # succeeded, failed, cancelled
+    version: int | None = None
+    name: str | None = None
+    gate: GateResult | None = None
+    error: str | None = None
+
+
+def _now() -> str:
+    from store.store import utc_now
+
+    return utc_now()
+
+
+def adapters_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "adapters"
+
+
+def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, data_dir: Path):
+    """(peft model with a trainable adapter named 'default', tokenizer)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    # fp32 master weights; the steps run under bf16 autocast (config.bf16).
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    torch.manual_seed(config.seed)  # the adapter's initial A matrices
+    if config.continue_from is not None:
+        parent = store.adapter(config.continue_from)
+        folder = Path(data_dir) / parent["path"]
+        validate_adapter(folder, base_shapes=base_weight_shapes(base_model_dir), max_rank=config.max_rank,
+                         expected_hash=parent["content_hash"])
+        model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+    else:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=config.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora)
+    return model, tokenizer
+
+
+def train_adapter(
+    pairs: list[dict],
+    eval_pairs: list[dict],
+    *,
+    store: Any,
+    data_dir: Path,
+    base_model_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    gate_config: GateConfig = GateConfig(),
+    job_id: str | None = None,
+    created_by: str = "cli",
+    progress: Callable[[dict], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> TrainResult:
+    """Train, validate, gate and register one adapter version; never raises for a failed run.
+
+    ``pairs`` and ``eval_pairs`` are preference pairs (TRL conversational form with an
+    ``id``); eval pairs must be held out from training. ``progress`` receives a dict after
+    every step and at each phase change; ``cancel`` stops the run between steps.
+    """
+    data_dir, base_model_dir = Path(data_dir), Path(base_model_dir)
+    config.check()
+    job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(),
+                  "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+    if job_id is None:
+        job_id = store.create_job(created_by, job_config, status="queued")
+    else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
+        job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
+    started = time.monotonic()
+    store.update_job(job_id, status="running", started_utc=_now(), heartbeat_utc=_now(), pid=os.getpid(),
+                     config_json=job_config, error=None)
+    last: dict = {}
+
+    def report(row: dict) -> None:
+        last.update(row)
+        last["job_seconds"] = round(time.monotonic() - started, 1)
+        store.update_job(job_id, progress_json=last, heartbeat_utc=_now())
+        if progress is not None:
+            progress(dict(last))
+
+    def should_stop() -> bool:
+        return bool((cancel is not None and cancel.is_set()) or store.job(job_id).get("cancel_requested"))
+
+    root = adapters_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    # Same file system as the final folder, so the move into place is one atomic rename;
+    # the dot keeps it out of any listing of versions.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{job_id}-", dir=root))
+    final: Path | None = None
+    try:
+        ids = [p.get("id") for p in pairs]
+        overlap = set(ids) & {p.get("id") for p in eval_pairs}
+        if not pairs:
+            raise ValueError("there are no training pairs")
+        if not eval_pairs:
+            raise ValueError("there are no held-out pairs for the evaluation gate")
+        if overlap - {None}:
+            raise ValueError(f"{len(overlap)} evaluation pair(s) are also training pairs; the gate needs held-out data")
+        report({"phase": "loading"})
+        model, tokenizer = load_for_training(base_model_dir, config, store, data_dir)
+        trainable, total, share = trainable_params(model)
+
+        report({"phase": "training"})
+        t0 = time.monotonic()
+        if config.trainer == "trl":
+            from .trl_trainer import train_trl
+
+            metrics = train_trl(model, tokenizer, pairs, config, report, should_stop)
+        else:
+            metrics = train_loop(model, tokenizer, pairs, config, report, should_stop)
+        train_seconds = time.monotonic() - t0
+
+        report({"phase": "validating"})
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        base_shapes = base_weight_shapes(base_model_dir)
+        info = validate_adapter(tmp, base_shapes=base_shapes, max_rank=config.max_rank)
+
+        report({"phase": "evaluating"})
+        # Evaluate in bf16, as served (and because autocast re-casts every weight at every
+        # generated token, which makes generation several times slower).
+        import torch
+
+        model.to(torch.bfloat16)
+        if should_stop():
+            raise Cancelled("cancelled before evaluation")
+        evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+        if should_stop():
+            raise Cancelled("cancelled before registration")
+
+        report({"phase": "registering"})
+        version = store.next_adapter_version()
+        name = adapter_name(version, info.content_hash)
+        final = root / name
+        os.replace(tmp, final)
+        newest = max((p.get("created_utc") or "" for p in pairs), default="") or None
+        store.add_adapter({
+            "version": version,
+            "name": name,
+            "content_hash": info.content_hash,
+            "parent_version": config.continue_from,
+            "base_model": base_model_identity(base_model_dir),
+            "path": str(final.relative_to(data_dir)),
+            "job_id": job_id,
+            "pair_ids_json": ids,
+            "config_json": {**config.to_dict(), "gate": gate_config.to_dict()},
+            "metrics_json": {**metrics, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                             "newest_feedback_utc": newest, "job_seconds": round(time.monotonic() - started, 1)},
+            "eval_json": evaluation,
+            "gate_passed": int(gate.passed),
+            "trainable_params": trainable,
+            "trainable_share": round(share, 6),
+            "train_seconds": round(train_seconds, 1),
+            "cost_json": estimate_cost(train_seconds, config.price_per_hour, total, trainable),
+        })
+        final = None  # registered: it stays
+        report({"phase": "done", "version": version, "gate_passed": gate.passed})
+        store.update_job(job_id, status="succeeded", adapter_version=version, finished_utc=_now())
+        return TrainResult(job_id, "succeeded", version, name, gate)
+    except (Cancelled, KeyboardInterrupt) as e:
+        reason = str(e) or "interrupted (Ctrl-C)"
+        store.update_job(job_id, status="cancelled", error=reason, finished_utc=_now())
+        return TrainResult(job_id, "cancelled", error=reason)
+    except Exception as e:  # any failure ends the job with its reason; nothing is kept
+        reason = f"{type(e).__name__}: {e}"
+        store.update_job(job_id, status="failed", error=reason, finished_utc=_now())
+        return TrainResult(job_id, "failed", error=reason)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final is not None:  # moved into place but not registered (the insert failed)
+            shutil.rmtree(final, ignore_errors=True)
+
+
+def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config):
+    """Gate metrics of the new adapter ('default') and the live version, side by side."""
+    live_version = store.live_version()
+    base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
+                             max_length=config.max_length)
+    kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
+    model.set_adapter("default")
+    candidate = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=False, **kw)
+    if live_version is None:
+        live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=True, **kw)
+    else:
+        row = store.adapter(live_version)
+        folder = Path(data_dir) / row["path"]
+        validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
+        model.load_adapter(folder, adapter_name="live")
+        model.set_adapter("live")
+        try:
+            live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=False, **kw)
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("live")
+    gate = decide(candidate, live, gate_config)
+    evaluation = {
+        **{k: v for k, v in candidate.items()},
+        "live_version": live_version,
+        "live": live,
+        "checks": gate.checks,
+        "passed": gate.passed,
+        "summary": gate.summary(),
+    }
+    return evaluation, gate
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def recover_stale_jobs(store: Any, data_dir: Path, is_alive: Callable[[int | None], bool] = pid_alive) -> list[str]:
+    """Fail jobs left 'running' by a dead process and remove what they left in adapters/.
+
+    Run before starting a job (the command line does). Removes temporary folders of jobs
+    no longer running and version-named folders that no registry row claims (a process
+    killed between the rename and the insert). Returns the ids of the jobs marked failed.
+    """
+    failed = []
+    for job in store.jobs("running"):
+        if job.get("pid") != os.getpid() and not is_alive(job.get("pid")):
+            store.update_job(
+                job["id"], status="failed", finished_utc=_now(),
+                error=f"the training process (pid {job.get('pid')}) ended without finishing "
+                      f"(killed or crashed; last heartbeat {job.get('heartbeat_utc')}); nothing was registered",
+            )
+            failed.append(job["id"])
+    root = adapters_dir(data_dir)
+    if root.is_dir():
+        running = {j["id"] for j in store.jobs("running")}
+        registered = {a["name"] for a in store.adapters()}
+        for entry in root.iterdir():
+            if entry.name.startswith(TMP_PREFIX):
+                job_id = entry.name[len(TMP_PREFIX):].split("-")[0]
+                if job_id not in running:
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and _NAME.fullmatch(entry.name) and entry.name not in registered:
+                shutil.rmtree(entry, ignore_errors=True)
+    return failed
