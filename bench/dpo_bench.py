@@ -137,6 +137,7 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=48, help="length cap of the on-policy answers")
     p.add_argument("--compare-steps", type=int, default=8, help="steps each trainer runs side by side")
     p.add_argument("--compare-only", action="store_true", help="skip the full job")
+    p.add_argument("--compare-twice", action="store_true", help="run loop, trl, loop, trl (load on a shared machine drifts)")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     p.add_argument("--worker", choices=["loop", "trl", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -153,14 +154,15 @@ def main() -> None:
     model_dir = prepare_embedded_model(args.models_dir)
     print(f"model {model_dir.name}, {os.cpu_count()} CPUs; making {args.pairs}+{args.eval_pairs} on-policy pairs", flush=True)
     train, held, gen_s = make_pairs(model_dir, args.pairs, args.eval_pairs, args.answer_tokens)
-    print(f"  greedy answers for {len(train) + len(held)} prompts: {gen_s:.0f} s (before the job; users' chats in real life)")
+    print(f"  greedy answers: {gen_s:.0f} s (before the job; users' chats in real life); "
+          f"{len(train)} training + {len(held)} held-out pairs kept (answers longer than one sentence)")
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
     (tmp / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
     common = ["--model-dir", str(model_dir), "--pairs-file", str(tmp / "train.jsonl"), "--eval-file", str(tmp / "eval.jsonl")]
 
     results = []
-    for kind in ("trl", "loop"):
+    for kind in ("loop", "trl", "loop", "trl") if args.compare_twice else ("loop", "trl"):
         print(f"-- {kind}: {args.compare_steps} steps of 4 pairs", flush=True)
         results.append(run_worker(kind, common, args.compare_steps))
         print("  ", json.dumps(results[-1]), flush=True)

@@ -109,14 +109,26 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of the completion tokens and their count, each (N,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()  # (N, T-1, V): position t predicts token t+1
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].float()
-    # log_softmax gathered at the targets without materialising a second (N, T, V) tensor.
-    token_logps = torch.gather(logits, 2, targets.unsqueeze(2)).squeeze(2) - torch.logsumexp(logits, dim=2)
-    return (token_logps * mask).sum(1), mask.sum(1)
+    """Summed log-probabilities of the completion tokens and their count, each (N,).
+
+    Runs the backbone, then the LM head only at the M positions that predict an answer
+    token: (M, V) logits instead of (N, T, V), as TRL's fused LM head does. With a 49k
+    vocabulary the head is a fifth of the model's work per token, and about half the
+    tokens of a pair are prompt. For plain causal LMs (no logit soft-capping or scaling).
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(lm, lm.base_model_prefix)
+    hidden = backbone(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (N, T, H)
+    mask = batch["completion_mask"][:, 1:].bool()  # (N, T-1): position t predicts token t+1
+    rows = mask.nonzero()[:, 0]  # (M,) which sequence each scored position belongs to
+    logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (M, V)
+    targets = batch["input_ids"][:, 1:][mask]  # (M,)
+    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return sums, mask.sum(1).to(token_logps.dtype)
 
 
 @dataclass
