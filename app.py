@@ -66,6 +66,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable answers, for tests)")
     p.add_argument("--retrain-after", type=int, default=None, metavar="N", help="scheduled retraining after N new pieces of feedback (default off)")
     p.add_argument("--retrain-every-hours", type=float, default=None, help="scheduled retraining every so many hours (default off)")
+    p.add_argument("--canary-min-votes", type=int, default=30, help="votes each side of a canary needs before an automatic rollback")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="training setting for jobs started from the console (repeatable)")
 
 
@@ -250,7 +251,10 @@ def serve(a: argparse.Namespace) -> int:
     from tuning.control import LoopConfig
 
     config = serve_config(a)
-    loop = LoopConfig(retrain_min_new_feedback=a.retrain_after, retrain_every_hours=a.retrain_every_hours)
+    from tuning.canary import CanaryConfig
+
+    loop = LoopConfig(retrain_min_new_feedback=a.retrain_after, retrain_every_hours=a.retrain_every_hours,
+                      canary=CanaryConfig(min_votes=a.canary_min_votes))
     # SIGTERM (systemd, docker stop, a test) unwinds like Ctrl-C so the finally below runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     closers: list = []

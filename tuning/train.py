@@ -160,7 +160,10 @@ def run_from_app(a) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 1
     model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
-    result = train_adapter(data.train_pairs, data.eval_pairs, store=store, data_dir=a.data_dir,
+    from dataclasses import asdict
+
+    train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+    result = train_adapter(train, held, store=store, data_dir=a.data_dir,
                            base_model_dir=model_dir, config=config, job_id=a.job, created_by=a.actor,
                            progress=print_progress)
     if result.status == "succeeded":

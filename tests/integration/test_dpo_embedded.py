@@ -11,6 +11,7 @@ back) must be refused.
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 
 import pytest
 
@@ -77,10 +78,11 @@ def train_on(tmp_path, embedded_model, on_policy, noise: bool):
     # The real pair builder: edits become pairs, and its split holds out the newest
     # conversations (the held-out questions, logged last) with no prompt group on both sides.
     data = build_preferences(store, PairConfig(eval_fraction=(len(shown) - n_train) / len(shown)))
-    train, held = data.train_pairs, data.eval_pairs
+    train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
     assert data.summary["pairs"]["by_signal"]["edit"] >= len(shown) - 4, data.summary
     assert len(held) >= 0.8 * (len(shown) - n_train) and not {p["prompt"][-1]["content"] for p in train} & {
         p["prompt"][-1]["content"] for p in held}
+    assert all(isinstance(p["prompt"], list) and p["chosen"][0]["role"] == "assistant" for p in train)
     lines = []
     result = train_adapter(train, held, store=store, data_dir=tmp_path, base_model_dir=embedded_model,
                            config=RECIPE, gate_config=GATE, created_by="test", progress=lines.append)

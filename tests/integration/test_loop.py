@@ -1,0 +1,109 @@
+"""The whole loop in the real app, as its users and admins drive it over HTTP.
+
+A user chats and edits answers; a non-admin is refused every admin action; an admin
+retrains (a second retrain is refused while the first runs), watches the job finish,
+promotes the new version and the user's next answer comes from it; a canary splits users
+as configured and is rolled back by itself when clearly worse; a rollback returns to the
+base model; after a restart the promoted version is live again.
+"""
+
+import time
+
+import pytest
+from gradio_client import Client
+
+from assistant.canary import in_canary
+from servers import running_app
+from store import Store
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?", "How do plants make food?", "What is a prime number?",
+    "Why is the sky blue?", "What does a CPU do?", "How do vaccines work?", "What is gravity?",
+    "Who wrote Hamlet?", "What is the boiling point of water?", "How far is the Moon?",
+    "What is photosynthesis?", "What causes rain?",
+]
+CANARY_USERS = 40  # at 50%, fewer than 8 on a side has odds of about 1 in 25,000
+
+
+def client(url, user):
+    return Client(url, verbose=False, auth=(user, f"{user}-password"))
+
+
+def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
+    data = tmp_path / "data"
+    store = Store(data / "assistant.db")
+    for name in ["alice", "bob", *(f"u{i}" for i in range(CANARY_USERS))]:
+        store.create_user(name, f"{name}-password")
+    store.create_user("root", "root-password", is_admin=True)
+    common = ["--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "24",
+              "--train-set", "epochs=1", "--train-set", "max_length=256", "--canary-min-votes", "8"]
+
+    with running_app(data, *common, timeout_s=420) as url:
+        alice, bob, root = client(url, "alice"), client(url, "bob"), client(url, "root")
+        for q in QUESTIONS:
+            answer = alice.predict(message=q, api_name="/chat")
+            assert answer["model"].endswith("· base")
+            alice.predict(answer_id=answer["answer_id"], text=answer["text"].split(".")[0] + ". Hope this helps!", api_name="/edit")
+
+        for name, kwargs in [
+            ("/admin_retrain", {"settings": ""}), ("/admin_cancel", {}), ("/admin_versions", {}),
+            ("/admin_job", {}), ("/admin_promote", {"version": "v1"}), ("/admin_rollback", {"version": "base model"}),
+            ("/admin_canary", {"version": "v1", "percent": 10}), ("/admin_stop_canary", {}),
+        ]:
+            with pytest.raises(Exception, match="needs an admin"):
+                bob.predict(**kwargs, api_name=name)
+        assert store.jobs() == [] and store.promotions() == []
+
+        job = root.predict(settings="", api_name="/admin_retrain")
+        with pytest.raises(Exception, match="still"):
+            root.predict(settings="", api_name="/admin_retrain")
+        deadline = time.monotonic() + 900
+        seen_progress = False
+        while time.monotonic() < deadline:
+            status = root.predict(api_name="/admin_job")
+            seen_progress |= "step" in (status.get("progress_json") or {})
+            if status["status"] not in ("queued", "running"):
+                break
+            time.sleep(2)
+        assert status["id"] == job["id"] and status["status"] == "succeeded", status
+        assert seen_progress and status["adapter_version"] == 1
+        versions = root.predict(api_name="/admin_versions")
+        v1 = next(v for v in versions if v["version"] == "v1")
+        assert v1["pairs"] >= 8 and v1["gate"] in ("passed", "failed") and v1["cost $"] is not None
+
+        root.predict(version="v1", reason="e2e test", override=True, api_name="/admin_promote")
+        after = alice.predict(message="What is the capital of France?", api_name="/chat")
+        assert "· v1 (v1-" in after["model"]
+
+        # Canary: v1 live, base model as the candidate is impossible, so promote back to base
+        # and make v1 the canary for half of the users.
+        root.predict(version="base model", reason="back to base", api_name="/admin_rollback")
+        assert alice.predict(message="Hi", api_name="/chat")["model"].endswith("· base")
+        root.predict(version="v1", percent=50, api_name="/admin_canary")
+        key = store.latest_promotion("canary")["id"]
+        on_canary = 0
+        for i in range(CANARY_USERS):
+            user = f"u{i}"
+            c = client(url, user)
+            answer = c.predict(message="Say hello.", api_name="/chat")
+            expect_canary = in_canary(user, key, 0.5)
+            assert ("· v1 (" in answer["model"]) == expect_canary, (user, answer["model"])
+            on_canary += expect_canary
+            # Users like the live (base) answers and dislike the candidate's: clearly worse.
+            c.predict(answer_id=answer["answer_id"], value=-1 if expect_canary else 1, comment="", api_name="/rate")
+        assert 8 <= on_canary <= 32
+        for _ in range(30):  # the control loop checks every 2 s
+            if store.latest_promotion("canary")["share"] == 0:
+                break
+            time.sleep(1)
+        last = store.latest_promotion("canary")
+        assert last["share"] == 0 and last["actor"] == "canary-monitor", last
+        assert client(url, "u0").predict(message="Hi", api_name="/chat")["model"].endswith("· base")
+
+        root.predict(version="v1", reason="for the restart check", override=True, api_name="/admin_promote")
+
+    # After a restart (the lighter hf engine is enough to check what is live) v1 serves.
+    with running_app(data, *common, "--engine", "hf") as url:
+        assert "· v1 (v1-" in client(url, "alice").predict(message="Hello", api_name="/chat")["model"]
