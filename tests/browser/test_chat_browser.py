@@ -43,7 +43,7 @@ def test_chat_and_every_kind_of_feedback_in_the_browser(browser, app, artifacts)
     url, data = app
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     sign_in(page, url, "alice", "alice-password")
-    assert page.get_by_text("Signed in as").is_visible()
+    page.get_by_text("Signed in as alice").wait_for(timeout=10_000)  # filled in by the page's load event
 
     page.fill("#message textarea", "What is the capital of France?")
     page.click("#send")

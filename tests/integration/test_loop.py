@@ -83,7 +83,7 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
         assert alice.predict(message="Hi", api_name="/chat")["model"].endswith("· base")
         root.predict(version="v1", percent=50, api_name="/admin_canary")
         key = store.latest_promotion("canary")["id"]
-        on_canary = 0
+        on_canary, answers = 0, {}
         for i in range(CANARY_USERS):
             user = f"u{i}"
             c = client(url, user)
@@ -91,8 +91,11 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
             expect_canary = in_canary(user, key, 0.5)
             assert ("· v1 (" in answer["model"]) == expect_canary, (user, answer["model"])
             on_canary += expect_canary
-            # Users like the live (base) answers and dislike the candidate's: clearly worse.
-            c.predict(answer_id=answer["answer_id"], value=-1 if expect_canary else 1, comment="", api_name="/rate")
+            answers[user] = (c, answer["answer_id"], expect_canary)
+        # Votes only after every user was served: the monitor may (rightly) roll back mid-way.
+        # Users like the live (base) answers and dislike the candidate's: clearly worse.
+        for c, answer_id, on in answers.values():
+            c.predict(answer_id=answer_id, value=-1 if on else 1, comment="", api_name="/rate")
         assert 8 <= on_canary <= 32
         for _ in range(30):  # the control loop checks every 2 s
             if store.latest_promotion("canary")["share"] == 0:
