@@ -19,7 +19,8 @@ def test_assignment_is_sticky_and_matches_the_share():
 def test_clearly_worse_candidate_is_flagged():
     v = compare(live_up=80, live_down=20, cand_up=40, cand_down=60)
     assert v.enough_votes and v.clearly_worse and v.p_value < 1e-6
-    assert "clearly worse" in v.summary()
+    assert v.summary() == ("Candidate 40% thumbs-up of 100 votes (95% CI 31%-50%); live 80% thumbs-up of 100 votes "
+                           f"(95% CI 71%-87%): clearly worse (one-sided Fisher p = {v.p_value:.3g}).")
 
 
 def test_similar_or_better_candidate_is_not_flagged():
@@ -30,7 +31,7 @@ def test_similar_or_better_candidate_is_not_flagged():
 def test_small_samples_give_no_verdict():
     v = compare(live_up=10, live_down=0, cand_up=0, cand_down=10)
     assert not v.enough_votes and not v.clearly_worse
-    assert v.summary() == "Not enough votes yet for a verdict."
+    assert v.summary().endswith("Not enough votes yet for a verdict.")
     assert compare(10, 0, 0, 10, CanaryConfig(min_votes=5)).clearly_worse
 
 

@@ -30,15 +30,21 @@ class CanaryVerdict:
     p_value: float | None  # P(candidate at least this much worse | same true rate)
     enough_votes: bool
     clearly_worse: bool
+    live_votes: int = 0
+    candidate_votes: int = 0
 
     def summary(self) -> str:
+        def side(name: str, rate: float | None, ci: tuple[float, float], n: int) -> str:
+            if not n:
+                return f"{name}: no votes yet"
+            return f"{name} {rate:.0%} thumbs-up of {n} votes (95% CI {ci[0]:.0%}-{ci[1]:.0%})"
+
+        rates = (side("Candidate", self.candidate_rate, self.candidate_interval, self.candidate_votes) + "; "
+                 + side("live", self.live_rate, self.live_interval, self.live_votes))
         if not self.enough_votes:
-            return "Not enough votes yet for a verdict."
+            return f"{rates}. Not enough votes yet for a verdict."
         word = "clearly worse" if self.clearly_worse else "not clearly worse"
-        return (
-            f"Candidate {self.candidate_rate:.0%} vs live {self.live_rate:.0%} thumbs-up: "
-            f"{word} (one-sided Fisher p = {self.p_value:.3g})."
-        )
+        return f"{rates}: {word} (one-sided Fisher p = {self.p_value:.3g})."
 
 
 def wilson(up: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -70,4 +76,6 @@ def compare(live_up: int, live_down: int, cand_up: int, cand_down: int, config: 
         p_value=p,
         enough_votes=enough,
         clearly_worse=bool(enough and p is not None and p < config.alpha),
+        live_votes=live_n,
+        candidate_votes=cand_n,
     )
