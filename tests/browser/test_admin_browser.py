@@ -1,0 +1,95 @@
+"""An admin in a real browser: retrain from users' feedback, watch the job, promote the new
+version and see the next answer come from it, roll back to the base model in one click."""
+
+import pytest
+from gradio_client import Client
+
+from browser.conftest import sign_in
+from servers import running_app
+from store import Store
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?", "How do plants make food?", "What is a prime number?",
+    "Why is the sky blue?", "What does a CPU do?", "How do vaccines work?", "What is gravity?",
+    "Who wrote Hamlet?", "What is the boiling point of water?", "How far is the Moon?",
+]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, embedded_model):
+    data = tmp_path_factory.mktemp("browser-admin")
+    store = Store(data / "assistant.db")
+    store.create_user("alice", "alice-password")
+    store.create_user("root", "root-password", is_admin=True)
+    with running_app(
+        data, "--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "24",
+        "--train-set", "epochs=1", "--train-set", "max_length=256",
+    ) as url:
+        yield url, data
+
+
+def choose(page, dropdown: str, option: str) -> None:
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def ask(page, data, text: str) -> str:
+    """Send a message in the chat tab; the streamed answer's text once it has been logged."""
+    store = Store(data / "assistant.db")
+    before = len(store.db.execute("select id from answers").fetchall())
+    page.fill("#message textarea", text)
+    page.click("#send")
+    for _ in range(360):
+        if len(store.db.execute("select id from answers").fetchall()) > before:
+            break
+        page.wait_for_timeout(250)
+    bot = page.locator("#chatbot .bot").last
+    bot.get_by_text("model:").wait_for(timeout=10_000)  # the footer comes with the last chunk
+    return bot.inner_text()
+
+
+def test_admin_retrains_promotes_and_rolls_back_in_the_browser(browser, app, artifacts):
+    url, data = app
+    alice = Client(url, verbose=False, auth=("alice", "alice-password"))
+    for q in QUESTIONS:  # feedback: alice edits each answer into one sentence and a sign-off
+        answer = alice.predict(message=q, api_name="/chat")
+        alice.predict(answer_id=answer["answer_id"], text=answer["text"].split(".")[0] + ". Hope this helps!", api_name="/edit")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    sign_in(page, url, "root", "root-password")
+    page.get_by_role("tab", name="Admin").click()
+    page.locator("#loop-status").get_by_text("Live:").wait_for(timeout=20_000)
+    assert "base model" in page.locator("#loop-status").inner_text()
+
+    page.click("#retrain")
+    status = page.locator("#job-status")
+    status.get_by_text("step:").wait_for(timeout=300_000)  # progress shows while it trains
+    page.wait_for_function(
+        "() => /succeeded|failed|cancelled/.test(document.querySelector('#job-status').innerText)", timeout=900_000,
+    )
+    assert "succeeded" in status.inner_text() and "Produced v1." in status.inner_text(), status.inner_text()
+
+    page.click("#admin-refresh")
+    page.locator("#versions").get_by_text("v1", exact=True).first.wait_for(timeout=20_000)
+    choose(page, "#promote-version", "v1")
+    page.locator("#promote-reason textarea, #promote-reason input").first.fill("tried in the browser test")
+    page.get_by_label("Override a failed gate").check()
+    page.click("#promote")
+    page.locator("#loop-status").get_by_text("Live: v1").wait_for(timeout=20_000)
+    page.screenshot(path=str(artifacts / "admin.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    assert "· v1 (v1-" in ask(page, data, "What is the capital of France?")
+
+    page.get_by_role("tab", name="Admin").click()
+    choose(page, "#rollback-version", "base model")
+    page.click("#rollback")
+    page.locator("#loop-status").get_by_text("Live: base model").wait_for(timeout=20_000)
+    page.get_by_role("tab", name="Chat").click()
+    assert "model: SmolLM2-135M-Instruct · base" in ask(page, data, "What is the capital of France?")
+
+    store = Store(data / "assistant.db")
+    kinds = [(p["version"], p["actor"], p["reason"], bool(p["gate_override"])) for p in store.promotions() if p["kind"] == "live"]
+    assert (1, "root", "tried in the browser test", True) in kinds and kinds[0][0] is None, kinds
