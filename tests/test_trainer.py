@@ -175,3 +175,38 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
     assert recover_stale_jobs(store, tmp_path) == [job_id]
     assert store.job(job_id)["status"] == "failed" and "ended without finishing" in store.job(job_id)["error"]
     assert adapter_dirs(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_fails_the_job_clearly_and_leaves_nothing(store, tmp_path, checkpoint, monkeypatch):
+    import errno
+
+    # A version already live, to show it stays live.
+    (tmp_path / "adapters" / "v1-000000000001").mkdir(parents=True)
+    store.add_adapter({"version": 1, "name": "v1-000000000001", "content_hash": "1", "base_model": "m",
+                       "path": "adapters/v1-000000000001", "gate_passed": 1})
+    store.record_promotion(1, "root", "test")
+    written = []
+
+    def full_disk(tensors, filename, metadata=None):  # what peft calls to write the weights
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1024)  # part of the file made it to disk
+        written.append(filename)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", full_disk)
+    result = run(store, tmp_path, checkpoint)
+    assert written and result.status == "failed"
+    assert result.error.startswith("the disk is full") and "while saving" in result.error
+    assert "nothing was registered" in result.error
+    job = store.job(result.job_id)
+    assert job["status"] == "failed" and job["error"] == result.error and job["finished_utc"]
+    assert adapter_dirs(tmp_path) == ["v1-000000000001"]  # no half-written folder, hidden or not
+    assert [a["version"] for a in store.adapters()] == [1] and store.live_version() == 1
+
+
+def test_continuing_from_a_version_whose_folder_leads_outside_is_refused(store, tmp_path, checkpoint):
+    store.add_adapter({"version": 1, "name": "v1-000000000001", "content_hash": "1", "base_model": "m",
+                       "path": "adapters/../../elsewhere", "gate_passed": 1})
+    result = run(store, tmp_path / "data", checkpoint, config=FAST.replace(continue_from=1))
+    assert result.status == "failed" and "(path)" in result.error and "outside" in result.error
+    assert [a["version"] for a in store.adapters()] == [1] and adapter_dirs(tmp_path / "data") == []
