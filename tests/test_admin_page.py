@@ -24,7 +24,7 @@ def admin(store):
     router = FakeRouter()
     launched = []
     c = Controller(store, router, adapter_of=lambda v: Adapter(f"v{v}-{v:012x}", "/x", v), launcher=launched.append)
-    return AdminPage(c, pair_summary=lambda: {"pairs": 3}), router, launched
+    return AdminPage(c, pair_summary=lambda: {"pairs": 3}, exporter=lambda: launched.append("export")), router, launched
 
 
 ACTIONS = [
@@ -38,6 +38,13 @@ ACTIONS = [
     lambda a, r: a.stop_canary(r),
     lambda a, r: a.api_versions(r),
     lambda a, r: a.api_promote("v1", "", False, r),
+    lambda a, r: a.export(r),
+    lambda a, r: a.api_retrain("{}", r),
+    lambda a, r: a.api_cancel(r),
+    lambda a, r: a.api_rollback("base model", "", r),
+    lambda a, r: a.api_canary("v1", 10, r),
+    lambda a, r: a.api_stop_canary(r),
+    lambda a, r: a.api_job(r),
 ]
 
 

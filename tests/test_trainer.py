@@ -210,3 +210,30 @@ def test_continuing_from_a_version_whose_folder_leads_outside_is_refused(store, 
     result = run(store, tmp_path / "data", checkpoint, config=FAST.replace(continue_from=1))
     assert result.status == "failed" and "(path)" in result.error and "outside" in result.error
     assert [a["version"] for a in store.adapters()] == [1] and adapter_dirs(tmp_path / "data") == []
+
+
+def test_a_training_process_killed_under_the_running_app_is_failed_and_cleaned_up(store, tmp_path, monkeypatch):
+    """The app's launcher watches its training child; SIGKILL there is noticed without a restart."""
+    import app
+    from assistant.config import ServeConfig
+
+    real_popen = subprocess.Popen
+    started = []
+
+    def sleeper(cmd, **kw):  # stands in for `app.py train --job J` stuck halfway
+        started.append(cmd)
+        return real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kw)
+
+    monkeypatch.setattr(app.subprocess, "Popen", sleeper)
+    job = store.create_job("root", {}, status="queued")
+    proc = app.training_launcher(ServeConfig(data_dir=tmp_path), [], store)(job)
+    store.update_job(job, status="running", pid=proc.pid)
+    (tmp_path / "adapters" / f"{TMP_PREFIX}{job}-half").mkdir(parents=True)  # what it had written so far
+    proc.kill()
+    deadline = time.monotonic() + 10
+    while (store.job(job)["status"] == "running" or adapter_dirs(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "--job" in started[0] and job in started[0]
+    assert store.job(job)["status"] == "failed"
+    assert store.job(job)["error"] == f"the training process exited with code {-signal.SIGKILL}"
+    assert adapter_dirs(tmp_path) == [] and store.adapters() == []
