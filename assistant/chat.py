@@ -67,6 +67,26 @@ def model_label(model: str, adapter: Adapter | None) -> str:
     return f"{model} · {'base' if adapter is None else f'v{adapter.version} ({adapter.name})'}"
 
 
+def check_chars(text: str, what: str) -> str:
+    """Refuse the two things no text should hold; keep every other character as typed.
+
+    NUL: no keyboard types it, and SQLite's own functions (length, LIKE, the sqlite3 shell)
+    stop at it, so what an admin queries would silently differ from what is stored.
+    A lone surrogate is not Unicode text at all and cannot be written as UTF-8.
+    Other control characters (escape sequences included) are kept and shown as text.
+    """
+    if "\x00" in text:
+        raise ChatInputError(f"The {what} contains a NUL character (\\x00); remove it and try again.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatInputError(
+            f"The {what} contains characters that are not valid Unicode text (a lone surrogate); "
+            "remove them and try again."
+        ) from None
+    return text
+
+
 def check_text(text: str | None, what: str, limit: int) -> str:
     text = (text or "").strip()
     if not text:
@@ -75,7 +95,7 @@ def check_text(text: str | None, what: str, limit: int) -> str:
         raise ChatInputError(
             f"The {what} is {len(text):,} characters long; the limit is {limit:,}."
         )
-    return text
+    return check_chars(text, what)
 
 
 @dataclass
@@ -130,7 +150,7 @@ class ChatService:
     # -- turns ---------------------------------------------------------------------
 
     def new_conversation(self, user_id: str, system_prompt: str = "") -> str:
-        system_prompt = (system_prompt or "").strip()
+        system_prompt = check_chars((system_prompt or "").strip(), "persona")
         if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
             raise ChatInputError(
                 f"The persona is {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}."
@@ -216,8 +236,11 @@ class ChatService:
 
     def rate(self, answer_id: str, user_id: str, value: int, comment: str | None = None) -> int | None:
         """Vote; returns the vote it replaced (for undo)."""
-        if comment is not None:
-            comment = comment.strip()[:MAX_COMMENT_CHARS] or None
+        if comment is not None and comment.strip():
+            # Refused, like /comment, rather than cut: a cut comment misquotes its author.
+            comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
+        else:
+            comment = None
         previous = self.store.current_rating(answer_id, user_id)
         self.store.rate(answer_id, user_id, value, comment)
         return previous

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -131,8 +132,18 @@ class VLLMEngine:
 
     # -- generation ----------------------------------------------------------------
 
+    def _server_died(self) -> bool:
+        """Whether our own server is down. A killed server's sockets close a moment before
+        its process can be reaped, so a dropped connection looks again for up to a second."""
+        if self.server is None:
+            return False
+        deadline = time.monotonic() + 1.0
+        while self.server.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.server.ready()
+
     def _down_message(self, error: Exception) -> str:
-        if self.server is not None and not self.server.ready():
+        if self._server_died():
             return RESTARTING
         return f"the model server at {self.url} did not answer ({type(error).__name__}: {error})"
 
@@ -214,6 +225,8 @@ class VLLMEngine:
         except httpx.HTTPError as e:
             raise EngineError(self._down_message(e)) from e
         if finish is None:
+            if self._server_died():  # killed mid-answer, the stream closed cleanly
+                raise EngineError(RESTARTING)
             raise EngineError("the model server ended the answer early" + ("" if sent else " (no text)"))
         yield Chunk("", finish_reason=finish, completion_tokens=tokens)
 

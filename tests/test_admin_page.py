@@ -1,11 +1,13 @@
 """Admin console handlers: refused to non-admins, and what admins see after each action."""
 
+import shutil
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
 from assistant.engine import Adapter
+from test_adapters import tiny  # noqa: F401  (module fixture: a tiny base model and adapter)
 from test_control import FakeRouter, _version, _vote
 from tuning.control import Controller
 from ui.admin_page import BASE, AdminPage
@@ -22,7 +24,7 @@ def admin(store):
     router = FakeRouter()
     launched = []
     c = Controller(store, router, adapter_of=lambda v: Adapter(f"v{v}-{v:012x}", "/x", v), launcher=launched.append)
-    return AdminPage(c, pair_summary=lambda: {"pairs": 3}), router, launched
+    return AdminPage(c, pair_summary=lambda: {"pairs": 3}, exporter=lambda: launched.append("export")), router, launched
 
 
 ACTIONS = [
@@ -36,6 +38,13 @@ ACTIONS = [
     lambda a, r: a.stop_canary(r),
     lambda a, r: a.api_versions(r),
     lambda a, r: a.api_promote("v1", "", False, r),
+    lambda a, r: a.export(r),
+    lambda a, r: a.api_retrain("{}", r),
+    lambda a, r: a.api_cancel(r),
+    lambda a, r: a.api_rollback("base model", "", r),
+    lambda a, r: a.api_canary("v1", 10, r),
+    lambda a, r: a.api_stop_canary(r),
+    lambda a, r: a.api_job(r),
 ]
 
 
@@ -78,3 +87,76 @@ def test_overview_promote_rollback_and_versions(admin, store):
     assert "queued" in md and cancel["interactive"] is True
     with pytest.raises(gr.Error, match="still queued"):
         page.retrain("{}", req("root"))
+
+
+# -- promoting a version whose folder changed after registration (issue 7) --------------
+
+def _nan(folder):
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "adapter_model.safetensors")
+    next(iter(weights.values()))[0, 0] = math.nan
+    save_file(weights, folder / "adapter_model.safetensors")
+
+
+def _rank(folder):
+    import json
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "r": 64}))
+
+
+def _other_base(folder, tiny):
+    from assistant.base_adapter import write_lora
+
+    made = write_lora(folder.parent / "for-other", tiny / "other", rank=4, targets=("q_proj", "v_proj"), b_scale=0.1)
+    for f in made.iterdir():
+        shutil.copy(f, folder / f.name)
+
+
+CORRUPTIONS = {
+    "corrupted": ("weights", lambda f, t: (f / "adapter_model.safetensors").write_bytes(b"\x00not safetensors")),
+    "emptied": ("files", lambda f, t: [p.unlink() for p in f.iterdir()]),
+    "nan": ("finite", lambda f, t: _nan(f)),
+    "wrong rank": ("rank", lambda f, t: _rank(f)),
+    "other base model": ("base model", _other_base),
+    "edited config": ("hash", lambda f, t: (f / "adapter_config.json").write_text((f / "adapter_config.json").read_text() + " ")),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_version_damaged_after_registration_is_refused_and_v1_keeps_serving(tiny, tmp_path, store, engine, corruption):  # noqa: F811
+    from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, content_hash
+    from assistant.chat import ChatService
+    from assistant.serving import AdapterRouter
+    from tuning.versions import resolve_version
+
+    check, damage = CORRUPTIONS[corruption]
+    data = tmp_path / "data"
+    base, shapes = base_model_identity(tiny / "base"), base_weight_shapes(tiny / "base")
+    for v in (1, 2):
+        folder = data / "adapters" / f"v{v}"
+        shutil.copytree(tiny / "adapter", folder)
+        digest = content_hash(folder)
+        store.add_adapter({"version": v, "name": adapter_name(v, digest), "content_hash": digest, "base_model": base,
+                           "path": f"adapters/v{v}", "gate_passed": 1})
+    store.create_user("root", "root-password", is_admin=True)
+    router = AdapterRouter(engine, lambda v: None, base_shapes=shapes, max_rank=16)
+    c = Controller(store, router, lambda v: resolve_version(store, data, v, base_shapes=shapes, base_model=base, max_rank=16),
+                   launcher=lambda job: None)
+    page = AdminPage(c)
+    page.promote("v1", "good", False, req("root"))
+    damage(data / "adapters" / "v2", tiny)
+
+    for attempt in (lambda: page.promote("v2", "try", False, req("root")),
+                    lambda: page.api_promote("v2", "try", True, req("root")),
+                    lambda: page.canary("v2", 10, req("root"))):
+        with pytest.raises(gr.Error, match=rf"adapter refused \({check}\)"):
+            attempt()
+    assert router.live.version == 1 and store.live_version() == 1 and len(store.promotions()) == 1
+    assert router.canary == (None, 0.0, "") and set(engine.loaded) == {router.live.name}
+    service = ChatService(store=store, engine=engine, adapter_for=router.adapter_for)
+    final = list(service.send(service.new_conversation("alice"), "alice", "still there?"))[-1]
+    assert final.answer_id and final.model_label.startswith("fake-model · v1 ")

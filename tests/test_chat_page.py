@@ -116,3 +116,113 @@ def test_api_endpoints_use_ids(page, store):
     history = page.api_history(final["conversation_id"], req())
     assert history[-1]["answer_id"] == edit["answer_id"] and history[-1]["answer"] == "Better."
     assert store.count("ratings") == 1
+
+
+# -- hostile input (issue 7) -------------------------------------------------------------
+
+HOSTILE = [
+    "'); DROP TABLE answers;--",
+    "<script>alert(1)</script><img src=x onerror=alert(2)> **bold** [link](javascript:alert(3))",
+    "\x1b[31mred\x1b[0m \x1b]0;title\x07 bell\x07 backspace\x08 tab\tform\x0cfeed",
+    "Robert'); DELETE FROM ratings WHERE 1=1; -- " + "x" * 50_000,
+]
+
+
+def snapshot(store):
+    tables = [r[0] for r in store.db.execute("select name from sqlite_master where type in ('table', 'view') order by name")]
+    return tables, {t: list(store.rows(t)) for t in ("conversations", "messages", "answers", "ratings")}
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=["sql", "html", "escapes", "huge-sql"])
+def test_hostile_text_is_stored_verbatim_and_shown_as_text(page, store, engine, text):
+    tables_before, _ = snapshot(store)
+    engine.enqueue(text)  # the model may answer with it too
+    chat, _, state, _, _ = send(page, text, {})
+    shown = messages_of(chat)
+    assert shown[0] == {"role": "user", "content": text}  # handed to the Chatbot unchanged; it renders text
+    assert strip_footer(shown[1]["content"]) == text
+    assert [m["content"] for m in engine.history[-1]["messages"]][-1].endswith(text[-1000:])
+    aid = state["index"][1][1]
+    chat, state, _, _ = page.on_like(state, SimpleNamespace(index=1, liked=False), req())
+    comment = text[:2000]
+    page.on_comment(comment, state, req())
+    chat, state = page.on_edit(state, SimpleNamespace(index=1, value=text + " (edited)", previous_value=""), req())
+    assert store.message(state["index"][0][1], "alice")["content"] == text
+    assert store.answer(aid, "alice")["content"] == text
+    assert list(store.rows("ratings"))[-1]["comment"] == comment
+    assert strip_footer(messages_of(chat)[1]["content"]) == text + " (edited)"
+    assert page.api_history(state["conversation_id"], req())[0]["message"] == text
+    tables_after, rows = snapshot(store)
+    assert tables_after == tables_before  # nothing dropped, nothing added
+    assert (len(rows["messages"]), len(rows["answers"]), len(rows["ratings"])) == (1, 2, 2)
+
+
+BAD_CHARS = {"nul": ("hello\x00world", "NUL character"), "surrogate": ("hello \ud800 world", "not valid Unicode")}
+
+
+@pytest.mark.parametrize("kind", BAD_CHARS)
+def test_nul_and_lone_surrogates_are_refused_everywhere_and_nothing_is_written(page, store, engine, kind):
+    bad, says = BAD_CHARS[kind]
+    final = list(page.api_chat("hello", "", "", req()))[-1]
+    aid, cid = final["answer_id"], final["conversation_id"]
+    _, before = snapshot(store)
+    calls = len(engine.history)
+    with pytest.warns(UserWarning, match=says):
+        list(page.on_send(bad, "", {}, req()))  # a new chat: no empty conversation is left behind
+    with pytest.warns(UserWarning, match=says):
+        list(page.on_send("fine", bad, {}, req()))  # in the persona
+    for attempt in (
+        lambda: list(page.api_chat(bad, "", "", req())),
+        lambda: list(page.api_chat(bad, cid, "", req())),
+        lambda: list(page.api_chat("fine", "", bad, req())),
+        lambda: page.api_rate(aid, -1, bad, req()),
+        lambda: page.api_comment(aid, bad, req()),
+        lambda: page.api_edit(aid, bad, req()),
+    ):
+        with pytest.raises(gr.Error, match=says):
+            attempt()
+    assert snapshot(store)[1] == before and len(engine.history) == calls
+
+
+def test_huge_comments_and_edits_are_refused_with_the_limit(page, store):
+    from assistant.chat import MAX_COMMENT_CHARS, MAX_EDIT_CHARS
+
+    final = list(page.api_chat("hello", "", "", req()))[-1]
+    aid = final["answer_id"]
+    page.api_rate(aid, -1, "", req())
+    _, before = snapshot(store)
+    with pytest.raises(gr.Error, match=f"{MAX_COMMENT_CHARS:,}"):
+        page.api_comment(aid, "y" * (MAX_COMMENT_CHARS + 1), req())
+    with pytest.raises(gr.Error, match=f"{MAX_COMMENT_CHARS:,}"):  # not cut short silently
+        page.api_rate(aid, -1, "y" * (MAX_COMMENT_CHARS + 1), req())
+    with pytest.raises(gr.Error, match=f"{MAX_EDIT_CHARS:,}"):
+        page.api_edit(aid, "z" * (MAX_EDIT_CHARS + 1), req())
+    with pytest.raises(gr.Error, match="limit"):
+        list(page.api_chat("w" * (MAX_EDIT_CHARS + 1), final["conversation_id"], "", req()))
+    assert snapshot(store)[1] == before
+
+
+def test_forged_requests_with_another_users_ids_are_refused(page, store, engine):
+    first = list(page.api_chat("alice's secret", "", "", req("alice")))[-1]
+    aid, cid = first["answer_id"], first["conversation_id"]
+    page.api_rate(aid, 1, "", req("alice"))
+    retry = list(page.api_retry(aid, req("alice")))[-1]["answer_id"]
+    _, before = snapshot(store)
+    calls = len(engine.history)
+    mallory = req("mallory")
+    for forged in (
+        lambda: page.api_rate(aid, -1, "", mallory),
+        lambda: page.api_rate(retry, 0, "", mallory),
+        lambda: page.api_comment(aid, "pwned", mallory),
+        lambda: page.api_edit(aid, "pwned", mallory),
+        lambda: page.api_undo_answer(retry, mallory),
+        lambda: list(page.api_retry(aid, mallory)),
+        lambda: page.api_history(cid, mallory),
+        lambda: list(page.api_chat("let me in", cid, "", mallory)),
+    ):
+        with pytest.raises(gr.Error, match="No (answer|conversation)") as e:
+            forged()
+        assert "secret" not in str(e.value)
+    assert snapshot(store)[1] == before and len(engine.history) == calls
+    assert store.conversations("mallory") == []
+    assert page.api_history(cid, req("alice"))[0]["answer_id"] == retry  # alice's view is unchanged

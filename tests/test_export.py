@@ -103,3 +103,33 @@ def test_command_line_prints_the_summary_and_writes_the_folder(tmp_path, capsys)
         export.main(["--data-dir", str(data_dir), "--out", str(out)], embedder=TopicEmbedder(SAME))
     with pytest.raises(SystemExit):
         export.main(["--data-dir", str(tmp_path / "nowhere")])
+
+
+def test_admin_export_refuses_an_exports_folder_that_leads_outside(store, tmp_path):
+    build_scenario(store)
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    (data_dir / "exports").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="outside the data folder"):
+        export.export_for_admin(store, data_dir, CONFIG, TopicEmbedder(SAME))
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_admin_page_never_takes_a_path_for_an_export(store):
+    """The button and every admin API endpoint: no input that could name a folder."""
+    import gradio as gr
+
+    from tuning.control import Controller
+    from ui.admin_page import AdminPage
+
+    page = AdminPage(Controller(store, None, adapter_of=None, launcher=None), exporter=lambda: [])
+    with gr.Blocks() as demo:
+        page.build()
+    deps = {d["api_name"]: d for d in demo.config["dependencies"]}
+    assert deps["export"]["inputs"] == [] and deps["export"]["api_visibility"] == "private"
+    public = demo.get_api_info()["named_endpoints"]
+    assert public and not any("export" in name for name in public)  # no scripted export
+    for name, info in public.items():
+        params = {p["parameter_name"] for p in info["parameters"]}
+        assert not {"path", "out", "folder", "dir", "file"} & params, (name, params)

@@ -175,3 +175,65 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
     assert recover_stale_jobs(store, tmp_path) == [job_id]
     assert store.job(job_id)["status"] == "failed" and "ended without finishing" in store.job(job_id)["error"]
     assert adapter_dirs(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_fails_the_job_clearly_and_leaves_nothing(store, tmp_path, checkpoint, monkeypatch):
+    import errno
+
+    # A version already live, to show it stays live.
+    (tmp_path / "adapters" / "v1-000000000001").mkdir(parents=True)
+    store.add_adapter({"version": 1, "name": "v1-000000000001", "content_hash": "1", "base_model": "m",
+                       "path": "adapters/v1-000000000001", "gate_passed": 1})
+    store.record_promotion(1, "root", "test")
+    written = []
+
+    def full_disk(tensors, filename, metadata=None):  # what peft calls to write the weights
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1024)  # part of the file made it to disk
+        written.append(filename)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", full_disk)
+    result = run(store, tmp_path, checkpoint)
+    assert written and result.status == "failed"
+    assert result.error.startswith("the disk is full") and "while saving" in result.error
+    assert "nothing was registered" in result.error
+    job = store.job(result.job_id)
+    assert job["status"] == "failed" and job["error"] == result.error and job["finished_utc"]
+    assert adapter_dirs(tmp_path) == ["v1-000000000001"]  # no half-written folder, hidden or not
+    assert [a["version"] for a in store.adapters()] == [1] and store.live_version() == 1
+
+
+def test_continuing_from_a_version_whose_folder_leads_outside_is_refused(store, tmp_path, checkpoint):
+    store.add_adapter({"version": 1, "name": "v1-000000000001", "content_hash": "1", "base_model": "m",
+                       "path": "adapters/../../elsewhere", "gate_passed": 1})
+    result = run(store, tmp_path / "data", checkpoint, config=FAST.replace(continue_from=1))
+    assert result.status == "failed" and "(path)" in result.error and "outside" in result.error
+    assert [a["version"] for a in store.adapters()] == [1] and adapter_dirs(tmp_path / "data") == []
+
+
+def test_a_training_process_killed_under_the_running_app_is_failed_and_cleaned_up(store, tmp_path, monkeypatch):
+    """The app's launcher watches its training child; SIGKILL there is noticed without a restart."""
+    import app
+    from assistant.config import ServeConfig
+
+    real_popen = subprocess.Popen
+    started = []
+
+    def sleeper(cmd, **kw):  # stands in for `app.py train --job J` stuck halfway
+        started.append(cmd)
+        return real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kw)
+
+    monkeypatch.setattr(app.subprocess, "Popen", sleeper)
+    job = store.create_job("root", {}, status="queued")
+    proc = app.training_launcher(ServeConfig(data_dir=tmp_path), [], store)(job)
+    store.update_job(job, status="running", pid=proc.pid)
+    (tmp_path / "adapters" / f"{TMP_PREFIX}{job}-half").mkdir(parents=True)  # what it had written so far
+    proc.kill()
+    deadline = time.monotonic() + 10
+    while (store.job(job)["status"] == "running" or adapter_dirs(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "--job" in started[0] and job in started[0]
+    assert store.job(job)["status"] == "failed"
+    assert store.job(job)["error"] == f"the training process exited with code {-signal.SIGKILL}"
+    assert adapter_dirs(tmp_path) == [] and store.adapters() == []

@@ -40,3 +40,45 @@ def test_tampered_foreign_or_escaping_versions_are_refused(store, registered):
     with pytest.raises(InvalidAdapter) as e:
         resolve_version(store, data, 1, base_shapes=shapes, base_model=base, max_rank=16)
     assert e.value.check == "path"
+
+
+def test_symlinked_or_absolute_version_folders_are_refused_even_with_the_right_content(store, registered, tmp_path):
+    data, base, shapes = registered
+    outside = tmp_path / "outside"
+    shutil.copytree(data / "adapters" / "v1", outside)  # same files, same hash
+    shutil.rmtree(data / "adapters" / "v1")
+    (data / "adapters" / "v1").symlink_to(outside)
+    for path in ("adapters/v1", str(outside), "adapters", "../outside"):
+        store.update_adapter(1, path=path)
+        with pytest.raises(InvalidAdapter) as e:
+            resolve_version(store, data, 1, base_shapes=shapes, base_model=base, max_rank=16)
+        assert e.value.check == "path", path
+
+
+@pytest.mark.parametrize("text", ["../../etc/passwd", "/etc/passwd", "v1/../2", "adapters/v1", "-1", "v1 ", "1e3", ""])
+def test_version_arguments_are_numbers_never_paths(text):
+    from tuning.commands import parse_version
+
+    if text.strip() == "v1":
+        assert parse_version(text) == 1
+        return
+    with pytest.raises(ValueError, match="never paths"):
+        parse_version(text)
+
+
+def test_the_cli_refuses_a_path_as_a_version_and_a_tampered_folder(store, registered, tiny, capsys):  # noqa: F811
+    import app
+    from store import Store
+
+    data, base, shapes = registered
+    cli_store = Store(data / "assistant.db")  # the one the command line opens
+    cli_store.add_adapter({**{k: v for k, v in store.adapter(1).items() if k != "created_utc"}, "gate_passed": 1})
+    cli_store.create_user("root", "root-password", is_admin=True)
+    store = cli_store
+    args = ["--data-dir", str(data), "promote", "--as", "root", "--model", str(tiny / "base")]
+    assert app.main(args[:3] + ["../../etc/passwd"] + args[3:]) == app.EXIT_REFUSED
+    assert "is not a version" in capsys.readouterr().err
+    (data / "adapters" / "v1" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    assert app.main(args[:3] + ["v1"] + args[3:]) == app.EXIT_REFUSED
+    assert "adapter refused (weights)" in capsys.readouterr().err
+    assert store.promotions() == [] and store.live_version() is None

@@ -8,6 +8,7 @@ Whoever can run these can read the data folder anyway, so the acting admin is na
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,10 @@ def versions_table(store: Any) -> str:
 
 
 def parse_version(text: str) -> int | None:
-    """'base' or 'v3' or '3'."""
-    if text.lower() in ("base", "none", "0"):
+    """'base' or 'v3' or '3'; anything else (a path, a name) is refused, never looked up."""
+    text = text.strip().lower()
+    if text in ("base", "none", "0"):
         return None
-    return int(text.lower().lstrip("v"))
+    if not re.fullmatch(r"v?[0-9]+", text):
+        raise ValueError(f"{text!r} is not a version: give v3, 3 or base (versions are numbers, never paths).")
+    return int(text.lstrip("v"))

@@ -100,6 +100,10 @@ def export_preferences(data: PreferenceData, out_dir: Path) -> dict[str, Path]:
 def _new_export_dir(data_dir: Path) -> Path:
     root = Path(data_dir) / "exports"
     root.mkdir(parents=True, exist_ok=True)
+    # exports/ must really be inside the data folder: a link to elsewhere would let the
+    # admin page write (and the app serve files) outside it.
+    if root.is_symlink() or root.resolve() != Path(data_dir).resolve() / "exports":
+        raise ValueError(f"{root} leads outside the data folder ({root.resolve()}); nothing was exported.")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1000):
         path = root / (stamp if n == 0 else f"{stamp}-{n}")

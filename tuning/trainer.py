@@ -11,6 +11,7 @@ outright (SIGKILL) cannot clean up: ``recover_stale_jobs`` does it on the next s
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import GateConfig, GateResult, decide, measure, pair_logratios
+from .versions import version_folder
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -64,7 +66,7 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     if config.continue_from is not None:
         parent = store.adapter(config.continue_from)
-        folder = Path(data_dir) / parent["path"]
+        folder = version_folder(data_dir, parent)  # never outside <data_dir>/adapters/
         validate_adapter(folder, base_shapes=base_weight_shapes(base_model_dir), max_rank=config.max_rank,
                          expected_hash=parent["content_hash"])
         model = PeftModel.from_pretrained(base, folder, is_trainable=True)
@@ -147,8 +149,9 @@ def train_adapter(
             metrics = train_loop(model, tokenizer, pairs, config, report, should_stop)
         train_seconds = time.monotonic() - t0
 
-        report({"phase": "validating"})
+        report({"phase": "saving"})
         model.save_pretrained(tmp, selected_adapters=["default"])
+        report({"phase": "validating"})
         base_shapes = base_weight_shapes(base_model_dir)
         info = validate_adapter(tmp, base_shapes=base_shapes, max_rank=config.max_rank)
 
@@ -198,13 +201,25 @@ def train_adapter(
         store.update_job(job_id, status="cancelled", error=reason, finished_utc=_now())
         return TrainResult(job_id, "cancelled", error=reason)
     except Exception as e:  # any failure ends the job with its reason; nothing is kept
-        reason = f"{type(e).__name__}: {e}"
+        # Remove the half-written folder first: on a full disk that frees the space the
+        # job's status update needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = failure_reason(e, last.get("phase"))
         store.update_job(job_id, status="failed", error=reason, finished_utc=_now())
         return TrainResult(job_id, "failed", error=reason)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if final is not None:  # moved into place but not registered (the insert failed)
             shutil.rmtree(final, ignore_errors=True)
+
+
+def failure_reason(error: Exception, phase: str | None) -> str:
+    """What the job's error column says; a full disk is named as such."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" ({error.filename})" if error.filename else ""
+        return (f"the disk is full: no space left on the device{where} while {phase or 'starting'}; "
+                "the partial adapter was removed and nothing was registered. Free some space and retrain.")
+    return f"{type(error).__name__}: {error}"
 
 
 def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config):
@@ -219,7 +234,7 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
         live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=True, **kw)
     else:
         row = store.adapter(live_version)
-        folder = Path(data_dir) / row["path"]
+        folder = version_folder(data_dir, row)
         validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
         model.load_adapter(folder, adapter_name="live")
         model.set_adapter("live")

@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from store import NotFound
+from tuning.commands import parse_version
 from tuning.control import Conflict, Controller, Refused
 
 from .chat_page import user_of
@@ -40,9 +41,9 @@ def _parse_version(label: str | None) -> int | None:
     if not label or label == BASE:
         return None
     try:
-        return int(str(label).lstrip("v"))
-    except ValueError:
-        raise gr.Error(f"{label!r} is not a version.", print_exception=False) from None
+        return parse_version(str(label))
+    except ValueError as e:
+        raise gr.Error(str(e), print_exception=False) from None
 
 
 class AdminPage:

@@ -287,7 +287,7 @@ class ChatPage:
         """Vote an answer: 1 up, -1 down, 0 clear. Returns the vote it replaced."""
         try:
             previous = self.service.rate(answer_id, user_of(request), int(value), comment or None)
-        except (InvalidFeedback, NotFound) as e:
+        except (ChatInputError, InvalidFeedback, NotFound) as e:
             raise gr.Error(str(e), print_exception=False) from e
         return {"answer_id": answer_id, "value": int(value), "previous": previous}
 

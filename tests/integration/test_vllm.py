@@ -223,11 +223,31 @@ def test_openai_compatible_api_serves_the_live_version_to_key_holders(vllm, rout
         api.should_exit = True
 
 
-def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, versions, alone):
+def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, versions, alone, tmp_path):
+    from assistant.chat import ChatService
+    from store import Store
+
     router.promote(1)
     server = vllm.server
-    os.killpg(server.pid, signal.SIGKILL)
-    time.sleep(0.5)
+    store = Store(tmp_path / "assistant.db")
+    service = ChatService(store=store, engine=vllm, sampling=Sampling(temperature=0.0, max_new_tokens=400),
+                          adapter_for=router.adapter_for)
+    cid = service.new_conversation("alice")
+    seen, killed = [], None
+    for reply in service.send(cid, "alice", "Write a long story about a dragon who learns to cook."):
+        seen.append(reply)
+        if killed is None and sum(1 for r in seen if r.text) == 3:
+            os.killpg(server.pid, signal.SIGKILL)  # mid-answer, while the stream is open
+            killed = time.monotonic()
+    assert killed is not None, "the answer ended before the server could be killed"
+    assert time.monotonic() - killed < 10, "a stream cut by a dead server must end, not hang"
+    final = seen[-1]
+    assert final.done and final.answer_id is None and final.text  # the partial text was shown
+    assert final.error == ("The model could not answer (the model server stopped and is restarting; try again "
+                           "in a minute). Your message is saved; press retry.")
+    turns = store.turns(cid, "alice")
+    assert [t.message["content"] for t in turns] == ["Write a long story about a dragon who learns to cook."]
+    assert turns[0].answer is None and store.count("answers") == 0  # no half answer logged as an answer
     started = time.monotonic()
     with pytest.raises(EngineError, match="restarting"):
         ask(vllm, PROMPTS[0], router.adapter_for("alice"))
@@ -242,3 +262,6 @@ def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, ro
         time.sleep(0.5)
     assert ask(vllm, PROMPTS[0], router.adapter_for("alice")) == alone[(1, PROMPTS[0])]
     assert ask(vllm, PROMPTS[0]) == alone[(None, PROMPTS[0])]
+    service.sampling = GREEDY
+    retried = list(service.retry_message(final.message_id, "alice"))[-1]  # the kept message, answered
+    assert retried.error is None and store.answer(retried.answer_id, "alice")["adapter_version"] == 1
