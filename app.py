@@ -219,7 +219,8 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         print(f"training job {job_id} was left running by a process that died: marked failed", flush=True)
     for job in store.jobs("queued"):  # queued by an app that stopped before launching it
         store.update_job(job["id"], status="failed", error="the app stopped before this job started")
-    controller.restore()
+    for warning in controller.start():  # a live folder damaged while the app was stopped
+        print(f"warning: {warning}", flush=True)
     controller.run_forever()
     closers.insert(0, controller.stop)
     if config.api_keys_file:

@@ -4,6 +4,7 @@ import datetime as dt
 
 import pytest
 
+from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
 from tuning.canary import CanaryConfig
 from tuning.control import Conflict, Controller, LoopConfig, Refused
@@ -103,6 +104,41 @@ def test_live_version_survives_a_restart(loop, store):
     fresh_router = FakeRouter()
     Controller(store, fresh_router, adapter_of=c.adapter_of, launcher=lambda j: None).restore()
     assert fresh_router.live.version == 1
+
+
+def test_a_live_version_damaged_while_stopped_is_rolled_back_at_start(loop, store):
+    c, _, _ = loop
+    for v in (1, 2, 3):
+        _version(store, v)
+    c.promote("root", 1)
+    c.promote("root", 2)
+    c.start_canary("root", 3, 0.2)
+    c.promote("root", 3)  # ends the canary of 3
+    c.start_canary("root", 1, 0.2)
+    damaged = {3, 1}
+
+    def adapter_of(v):
+        if v in damaged:
+            raise InvalidAdapter("finite weights", f"v{v} has NaN in layer 0")
+        return Adapter(f"v{v}-{v:012x}", f"/a/{v}", v)
+
+    router = FakeRouter()
+    warnings = Controller(store, router, adapter_of=adapter_of, launcher=lambda j: None).start()
+    assert router.live.version == 2 and router.canary == (None, 0.0, "")  # v1 (NaN) skipped
+    assert warnings == [
+        "canary v1 stopped at start: adapter refused (finite weights): v1 has NaN in layer 0",
+        "automatic rollback at start from v3 to v2: adapter refused (finite weights): v3 has NaN in layer 0",
+    ]
+    last = store.latest_promotion("live")
+    assert (last["version"], last["actor"]) == (2, "startup-check") and "NaN" in last["reason"]
+
+    damaged.add(2)  # nothing earlier validates: the base model serves
+    router = FakeRouter()
+    _version(store, 4)
+    c.promote("root", 4)
+    damaged.add(4)
+    Controller(store, router, adapter_of=adapter_of, launcher=lambda j: None).start()
+    assert router.live is None and store.live_version() is None
 
 
 def _vote(store, user, version, value):

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
 
 from .canary import CanaryConfig, CanaryVerdict, compare
@@ -191,6 +192,54 @@ class Controller:
             else:
                 self.router.set_canary(None, 0.0, "")
             self._applied = state
+
+    def start(self) -> list[str]:
+        """``restore`` at app start, when the folders may have changed while nobody served.
+
+        A live version whose folder no longer validates is rolled back, in the log, to the
+        newest earlier live version that does (or the base model), and a canary that no longer
+        validates is stopped: the app serves, and admins see who ("startup-check") and why.
+        Returns one warning per change.
+        """
+        warnings: list[str] = []
+        with self._lock:
+            canary = self.store.latest_promotion("canary")
+            if canary and canary["share"] > 0:
+                try:
+                    self.adapter_of(canary["version"])
+                except InvalidAdapter as e:
+                    why = f"canary v{canary['version']} stopped at start: {e}"
+                    self.store.record_promotion(canary["version"], "startup-check", why, kind="canary", share=0.0)
+                    warnings.append(why)
+            live = self.store.live_version()
+            if live is not None:
+                try:
+                    self.adapter_of(live)
+                except InvalidAdapter as e:
+                    fallback = self._last_good_live(exclude=live)
+                    why = (f"automatic rollback at start from v{live} to "
+                           f"{'the base model' if fallback is None else f'v{fallback}'}: {e}")
+                    self.store.record_promotion(fallback, "startup-check", why)
+                    warnings.append(why)
+            self.restore()
+        return warnings
+
+    def _last_good_live(self, exclude: int) -> int | None:
+        """The newest earlier live version whose folder still validates; None: the base."""
+        seen = {exclude}
+        for p in self.store.promotions():
+            v = p["version"]
+            if p["kind"] != "live" or v in seen:
+                continue
+            if v is None:
+                return None
+            seen.add(v)
+            try:
+                self.adapter_of(v)
+                return v
+            except InvalidAdapter:
+                continue
+        return None
 
     def sync(self) -> bool:
         """Apply promotions another process (the command line) recorded; True if any."""
