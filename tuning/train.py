@@ -46,6 +46,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _overrides(store, a: argparse.Namespace) -> dict:
+    """Setting overrides: those of the queued job (``--job``), then ``--set KEY=VALUE``."""
+    from .config import TrainConfig
+
+    overrides: dict = {}
+    if a.job:
+        queued = store.job(a.job)
+        overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = _value(value.strip())
+    return overrides
+
+
 def read_pairs(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -64,15 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for job_id in recover_stale_jobs(store, a.data_dir):
         print(f"job {job_id}: marked failed (its process died)", flush=True)
 
-    overrides = {}
-    if a.job:
-        queued = store.job(a.job)
-        overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
-        overrides[key.strip()] = _value(value.strip())
+    overrides = _overrides(store, a)
     if a.price_per_hour is not None:
         overrides["price_per_hour"] = a.price_per_hour
     if a.trainer:
@@ -133,15 +141,7 @@ def run_from_app(a) -> int:
         return 3
     for job_id in recover_stale_jobs(store, a.data_dir):
         print(f"job {job_id}: marked failed (its process died)", flush=True)
-    overrides: dict = {}
-    if a.job:
-        queued = store.job(a.job)
-        overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
-        overrides[key.strip()] = _value(value.strip())
+    overrides = _overrides(store, a)
     try:
         config = TrainConfig().replace(**overrides)
     except ValueError as e:
