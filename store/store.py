@@ -16,6 +16,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,6 +88,34 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
             db = sqlite_utils.Database(conn)
             self._local.db = db
         return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """A transaction of several writes that takes the write lock first (BEGIN IMMEDIATE).
+
+        sqlite-utils' ``atomic()`` begins a deferred transaction, and its ``insert`` reads
+        the table's schema before writing, so the transaction starts as a reader and must
+        then become the writer. In WAL mode SQLite refuses that upgrade at once with
+        "database is locked" while another connection writes: the busy timeout does not
+        apply (waiting could deadlock). The load test (bench/load_test.py) lost chats to
+        it with 4 users. Taking the lock up front waits its turn like any single write.
+        """
+        db = self.db
+        if db.conn.in_transaction:  # nested: a savepoint in the outer transaction
+            with db.atomic():
+                yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+        try:
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
 
     def schema(self) -> str:
         """The schema as SQL, migrations table excluded: what docs/schema.sql documents."""
@@ -160,8 +189,8 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
         parent = turns[-1].answer["id"] if turns and turns[-1].answer else None
         mid = new_id()
         now = utc_now()
-        with self.db.atomic():
-            self.db["messages"].insert(
+        with self._write() as db:
+            db["messages"].insert(
                 {
                     "id": mid,
                     "conversation_id": conv["id"],
@@ -174,7 +203,7 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
             changes = {"updated_utc": now}
             if not conv["title"]:
                 changes["title"] = content[:60]
-            self.db["conversations"].update(conv["id"], changes)
+            db["conversations"].update(conv["id"], changes)
         return mid
 
     def message(self, message_id: str, user_id: str) -> dict:

@@ -239,3 +239,31 @@ def test_a_writer_holding_the_lock_for_seconds_delays_but_loses_nothing(store):
     t.join(timeout=10)
     assert done and done[0] - start >= 2.0
     assert store.current_rating(aid, "alice") == 1
+
+
+def test_a_new_message_waits_for_another_writer_instead_of_failing(store):
+    """Seen under load (bench/load_test.py): chats failed at once with "database is locked"
+    while another connection wrote, the 15 s busy timeout notwithstanding."""
+    import time
+
+    cid = store.create_conversation("alice")
+    other = sqlite3.connect(store.path, timeout=1)
+    other.execute("BEGIN IMMEDIATE")  # another writer (a vote, a training job) holds the lock
+    outcome = []
+
+    def send():
+        try:
+            outcome.append(store.add_message(cid, "alice", "hi"))
+        except sqlite3.OperationalError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=send)
+    t.start()
+    time.sleep(1.0)
+    assert not outcome  # waiting for the lock, not failed
+    other.rollback()
+    other.close()
+    t.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
+    assert [turn.message["id"] for turn in store.turns(cid, "alice")] == outcome
+    assert store.conversation(cid, "alice")["title"] == "hi"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, validate_adapter
+from assistant.adapters import AdapterInfo, adapter_name, base_model_identity, base_weight_shapes, validate_adapter
 
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
@@ -125,7 +125,6 @@ def train_adapter(
     # Same file system as the final folder, so the move into place is one atomic rename;
     # the dot keeps it out of any listing of versions.
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{job_id}-", dir=root))
-    final: Path | None = None
     try:
         ids = [p.get("id") for p in pairs]
         overlap = set(ids) & {p.get("id") for p in eval_pairs}
@@ -168,18 +167,9 @@ def train_adapter(
             raise Cancelled("cancelled before registration")
 
         report({"phase": "registering"})
-        version = store.next_adapter_version()
-        name = adapter_name(version, info.content_hash)
-        final = root / name
-        os.replace(tmp, final)
         newest = max((p.get("created_utc") or "" for p in pairs), default="") or None
-        store.add_adapter({
-            "version": version,
-            "name": name,
-            "content_hash": info.content_hash,
+        version, name = register_version(store, data_dir, tmp, info, base_model_dir, {
             "parent_version": config.continue_from,
-            "base_model": base_model_identity(base_model_dir),
-            "path": str(final.relative_to(data_dir)),
             "job_id": job_id,
             "pair_ids_json": ids,
             "config_json": {**config.to_dict(), "gate": gate_config.to_dict()},
@@ -192,7 +182,6 @@ def train_adapter(
             "train_seconds": round(train_seconds, 1),
             "cost_json": estimate_cost(train_seconds, config.price_per_hour, total, trainable),
         })
-        final = None  # registered: it stays
         report({"phase": "done", "version": version, "gate_passed": gate.passed})
         store.update_job(job_id, status="succeeded", adapter_version=version, finished_utc=_now())
         return TrainResult(job_id, "succeeded", version, name, gate)
@@ -209,8 +198,32 @@ def train_adapter(
         return TrainResult(job_id, "failed", error=reason)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if final is not None:  # moved into place but not registered (the insert failed)
-            shutil.rmtree(final, ignore_errors=True)
+
+
+def register_version(store: Any, data_dir: Path, folder: Path, info: AdapterInfo, base_model_dir: Path,
+                     fields: dict) -> tuple[int, str]:
+    """Move a validated adapter folder into ``<data_dir>/adapters/`` under its version name
+    and record it; returns (version, name). ``folder`` must be on the same file system (one
+    atomic rename) and already validated (``info``); ``fields`` are the other ``adapters``
+    columns (job, metrics, gate...). If the insert fails the moved folder is removed."""
+    data_dir = Path(data_dir)
+    version = store.next_adapter_version()
+    name = adapter_name(version, info.content_hash)
+    final = adapters_dir(data_dir) / name
+    os.replace(folder, final)
+    try:
+        store.add_adapter({
+            **fields,
+            "version": version,
+            "name": name,
+            "content_hash": info.content_hash,
+            "base_model": base_model_identity(base_model_dir),
+            "path": str(final.relative_to(data_dir)),
+        })
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    return version, name
 
 
 def failure_reason(error: Exception, phase: str | None) -> str:
