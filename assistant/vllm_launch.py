@@ -20,6 +20,15 @@ import signal
 import threading
 import time
 
+from assistant.vllm_lora_ops import register as register_lora_ops
+
+
+# Our CPU LoRA ops (assistant/vllm_lora_ops.py) are a vLLM general plugin (pyproject entry
+# point), which vLLM loads in every process it starts. Registered here as well, at import:
+# entry-point discovery can be shadowed (a stale *.egg-info in the working folder was seen to
+# hide it), and vLLM's spawned processes import this main module again, so they run this too.
+register_lora_ops()
+
 
 def _guard_every_path() -> None:
     from vllm.entrypoints.serve.middleware import authenticate
