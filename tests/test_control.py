@@ -104,6 +104,11 @@ def test_live_version_survives_a_restart(loop, store):
     fresh_router = FakeRouter()
     Controller(store, fresh_router, adapter_of=c.adapter_of, launcher=lambda j: None).restore()
     assert fresh_router.live.version == 1
+    checked = []
+    started = FakeRouter()
+    warnings = Controller(store, started, adapter_of=lambda v: checked.append(v) or c.adapter_of(v),
+                          launcher=lambda j: None).start()
+    assert warnings == [] and started.live.version == 1 and checked == [1]  # validated once at start
 
 
 def test_a_live_version_damaged_while_stopped_is_rolled_back_at_start(loop, store):

@@ -203,6 +203,11 @@ class Controller:
         """
         warnings: list[str] = []
         with self._lock:
+            try:
+                self.restore()  # the usual start: every folder validates, each checked once
+                return warnings
+            except InvalidAdapter:
+                pass
             canary = self.store.latest_promotion("canary")
             if canary and canary["share"] > 0:
                 try:
