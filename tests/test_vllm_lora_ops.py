@@ -76,3 +76,89 @@ def test_the_plugin_replaces_the_ops_the_cpu_wrapper_calls():
     ours.register()
     ours.register()  # vLLM may load a plugin more than once
     assert punica_cpu.bgmv_expand is ours.bgmv_expand and punica_cpu.sgmv_shrink is ours.sgmv_shrink
+    assert punica_cpu.PunicaWrapperCPU.add_lora_linear is ours.add_lora_linear
+    assert ours._UPSTREAM["add_lora_linear"] is not ours.add_lora_linear
+
+
+# -- the wrapper-level op: all slices of a layer at once, adapters grouped once per step ------
+
+SLICES = (48, 16, 16)  # a fused q/k/v projection: three LoRA slices in one layer
+
+
+def _wrapper(index_mapping, slot_ids=(1, 2, 3, None), prefill=False):
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    ours.register()
+    w = PunicaWrapperCPU(64, 8, "cpu")
+    w.update_metadata(LoRAMapping(index_mapping=tuple(index_mapping), prompt_mapping=tuple(index_mapping),
+                                  is_prefill=prefill), list(slot_ids), 4, 100)
+    return w
+
+
+def _layer(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(4, 1, RANK, HIDDEN, generator=g).to(dtype) for _ in SLICES)
+    b = tuple(torch.randn(4, 1, n, RANK, generator=g).to(dtype) for n in SLICES)
+    return a, b
+
+
+def _apply(fn, w, x, a, b, start):
+    y = start.clone()
+    fn(w, y, x, a, b, 0.5, SLICES)
+    return y
+
+
+@pytest.mark.parametrize("ids", [[1, 1, 1, 1, 1], [1, 2, 2, 3, 1], [2, 0, 3, 0, 0], [0, 0, 0]])
+@pytest.mark.parametrize("prefill", [False, True])
+def test_add_lora_linear_matches_vllms_per_slice_ops_and_leaves_base_tokens_alone(ids, prefill):
+    """Lora ids as vLLM maps them (0: no adapter); vLLM's own wrapper method is the reference,
+    run on our grouped per-op kernels (its per-token ones have the base-token bug)."""
+    w = _wrapper(ids, prefill=prefill)
+    a, b = _layer()
+    x = torch.randn(len(ids), HIDDEN)
+    start = torch.randn(len(ids), sum(SLICES))
+    mine = _apply(ours.add_lora_linear, w, x, a, b, start)
+    theirs = _apply(ours._UPSTREAM["add_lora_linear"], w, x, a, b, start)
+    torch.testing.assert_close(mine, theirs)
+    base_rows = [i for i, lid in enumerate(ids) if lid == 0]
+    torch.testing.assert_close(mine[base_rows], start[base_rows], rtol=0, atol=0)
+    if len(base_rows) < len(ids):
+        assert not torch.allclose(mine, start)
+
+
+def test_add_lora_linear_in_bfloat16_matches_vllm():
+    w = _wrapper([1, 2, 1, 0])
+    a, b = _layer(dtype=torch.bfloat16)
+    x, start = torch.randn(4, HIDDEN, dtype=torch.bfloat16), torch.randn(4, sum(SLICES), dtype=torch.bfloat16)
+    torch.testing.assert_close(_apply(ours.add_lora_linear, w, x, a, b, start),
+                               _apply(ours._UPSTREAM["add_lora_linear"], w, x, a, b, start))
+
+
+def test_cached_fused_weights_follow_the_adapter_a_slot_holds():
+    """vLLM reuses a slot for another adapter: the next step must use the new weights."""
+    a, b = _layer(seed=1)
+    x, start = torch.randn(2, HIDDEN), torch.zeros(2, sum(SLICES))
+    w = _wrapper([1, 1])
+    first = _apply(ours.add_lora_linear, w, x, a, b, start)
+    new_a, new_b = _layer(seed=2)
+    for t, n in zip(a + b, new_a + new_b):
+        t[0] = n[0]  # slot 0 now holds another adapter, id 7
+    ours.update_metadata(w, _mapping([7, 7]), [7, 2, 3, None], 4, 100)
+    second = _apply(ours.add_lora_linear, w, x, a, b, start)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, _apply(ours._UPSTREAM["add_lora_linear"], w, x, a, b, start))
+
+
+def _mapping(ids):
+    from vllm.lora.layers import LoRAMapping
+
+    return LoRAMapping(index_mapping=tuple(ids), prompt_mapping=tuple(ids), is_prefill=False)
+
+
+def test_a_step_without_adapters_costs_no_lora_work():
+    w = _wrapper([0, 0, 0])
+    assert w._assistant_groups == (3, [])
+    a, b = _layer()
+    x, start = torch.randn(3, HIDDEN), torch.randn(3, sum(SLICES))
+    torch.testing.assert_close(_apply(ours.add_lora_linear, w, x, a, b, start), start, rtol=0, atol=0)
