@@ -136,12 +136,19 @@ def main() -> None:
     server.start()
     startup = time.perf_counter() - t
     try:
-        engine = VLLMEngine(model, 2048, url=server.url, api_key=server.api_key,
-                            base=base_adapter(model, work, RANK), server=server)
+        # As the app does: the base model by its own name when the server runs our LoRA ops.
+        engine = VLLMEngine(model, 2048, url=server.url, api_key=server.api_key, server=server,
+                            base=None if server.fixed_lora_ops else base_adapter(model, work, RANK),
+                            served_name=model.name)
+        print(f"vLLM base requests: {'no adapter (our LoRA ops)' if engine.plain_base else 'zero adapter'}")
         router = AdapterRouter(engine, versions.__getitem__, base_shapes=base_weight_shapes(model), max_rank=RANK)
         router.promote(1)
         row = measure(f"vLLM ({a.dtype})", engine, a.chats, sampling, versions[1].adapter,
                       router, list(range(2, 2 + a.swaps)))
+        if engine.plain_base:  # what the base costs where the app must use the zero adapter
+            zero = base_adapter(model, work, RANK)
+            engine.load_adapter(zero)
+            row["tok/s base, zero adapter"] = throughput(engine, a.chats, sampling, zero)
         row["start-up s"] = startup
         rows.append(row)
     finally:
@@ -159,12 +166,12 @@ def main() -> None:
     print(f"\n{a.chats} concurrent chats x {a.new_tokens} new tokens, greedy, {model.name}, "
           f"adapter rank {RANK} all-linear; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     keys = [k for k in rows[0] if k != "engine"]
-    print(f"{'':22}" + "".join(f"{r['engine']:>22}" for r in rows))
+    print(f"{'':26}" + "".join(f"{r['engine']:>22}" for r in rows))
     for k in keys:
-        print(f"{k:22}" + "".join(f"{r[k]:>22.1f}" if k in r else f"{'-':>22}" for r in rows))
+        print(f"{k:26}" + "".join(f"{r[k]:>22.1f}" if k in r else f"{'-':>22}" for r in rows))
     if len(rows) == 2:
         for k in ("tok/s base", "tok/s adapter"):
-            print(f"{'vLLM/hf ' + k:22}{rows[0][k] / rows[1][k]:>22.1f}x")
+            print(f"{'vLLM/hf ' + k:26}{rows[0][k] / rows[1][k]:>22.1f}x")
 
 
 if __name__ == "__main__":
