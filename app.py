@@ -229,7 +229,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         from assistant.openai_api import build_api, read_keys, serve_api
 
         api = serve_api(
-            build_api(engine, router.adapter_for, read_keys(config.api_keys_file)),
+            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store),
             config.host, config.api_port or config.port + 1,
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))

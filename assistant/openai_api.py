@@ -7,15 +7,25 @@ Each request needs ``Authorization: Bearer <key>`` with a key from the keys file
 ``user_id key`` pair per line; user accounts replace this later). The request is forwarded
 to the app's vLLM server with ``model`` set to the adapter the router picks for that user,
 so API users get the same version as the chat page. Nothing else of vLLM is reachable
-here: not its adapter loading, not its key. Answers given over this API are not logged
-to the feedback store (only the chat page collects feedback).
+here: not its adapter loading, not its key.
+
+Every answer given over this API is logged like a chat page answer (``store`` given, as
+the app does): a conversation titled "API: <the last user message>" in that user's
+history, holding the last user message and the answer, with the exact prompt the model
+saw, the version that answered, sampling, timings, tokens and finish reason. So the user
+can rate, retry-compare or edit it in the chat page like any other answer, and it counts
+in the version's statistics. An answer cut short (the client or the model server went
+away) is not logged as an answer; the message is, as on the chat page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +33,108 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .chat import ChatInputError, check_chars
 from .engine import Adapter, EngineError
+
+log = logging.getLogger(__name__)
 
 # Routes are served on the app's host; requests bigger than this are refused unread.
 MAX_BODY_BYTES = 1_000_000
+# Sampling fields recorded with a logged answer (what the client asked for).
+SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n")
+
+
+def text_of(content) -> str:
+    """An OpenAI message's content as text: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def plain_messages(body: dict) -> list[dict]:
+    """The request's messages as ``{"role", "content": str}``, refused (ValueError) when a
+    message is not an object or its text is something no store can hold."""
+    out = []
+    for i, m in enumerate(body["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a 'role'")
+        try:
+            out.append({"role": m["role"], "content": check_chars(text_of(m.get("content")), f"messages[{i}]")})
+        except ChatInputError as e:
+            raise ValueError(str(e)) from e
+    return out
+
+
+class Answers:
+    """What came back for one request, choice by choice, from vLLM's JSON or its stream."""
+
+    def __init__(self):
+        self.text: dict[int, list[str]] = {}
+        self.finish: dict[int, str | None] = {}
+        self.tokens: int | None = None
+        self.first_token_s: float | None = None
+        self._started = time.monotonic()
+        self._buffer = b""
+
+    def from_json(self, data: dict) -> None:
+        for c in data.get("choices") or []:
+            i = c.get("index", 0)
+            self.text.setdefault(i, []).append(text_of((c.get("message") or {}).get("content")))
+            self.finish[i] = c.get("finish_reason")
+        self.tokens = (data.get("usage") or {}).get("completion_tokens")
+
+    def feed(self, raw: bytes) -> None:
+        """Server-sent events, in whatever pieces the network delivered them."""
+        self._buffer += raw
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if event.get("usage"):
+                self.tokens = event["usage"].get("completion_tokens")
+            for c in event.get("choices") or []:
+                i = c.get("index", 0)
+                piece = (c.get("delta") or {}).get("content") or ""
+                if piece and self.first_token_s is None:
+                    self.first_token_s = time.monotonic() - self._started
+                self.text.setdefault(i, []).append(piece)
+                if c.get("finish_reason"):
+                    self.finish[i] = c["finish_reason"]
+
+    def complete(self) -> list[tuple[str, str, int | None]]:
+        """``(text, finish_reason, tokens)`` of each choice that finished (tokens: one choice only)."""
+        done = [i for i in sorted(self.text) if self.finish.get(i)]
+        tokens = self.tokens if len(done) == 1 else None
+        return [("".join(self.text[i]), self.finish[i], tokens) for i in done]
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self._started) * 1000
+
+
+def log_exchange(store, model: str, user: str, messages: list[dict], body: dict, live: Adapter | None,
+                 answers: Answers) -> None:
+    """One conversation per request: the last user message and each finished answer."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    cid = store.create_conversation(user, system_prompt=system, title=("API: " + last_user)[:60])
+    mid = store.add_message(cid, user, last_user)
+    sampling = {k: body[k] for k in SAMPLING_KEYS if k in body} | {"via": "openai-api"}
+    for text, finish, tokens in answers.complete():
+        store.log_answer(
+            message_id=mid, user_id=user, prompt=messages, content=text, model=model,
+            adapter_name=live.name if live else None, adapter_version=live.version if live else None,
+            sampling=sampling, latency_ms=answers.elapsed_ms,
+            first_token_ms=answers.first_token_s * 1000 if answers.first_token_s is not None else None,
+            completion_tokens=tokens, finish_reason=finish,
+        )
 
 
 def read_keys(path: Path) -> dict[str, str]:
@@ -43,8 +151,9 @@ def read_keys(path: Path) -> dict[str, str]:
     return keys
 
 
-def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str]):
-    """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``."""
+def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str], store=None):
+    """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``;
+    answers are logged to ``store`` (a store.Store) when one is given."""
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     upstream = httpx.AsyncClient(
         base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0)
@@ -71,14 +180,32 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
         user = user_of(request)
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             raise HTTPException(413, f"request over {MAX_BODY_BYTES} bytes")
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise HTTPException(400, f"the body is not JSON: {e}") from e
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise HTTPException(400, "a JSON object with a 'messages' list is required")
         try:
-            adapter = engine.acquire(adapter_for(user))  # the version is fixed for this request
+            messages = plain_messages(body)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        live = adapter_for(user)
+        try:
+            adapter = engine.acquire(live)  # the version is fixed for this request
         except EngineError as e:
             raise HTTPException(503, str(e)) from e
         body["model"] = adapter.name
+        answers = Answers()
+
+        async def record() -> None:
+            if store is None or not (200 <= resp.status_code < 300):
+                return
+            try:
+                await asyncio.to_thread(log_exchange, store, engine.model_name, user, messages, body, live, answers)
+            except Exception:  # the client has its answer; say loudly that the log lacks it
+                log.exception("could not log an API answer for %s", user)
+
         try:
             req = upstream.build_request("POST", "/v1/chat/completions", json=body)
             resp = await upstream.send(req, stream=True)
@@ -91,15 +218,21 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
             finally:
                 await resp.aclose()
                 engine.release(adapter)
-            return JSONResponse(json.loads(data) if data else {}, status_code=resp.status_code)
+            payload = json.loads(data) if data else {}
+            if isinstance(payload, dict):
+                answers.from_json(payload)
+            await record()
+            return JSONResponse(payload, status_code=resp.status_code)
 
         async def relay():
             try:
                 async for part in resp.aiter_raw():
+                    answers.feed(part)
                     yield part
             finally:
                 await resp.aclose()
                 engine.release(adapter)
+                await record()
 
         return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")
 

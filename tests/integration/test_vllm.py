@@ -4,6 +4,7 @@ One server start for the whole module (30-40 s). It runs float32 so greedy answe
 compared token for token with transformers+peft (bf16 rounding depends on batch size).
 """
 
+import json
 import os
 import signal
 import threading
@@ -196,13 +197,16 @@ def test_the_server_wants_its_key_on_every_route(vllm):
         assert r.status_code == 401, (path, r.status_code, r.text[:200])
 
 
-def test_openai_compatible_api_serves_the_live_version_to_key_holders(vllm, router, versions, alone):
+def test_openai_compatible_api_serves_the_live_version_to_key_holders_and_logs_each_answer(
+        vllm, router, versions, alone, tmp_path):
     from assistant.openai_api import build_api, serve_api
     from assistant.vllm_server import free_port
+    from store import Store
 
     router.promote(2)
+    store = Store(tmp_path / "assistant.db")
     port = free_port()
-    api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}), "127.0.0.1", port)
+    api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}, store=store), "127.0.0.1", port)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(50):
@@ -211,19 +215,44 @@ def test_openai_compatible_api_serves_the_live_version_to_key_holders(vllm, rout
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        body = {"model": "anything", "messages": [{"role": "user", "content": PROMPTS[0]}],
+        body = {"model": "anything", "messages": [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": PROMPTS[0]}],
                 "max_tokens": 16, "temperature": 0}
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
         headers = {"Authorization": "Bearer " + "k" * 20}
         r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == alone[(2, PROMPTS[0])]
+        assert r.status_code == 200
+        plain = r.json()["choices"][0]["message"]["content"]
         streamed = httpx.post(url + "/v1/chat/completions", json=dict(body, stream=True), headers=headers, timeout=60)
         assert streamed.status_code == 200 and "data:" in streamed.text
         assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["version"] == 2
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"}, headers=headers)
         assert r.status_code in (404, 405)
+        bad = dict(body, messages=[{"role": "user", "content": "a\u0000b"}])
+        r = httpx.post(url + "/v1/chat/completions", json=bad, headers=headers, timeout=60)
+        assert r.status_code == 400 and "NUL" in r.text
     finally:
         api.should_exit = True
+    # Both answers are in alice's history, as the chat page shows them, with the version.
+    conversations = store.conversations("alice")
+    assert len(conversations) == 2 and store.conversations("bob") == []
+    answers = []
+    for c in conversations:
+        assert c["title"] == "API: " + PROMPTS[0] and c["system_prompt"] == "Be brief."
+        (turn,) = store.turns(c["id"], "alice")
+        assert turn.message["content"] == PROMPTS[0]
+        answers.append(turn.answer)
+    assert sorted(a["content"] for a in answers) == sorted([plain, plain])  # greedy: the same answer twice
+    v2 = "".join(c.text for c in vllm.stream(body["messages"], GREEDY, versions[2].adapter))
+    assert plain == v2  # the live version answered
+    for a in answers:
+        assert a["adapter_version"] == 2 and a["adapter_name"] == versions[2].adapter.name
+        assert a["finish_reason"] == "length"
+        assert json.loads(a["prompt_json"]) == body["messages"]
+        assert json.loads(a["sampling_json"])["via"] == "openai-api"
+    # vLLM reports tokens in a stream only if the client asked (stream_options.include_usage).
+    assert sorted(a["completion_tokens"] or 0 for a in answers) == [0, 16]
+    assert store.rate(answers[0]["id"], "alice", -1)  # rated like any answer
 
 
 def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, versions, alone, tmp_path):
