@@ -10,7 +10,9 @@ import it, so serving stays free of storage code.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -27,6 +29,24 @@ MAX_EDIT_CHARS = MAX_MESSAGE_CHARS
 
 class ChatInputError(ValueError):
     """Something the user sent that cannot be used; the message says what and why."""
+
+
+class NotSaved(ChatInputError):
+    """The database could not take a write (locked past its busy timeout, disk full, I/O
+    error): shown to the user like a refused input, with nothing half written."""
+
+
+def not_saved(what: str, error: Exception) -> NotSaved:
+    return NotSaved(f"{what} could not be saved: the database said \"{error}\" "
+                    "(busy for too long, or the disk is full). Try again in a moment.")
+
+
+@contextmanager
+def saving(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        raise not_saved(what, e) from e
 
 
 @dataclass
@@ -164,7 +184,8 @@ class ChatService:
         prompt = self.build_prompt(
             conv["system_prompt"], self.history(conversation_id, user_id), text
         )
-        message_id = self.store.add_message(conversation_id, user_id, text)
+        with saving("Your message"):  # the page keeps the text in the box
+            message_id = self.store.add_message(conversation_id, user_id, text)
         yield from self._answer(message_id, user_id, prompt)
 
     def retry(self, answer_id: str, user_id: str) -> Iterator[Reply]:
@@ -213,7 +234,18 @@ class ChatService:
                 error=f"The model could not answer ({e}). Your message is saved; press retry.",
             )
             return
-        answer_id = self.store.log_answer(
+        try:
+            answer_id = self._log(message_id, user_id, prompt, text, adapter, start, first_token_ms, tokens, finish)
+        except sqlite3.OperationalError as e:
+            yield Reply(text, done=True, message_id=message_id, model_label=label, notice=notice,
+                        error=f"{not_saved('The answer', e)} Your message is saved; press retry.")
+            return
+        yield Reply(
+            text, done=True, answer_id=answer_id, message_id=message_id, model_label=label, notice=notice
+        )
+
+    def _log(self, message_id, user_id, prompt, text, adapter, start, first_token_ms, tokens, finish) -> str:
+        return self.store.log_answer(
             message_id=message_id,
             user_id=user_id,
             prompt=prompt.messages,
@@ -228,9 +260,6 @@ class ChatService:
             finish_reason=finish,
             trimmed_messages=prompt.trimmed_messages,
         )
-        yield Reply(
-            text, done=True, answer_id=answer_id, message_id=message_id, model_label=label, notice=notice
-        )
 
     # -- feedback ------------------------------------------------------------------
 
@@ -242,16 +271,20 @@ class ChatService:
         else:
             comment = None
         previous = self.store.current_rating(answer_id, user_id)
-        self.store.rate(answer_id, user_id, value, comment)
+        with saving("Your vote"):
+            self.store.rate(answer_id, user_id, value, comment)
         return previous
 
     def comment(self, answer_id: str, user_id: str, text: str) -> None:
         text = check_text(text, "comment", MAX_COMMENT_CHARS)
-        self.store.comment(answer_id, user_id, text)
+        with saving("Your comment"):
+            self.store.comment(answer_id, user_id, text)
 
     def edit(self, answer_id: str, user_id: str, new_text: str) -> str:
         new_text = check_text(new_text, "edited answer", MAX_EDIT_CHARS)
-        return self.store.edit_answer(answer_id, user_id, new_text)
+        with saving("Your edit"):
+            return self.store.edit_answer(answer_id, user_id, new_text)
 
     def withdraw(self, answer_id: str, user_id: str) -> None:
-        self.store.withdraw_answer(answer_id, user_id)
+        with saving("The undo"):
+            self.store.withdraw_answer(answer_id, user_id)

@@ -137,3 +137,53 @@ def test_answers_record_the_adapter_that_made_them(store, engine):
 def test_persona_too_long_is_refused(service):
     with pytest.raises(ChatInputError, match="persona"):
         service.new_conversation("alice", "x" * 10_000)
+
+
+def _hold_write_lock(path):
+    import sqlite3
+
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing for longer than the busy timeout
+    return other
+
+
+def test_a_database_too_busy_to_write_gives_a_clear_message_and_keeps_what_was_saved(
+        tmp_path, engine, monkeypatch):
+    import store.store as store_module
+    from assistant.chat import ChatService, NotSaved
+    from assistant.engine import Sampling
+    from store import Store
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    db = Store(tmp_path / "a.db")
+    service = ChatService(store=db, engine=engine, sampling=Sampling(max_new_tokens=32))
+    cid = service.new_conversation("alice")
+    engine.enqueue("first answer")
+    first = _send(service, cid, "hello")[-1]
+
+    lock = _hold_write_lock(tmp_path / "a.db")
+    with pytest.raises(NotSaved, match=r"Your message could not be saved: the database said \"database is locked\""):
+        _send(service, cid, "not saved")
+    with pytest.raises(NotSaved, match="Your vote could not be saved"):
+        service.rate(first.answer_id, "alice", 1)
+    with pytest.raises(NotSaved, match="Your edit could not be saved"):
+        service.edit(first.answer_id, "alice", "better")
+    lock.rollback()
+
+    engine.enqueue("second answer")
+    replies = []
+    for reply in service.send(cid, "alice", "saved, then its answer is not"):
+        if not replies:  # the message is saved and the answer streams; then the database locks
+            lock = _hold_write_lock(tmp_path / "a.db")
+        replies.append(reply)
+    lock.rollback()
+    final = replies[-1]
+    assert final.done and final.answer_id is None and final.text == "second answer"
+    assert final.error.startswith("The answer could not be saved") and final.error.endswith("press retry.")
+    turns = db.turns(cid, "alice")
+    assert [t.message["content"] for t in turns] == ["hello", "saved, then its answer is not"]
+    assert turns[0].answer["content"] == "first answer" and turns[1].answer is None
+    assert db.current_rating(first.answer_id, "alice") is None and db.count("answers") == 1
+    engine.enqueue("third answer")
+    retried = list(service.retry_message(turns[1].message["id"], "alice"))[-1]  # retry works once free
+    assert retried.answer_id and db.answer(retried.answer_id, "alice")["content"] == "third answer"

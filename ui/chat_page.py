@@ -147,7 +147,10 @@ class ChatPage:
         value = 1 if data.liked is True or data.liked == "Like" else -1
         if current == value:
             value = 0  # pressing the same thumb again clears the vote, as chat apps do
-        previous = self.service.rate(answer_id, user, value)
+        try:
+            previous = self.service.rate(answer_id, user, value)
+        except ChatInputError as e:
+            raise gr.Error(str(e), print_exception=False) from e
         state = dict(state)
         state.setdefault("undo", []).append(("rate", answer_id, previous or 0))
         state["commenting"] = answer_id if value == -1 else None
@@ -211,13 +214,17 @@ class ChatPage:
         if not stack:
             gr.Info("Nothing to undo.")
         else:
-            kind, target, previous = stack.pop()
-            if kind == "rate":
-                self.service.rate(target, user, previous)
-                gr.Info("Vote undone.")
-            else:
-                self.service.withdraw(target, user)
-                gr.Info("Answer withdrawn; the previous one is back.")
+            kind, target, previous = stack[-1]
+            try:
+                if kind == "rate":
+                    self.service.rate(target, user, previous)
+                    gr.Info("Vote undone.")
+                else:
+                    self.service.withdraw(target, user)
+                    gr.Info("Answer withdrawn; the previous one is back.")
+            except ChatInputError as e:  # not undone: it stays on the stack for another try
+                raise gr.Error(str(e), print_exception=False) from e
+            stack.pop()
         state["undo"] = stack
         chat, state = self._view(state, user)
         return chat, state
