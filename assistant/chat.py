@@ -169,13 +169,14 @@ class ChatService:
 
     # -- turns ---------------------------------------------------------------------
 
-    def new_conversation(self, user_id: str, system_prompt: str = "") -> str:
+    def new_conversation(self, user_id: str, system_prompt: str = "", exclude_from_training: bool = False) -> str:
         system_prompt = check_chars((system_prompt or "").strip(), "persona")
         if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
             raise ChatInputError(
                 f"The persona is {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}."
             )
-        return self.store.create_conversation(user_id, system_prompt=system_prompt)
+        return self.store.create_conversation(user_id, system_prompt=system_prompt,
+                                              exclude_from_training=exclude_from_training)
 
     def send(self, conversation_id: str, user_id: str, text: str) -> Iterator[Reply]:
         """Record the user's message and stream the answer to it."""

@@ -128,7 +128,9 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
 
     # -- conversations -------------------------------------------------------------
 
-    def create_conversation(self, user_id: str, system_prompt: str = "", title: str = "") -> str:
+    def create_conversation(
+        self, user_id: str, system_prompt: str = "", title: str = "", exclude_from_training: bool = False
+    ) -> str:
         now = utc_now()
         cid = new_id()
         self.db["conversations"].insert(
@@ -137,7 +139,7 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
                 "user_id": user_id,
                 "title": title,
                 "system_prompt": system_prompt,
-                "exclude_from_training": 0,
+                "exclude_from_training": int(exclude_from_training),
                 "created_utc": now,
                 "updated_utc": now,
             }

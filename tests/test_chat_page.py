@@ -226,3 +226,21 @@ def test_forged_requests_with_another_users_ids_are_refused(page, store, engine)
     assert snapshot(store)[1] == before and len(engine.history) == calls
     assert store.conversations("mallory") == []
     assert page.api_history(cid, req("alice"))[0]["answer_id"] == retry  # alice's view is unchanged
+
+
+def test_ticking_dont_train_before_the_first_message_excludes_the_new_conversation(page, engine, store):
+    """The box can be ticked on an empty new chat; the conversation the first message
+    creates must carry that choice, and training must not read it."""
+    from tuning.pairs import build_preferences
+
+    engine.enqueue("excluded answer", "included answer")
+    excluded = list(page.on_send("keep this out of training", "", {}, req(), True))[-1][2]["conversation_id"]
+    included = list(page.on_send("fine to train on", "", {}, req(), False))[-1][2]["conversation_id"]
+    assert store.conversation(excluded, "alice")["exclude_from_training"] == 1
+    assert store.conversation(included, "alice")["exclude_from_training"] == 0
+    for conversation_id in (excluded, included):
+        (turn,) = store.turns(conversation_id, "alice")
+        store.rate(turn.answer["id"], "alice", 1)
+    data = build_preferences(store)
+    used = {r.conversation_id for r in data.train_unpaired + data.eval_unpaired}
+    assert used == {included}

@@ -83,13 +83,15 @@ class ChatPage:
 
     # -- handlers --------------------------------------------------------------------
 
-    def on_send(self, text: str, persona: str, state: dict, request: gr.Request):
+    def on_send(self, text: str, persona: str, state: dict, request: gr.Request, excluded: bool = False):
         user = user_of(request)
         state = dict(state or {})
         try:
             check_text(text, "message", MAX_MESSAGE_CHARS)
             if not state.get("conversation_id"):
-                state["conversation_id"] = self.service.new_conversation(user, persona)
+                # The box "Don't use this conversation for training" may be ticked before
+                # the first message: the new conversation starts excluded then.
+                state["conversation_id"] = self.service.new_conversation(user, persona, exclude_from_training=excluded)
             replies = self.service.send(state["conversation_id"], user, text)
             yield from self._stream(replies, state, user, clear_box=True)
         except (ChatInputError, NotFound) as e:
@@ -375,8 +377,8 @@ class ChatPage:
             undo = gr.Button("Undo last feedback", scale=1, size="sm", elem_id="undo")
 
         outputs = [chatbot, box, state, notice, conversations]
-        send.click(self.on_send, [box, persona, state], outputs, api_visibility="private")
-        box.submit(self.on_send, [box, persona, state], outputs, api_visibility="private")
+        send.click(self.on_send, [box, persona, state, opt_out], outputs, api_visibility="private")
+        box.submit(self.on_send, [box, persona, state, opt_out], outputs, api_visibility="private")
         chatbot.like(self.on_like, [state], [chatbot, state, comment, comment_row], api_visibility="private")
         chatbot.retry(self.on_retry, [state], outputs, api_visibility="private")
         chatbot.edit(self.on_edit, [state], [chatbot, state], api_visibility="private")

@@ -90,3 +90,17 @@ def test_markup_in_messages_is_shown_as_text(browser, app):
     page.locator("#chatbot .user").last.get_by_text("hello").wait_for(timeout=10_000)
     assert page.evaluate("window.__pwned") is False
     assert page.locator("#chatbot script").count() == 0
+
+
+def test_dont_train_ticked_before_the_first_message_is_kept(browser, app):
+    url, data = app
+    page = browser.new_page()
+    sign_in(page, url, "alice", "alice-password")
+    page.get_by_text("Signed in as alice").wait_for(timeout=10_000)
+    page.get_by_label("Don't use this conversation for training").check()
+    page.fill("#message textarea", "Private: what is 2+2?")
+    page.click("#send")
+    found = wait_rows(page, data, "select c.exclude_from_training from conversations c join messages m "
+                                  "on m.conversation_id = c.id where m.content = 'Private: what is 2+2?'", 1,
+                      timeout_ms=60_000)
+    assert found == [(1,)]
