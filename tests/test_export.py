@@ -133,3 +133,25 @@ def test_the_admin_page_never_takes_a_path_for_an_export(store):
     for name, info in public.items():
         params = {p["parameter_name"] for p in info["parameters"]}
         assert not {"path", "out", "folder", "dir", "file"} & params, (name, params)
+
+
+def test_the_export_button_refuses_an_exports_folder_that_leads_outside(store, tmp_path):
+    """The same refusal through the admin page's button handler, as an admin sees it."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from tuning.control import Controller
+    from ui.admin_page import AdminPage
+
+    build_scenario(store)
+    store.create_user("root", "root-password", is_admin=True)
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    (data_dir / "exports").symlink_to(elsewhere)
+    page = AdminPage(Controller(store, None, adapter_of=None, launcher=None),
+                     exporter=lambda: export.export_for_admin(store, data_dir, CONFIG, TopicEmbedder(SAME)))
+    with pytest.raises(gr.Error, match="leads outside the data folder .*nothing was exported"):
+        page.export(SimpleNamespace(username="root"))
+    assert list(elsewhere.iterdir()) == []
