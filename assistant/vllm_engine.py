@@ -269,7 +269,7 @@ def open_vllm_engine(config, model_path: Path) -> VLLMEngine:
         if server.fixed_lora_ops:
             base = None
         else:
-            log.warning("vLLM's engine core does not run the app's LoRA ops (see %s); the base model "
+            log.warning("vLLM's model processes do not all run the app's LoRA ops (see %s); the base model "
                         "is served through the zero adapter, at the LoRA path's speed", config.data_dir / "vllm.log")
             base = base_adapter(model_path, config.adapters_dir, config.max_lora_rank)
         return VLLMEngine(model_path, config.context_tokens, url=server.url, api_key=server.api_key,

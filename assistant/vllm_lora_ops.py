@@ -18,9 +18,10 @@ fused once per adapter. Serving benchmark (8 chats, rank-16 all-linear adapter):
 with vLLM's ops, 118 with the grouped ops, 130-141 with the fused layer as well.
 
 vLLM loads ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
-pyproject.toml; ``assistant.vllm_launch`` registers it too), so the engine core uses these
-ops. Each process that patched prints ``REPLACED`` to the server's log; when the engine
-core's pid is among them, the app sends base requests with no adapter at all
+pyproject.toml; ``assistant.vllm_launch`` registers it too), so the engine core and its
+worker, where the model runs, use these ops. Each process that patched prints ``REPLACED``
+to the server's log; when every engine-core and worker pid is among them, the app sends
+base requests with no adapter at all
 (``VLLMServer.fixed_lora_ops``). A server without this plugin gets the all-zero base
 adapter instead, so it answers correctly as well. Tests: ``tests/test_vllm_lora_ops.py``
 (against vLLM's own ops and wrapper) and ``tests/integration/test_vllm.py`` (mixed batches
@@ -186,7 +187,7 @@ def register() -> None:
         import os
         import sys
 
-        # The app reads this line in the server's log: the engine core printing it means
-        # requests without an adapter are safe to send (VLLMServer.fixed_lora_ops).
+        # The app reads this line in the server's log: the engine core and its workers all
+        # printing it means requests without an adapter are safe (VLLMServer.fixed_lora_ops).
         print(f"{REPLACED} (grouped matmuls) in pid {os.getpid()}", file=sys.stderr, flush=True)
         register.logged = True

@@ -103,6 +103,15 @@ def server_command(config: VLLMServerConfig, port: int) -> list[str]:
     ]
 
 
+def model_processes_run_our_lora_ops(log_text: str) -> bool:
+    """Whether every engine-core and worker pid in a vLLM log printed our plugin's line."""
+    from .vllm_lora_ops import REPLACED
+
+    patched = set(re.findall(re.escape(REPLACED) + r".* in pid (\d+)", log_text))
+    model = set(re.findall(r"\((?:EngineCore|Worker)[^ ()]* pid=(\d+)\)", log_text))
+    return bool(model) and model <= patched
+
+
 class VLLMServer:
     """One supervised vLLM process. ``start()`` blocks until it answers; ``stop()`` ends it."""
 
@@ -118,8 +127,8 @@ class VLLMServer:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._watchdog: threading.Thread | None = None
-        # Whether the engine core of the running server uses our CPU LoRA ops (read from its
-        # log at each start): then a request may name the base model with no adapter.
+        # Whether the processes that run the model (engine core, workers) use our CPU LoRA ops
+        # (read from the log at each start): then a request may name the base model, no adapter.
         self.fixed_lora_ops = False
 
     # -- state ---------------------------------------------------------------------
@@ -165,17 +174,13 @@ class VLLMServer:
         self._ready.set()
 
     def _engine_core_runs_our_lora_ops(self, log_start: int) -> bool:
-        """True when this launch's log shows our plugin's line from the engine core's pid."""
-        from .vllm_lora_ops import REPLACED
-
+        """True when this launch's log shows our plugin's line from every process that runs
+        the model: the engine core and its workers (on CPU the model runs in a worker)."""
         if not self.config.log_path:
             return False
         with open(self.config.log_path, "rb") as f:
             f.seek(log_start)
-            text = f.read().decode(errors="replace")
-        patched = set(re.findall(re.escape(REPLACED) + r".* in pid (\d+)", text))
-        engine = set(re.findall(r"\(EngineCore[^ ]* pid=(\d+)\)", text))
-        return bool(patched & engine)
+            return model_processes_run_our_lora_ops(f.read().decode(errors="replace"))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

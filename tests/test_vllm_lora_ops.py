@@ -162,3 +162,25 @@ def test_a_step_without_adapters_costs_no_lora_work():
     a, b = _layer()
     x, start = torch.randn(3, HIDDEN), torch.randn(3, sum(SLICES))
     torch.testing.assert_close(_apply(ours.add_lora_linear, w, x, a, b, start), start, rtol=0, atol=0)
+
+
+# -- how the app learns that a server runs these ops ---------------------------------------
+
+LOG = """assistant: CPU LoRA ops replaced (grouped matmuls) in pid 100
+(APIServer pid=100) INFO ... version 0.32.0
+assistant: CPU LoRA ops replaced (grouped matmuls) in pid 200
+(EngineCore pid=200) INFO ... Initializing a V1 LLM engine
+assistant: CPU LoRA ops replaced (grouped matmuls) in pid 300
+(Worker pid=300) INFO ... Loading weights
+"""
+
+
+def test_base_requests_skip_lora_only_when_every_process_running_the_model_logged_our_ops():
+    from assistant.vllm_server import model_processes_run_our_lora_ops as fixed
+
+    assert fixed(LOG)
+    assert fixed(LOG.replace("(Worker pid=300)", "(Worker_TP0 pid=300)"))
+    assert not fixed(LOG.replace("in pid 300", "in pid 999"))  # the worker, where the model runs, lacks them
+    assert not fixed(LOG.replace("in pid 200", "in pid 999"))  # the engine core lacks them
+    assert not fixed("\n".join(line for line in LOG.splitlines() if "replaced" not in line))  # another vLLM
+    assert not fixed("assistant: CPU LoRA ops replaced (grouped matmuls) in pid 100\n")  # no model process seen

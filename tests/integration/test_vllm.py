@@ -57,9 +57,9 @@ def vllm(tmp_path_factory, embedded_model):
     ))
     server.start()
     try:
-        # As the app does: the server's log shows our LoRA ops in its engine core, so the base
-        # model is asked for by its own name, with no adapter (open_vllm_engine).
-        assert server.fixed_lora_ops, "the engine core did not load assistant.vllm_lora_ops"
+        # As the app does: the server's log shows our LoRA ops in its engine core and worker,
+        # so the base model is asked for by its own name, with no adapter (open_vllm_engine).
+        assert server.fixed_lora_ops, "the engine core or its worker did not load assistant.vllm_lora_ops"
         engine = VLLMEngine(embedded_model, 1024, url=server.url, api_key=server.api_key, base=None,
                             server=server, served_name="smol")
         assert engine.plain_base and engine.base.name == "smol"
