@@ -236,30 +236,27 @@ class ChatService:
             )
             return
         try:
-            answer_id = self._log(message_id, user_id, prompt, text, adapter, start, first_token_ms, tokens, finish)
+            answer_id = self.store.log_answer(
+                message_id=message_id,
+                user_id=user_id,
+                prompt=prompt.messages,
+                content=text,
+                model=self.engine.model_name,
+                adapter_name=adapter.name if adapter else None,
+                adapter_version=adapter.version if adapter else None,
+                sampling=self.sampling.to_dict(),
+                latency_ms=(time.perf_counter() - start) * 1000,
+                first_token_ms=first_token_ms,
+                completion_tokens=tokens,
+                finish_reason=finish,
+                trimmed_messages=prompt.trimmed_messages,
+            )
         except sqlite3.OperationalError as e:
             yield Reply(text, done=True, message_id=message_id, model_label=label, notice=notice,
                         error=f"{not_saved('The answer', e)} Your message is saved; press retry.")
             return
         yield Reply(
             text, done=True, answer_id=answer_id, message_id=message_id, model_label=label, notice=notice
-        )
-
-    def _log(self, message_id, user_id, prompt, text, adapter, start, first_token_ms, tokens, finish) -> str:
-        return self.store.log_answer(
-            message_id=message_id,
-            user_id=user_id,
-            prompt=prompt.messages,
-            content=text,
-            model=self.engine.model_name,
-            adapter_name=adapter.name if adapter else None,
-            adapter_version=adapter.version if adapter else None,
-            sampling=self.sampling.to_dict(),
-            latency_ms=(time.perf_counter() - start) * 1000,
-            first_token_ms=first_token_ms,
-            completion_tokens=tokens,
-            finish_reason=finish,
-            trimmed_messages=prompt.trimmed_messages,
         )
 
     # -- feedback ------------------------------------------------------------------

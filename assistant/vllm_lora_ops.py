@@ -14,18 +14,18 @@ ops they replace. One level up, ``PunicaWrapperCPU.add_lora_linear`` (shrink and
 each of a layer's 1-3 slices, about 120 layers' worth per step) is replaced too: which
 tokens use which adapter is worked out once per step instead of in every op, a step with no
 adapter skips LoRA entirely, and a layer's slices take two matrix multiplies on weights
-fused once per adapter. Serving benchmark (8 chats, rank-16 all-linear adapter): 89 tok/s
-with vLLM's ops, 118 with the grouped ops, 130-141 with the fused layer as well.
+fused once per adapter. Through a rank-16 all-linear adapter, 8 chats (serving benchmark
+and runs like it, same day): about 63 tok/s with vLLM's own ops, 89-97 with the grouped
+ops, 118 with the lookup once per step, 130-145 with the fused weights as well.
 
 vLLM loads ``register`` in every process it starts (entry point ``vllm.general_plugins`` in
 pyproject.toml; ``assistant.vllm_launch`` registers it too), so the engine core and its
 worker, where the model runs, use these ops. Each process that patched prints ``REPLACED``
 to the server's log; when every engine-core and worker pid is among them, the app sends
-base requests with no adapter at all
-(``VLLMServer.fixed_lora_ops``). A server without this plugin gets the all-zero base
-adapter instead, so it answers correctly as well. Tests: ``tests/test_vllm_lora_ops.py``
-(against vLLM's own ops and wrapper) and ``tests/integration/test_vllm.py`` (mixed batches
-through a real server).
+base requests with no adapter at all (``VLLMServer.fixed_lora_ops``). A server without
+this plugin gets the all-zero base adapter instead, so it answers correctly as well.
+Tests: ``tests/test_vllm_lora_ops.py`` (against vLLM's own ops and wrapper) and
+``tests/integration/test_vllm.py`` (mixed batches through a real server).
 """
 
 from __future__ import annotations
