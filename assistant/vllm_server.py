@@ -170,10 +170,10 @@ class VLLMServer:
             if log_path:
                 out.close()
         self._wait_ready()
-        self.fixed_lora_ops = self._engine_core_runs_our_lora_ops(log_start)
+        self.fixed_lora_ops = self._model_runs_our_lora_ops(log_start)
         self._ready.set()
 
-    def _engine_core_runs_our_lora_ops(self, log_start: int) -> bool:
+    def _model_runs_our_lora_ops(self, log_start: int) -> bool:
         """True when this launch's log shows our plugin's line from every process that runs
         the model: the engine core and its workers (on CPU the model runs in a worker)."""
         if not self.config.log_path:
