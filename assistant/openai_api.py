@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .chat import ChatInputError, check_chars
 from .engine import Adapter, EngineError
+from .vllm_engine import sse_event
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,11 @@ class Answers:
         self._buffer += raw
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            line = line.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
             try:
-                event = json.loads(line[5:])
+                event = sse_event(line.decode("utf-8", errors="replace"))
             except ValueError:
+                continue
+            if event is None:
                 continue
             if event.get("usage"):
                 self.tokens = event["usage"].get("completion_tokens")

@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 RESTARTING = "the model server stopped and is restarting; try again in a minute"
 
 
+def sse_event(line: str) -> dict | None:
+    """One line of vLLM's server-sent event stream: its JSON event, or None for other lines
+    (blank, comments, the final ``[DONE]``). Raises ValueError on a data line that is not JSON."""
+    line = line.strip()
+    if not line.startswith("data:") or line == "data: [DONE]":
+        return None
+    return json.loads(line[5:])
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -216,9 +225,9 @@ class VLLMEngine:
                 if r.status_code != 200:
                     raise EngineError(f"vLLM answered {r.status_code}: {r.read().decode(errors='replace')[:300]}")
                 for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    event = sse_event(line)
+                    if event is None:
                         continue
-                    event = json.loads(line[6:])
                     if "error" in event:
                         raise EngineError(f"vLLM failed mid-answer: {event['error']}")
                     if event.get("usage"):
