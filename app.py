@@ -55,7 +55,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["vllm", "hf"], default=d.engine, help="serving engine (default vllm)")
     p.add_argument("--vllm-url", default=None, help="use this running vLLM server instead of starting one")
     p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="its API key (or env ASSISTANT_VLLM_API_KEY)")
-    p.add_argument("--vllm-dtype", default=d.vllm_dtype, help="dtype of the started vLLM server")
+    p.add_argument("--dtype", "--vllm-dtype", dest="dtype", choices=["auto", "bfloat16", "float32"], default=d.dtype,
+                   help="number format for serving (default auto: bfloat16 only where this CPU/GPU computes it natively)")
     p.add_argument("--api-keys", type=Path, default=None, help="file of 'user_id key' lines: serve the OpenAI-compatible API")
     p.add_argument("--api-port", type=int, default=None, help="port of that API (default PORT+1)")
     p.add_argument("--host", default=d.host, help="address to listen on (default loopback)")
@@ -107,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--as", dest="actor", required=True, help="the admin account starting the job (recorded)")
     tr.add_argument("--job", default=None, help="run this queued job (the console's launcher uses it)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
+    tr.add_argument("--priority", choices=["background", "normal"], default="background",
+                    help="background (default): use only CPU time that serving leaves (chats stay fast)")
     _model_options(tr)
     ex = sub.add_parser("export", help="export preference data (JSONL and datasets folders)")
     ex.add_argument("--out", type=Path, default=None, help="folder to write (default DATA_DIR/exports/<time>/)")
@@ -119,7 +122,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
-        vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, vllm_dtype=a.vllm_dtype,
+        vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, dtype=a.dtype,
         api_keys_file=a.api_keys, api_port=a.api_port,
     )
 
@@ -188,18 +191,23 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from ui.chat_page import ChatPage
     from ui.page import build_app
 
+    from assistant.precision import machine_format
+
     closers = closers if closers is not None else []
     store = Store(config.db_path)
     ensure_first_admin(store)
     model_path = resolve_model(config.model, config.models_dir)
+    # Measured on this machine, never assumed: bf16 on a CPU without it runs 50x slower.
+    fmt = machine_format(config.dtype)
+    print(f"serving in {fmt.describe()}", flush=True)
     if config.engine == "vllm":
         from assistant.vllm_engine import open_vllm_engine
 
-        engine = open_vllm_engine(config, model_path)
+        engine = open_vllm_engine(config, model_path, dtype=fmt.dtype)
     else:
         from assistant.hf_engine import HFEngine
 
-        engine = HFEngine(model_path, config.context_tokens)
+        engine = HFEngine(model_path, config.context_tokens, dtype=fmt.torch_dtype())
     closers.append(engine.close)
     shapes, base = base_weight_shapes(model_path), base_model_identity(model_path)
     router = AdapterRouter(

@@ -27,7 +27,9 @@ class ServeConfig:
     max_loras: int = 4
     max_lora_rank: int = 32
     kv_cache_gib: int = 2
-    vllm_dtype: str = "bfloat16"
+    # "auto": bfloat16 where this machine computes it natively, float32 elsewhere
+    # (assistant.precision); the vLLM server and the transformers engine both use it.
+    dtype: str = "auto"
     # OpenAI-compatible API for users ("user_id key" per line); off when None.
     api_keys_file: Path | None = None
     api_port: int | None = None  # None: port + 1

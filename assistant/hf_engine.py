@@ -24,12 +24,14 @@ from transformers import (
 
 from .engine import Adapter, Chunk, EngineError, Sampling
 
-# bf16 is about 20% faster than fp32 on AVX-512-bf16 CPUs and halves memory.
-DEFAULT_DTYPE = torch.bfloat16
-
-
 class HFEngine:
-    def __init__(self, model_path: str | Path, context_tokens: int, dtype: torch.dtype = DEFAULT_DTYPE):
+    def __init__(self, model_path: str | Path, context_tokens: int, dtype: torch.dtype | None = None):
+        # None: the machine's format (assistant.precision): bfloat16 where the CPU computes it
+        # natively (~20% faster, half the memory), float32 where bf16 would run 50x slower.
+        if dtype is None:
+            from .precision import machine_format
+
+            dtype = machine_format().torch_dtype()
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

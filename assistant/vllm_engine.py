@@ -255,8 +255,11 @@ class VLLMEngine:
             self.server.stop()
 
 
-def open_vllm_engine(config, model_path: Path) -> VLLMEngine:
-    """Start (or connect to) vLLM for ``config`` (a ServeConfig) and return the engine."""
+def open_vllm_engine(config, model_path: Path, dtype: str = "float32") -> VLLMEngine:
+    """Start (or connect to) vLLM for ``config`` (a ServeConfig) and return the engine.
+
+    ``dtype`` is the concrete format the server computes in (the caller resolves "auto").
+    """
     from .base_adapter import base_adapter
     from .vllm_server import VLLMServerConfig
 
@@ -271,7 +274,7 @@ def open_vllm_engine(config, model_path: Path) -> VLLMEngine:
     server = VLLMServer(VLLMServerConfig(
         model_path=model_path, served_name=Path(model_path).name, context_tokens=config.context_tokens,
         max_loras=config.max_loras, max_lora_rank=config.max_lora_rank, kv_cache_gib=config.kv_cache_gib,
-        dtype=config.vllm_dtype, log_path=config.data_dir / "vllm.log",
+        dtype=dtype, log_path=config.data_dir / "vllm.log",
     ))
     server.start()
     try:

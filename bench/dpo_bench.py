@@ -36,9 +36,9 @@ def peak_mb() -> float:
 
 
 def make_pairs(model_dir: Path, n_train: int, n_eval: int, answer_tokens: int) -> tuple[list, list, float]:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from assistant.precision import machine_format
     from tuning.generation import greedy_answers
     from tuning.synthetic import first_sentence, prompts
 
@@ -50,7 +50,7 @@ def make_pairs(model_dir: Path, n_train: int, n_eval: int, answer_tokens: int) -
     held = [c for c in convs if c[-1]["content"] in held_q][: n_eval * 2]
     train = [c for c in convs if c[-1]["content"] not in held_q][: int(n_train * 1.4)]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=machine_format().torch_dtype())  # as served
     t = time.monotonic()
     answers = greedy_answers(model, tok, train + held, max_new_tokens=answer_tokens)
     seconds = time.monotonic() - t
@@ -66,6 +66,7 @@ def worker(args) -> None:
     """One measurement in this process; prints one JSON line."""
     import torch
 
+    from assistant.precision import machine_format
     from store import Store
     from tuning.config import TrainConfig
     from tuning.gate import GateConfig
@@ -79,7 +80,7 @@ def worker(args) -> None:
         store = Store(data / "assistant.db")
         t = time.monotonic()
         r = train_adapter(pairs, eval_pairs, store=store, data_dir=data, base_model_dir=Path(args.model_dir),
-                          config=TrainConfig(), gate_config=GateConfig(max_length_drift=0.75), created_by="bench")
+                          config=TrainConfig(dtype=args.dtype), gate_config=GateConfig(max_length_drift=0.75), created_by="bench")
         wall = time.monotonic() - t
         row = store.adapter(r.version) if r.version else {}
         ev = row.get("eval_json") or {}
@@ -97,7 +98,7 @@ def worker(args) -> None:
             "cost": row.get("cost_json"), "trainable_share": row.get("trainable_share"), "peak_mb": peak_mb(),
         }), flush=True)
         return
-    config = TrainConfig(trainer=args.worker, epochs=1)
+    config = TrainConfig(trainer=args.worker, epochs=1, dtype=machine_format(args.dtype).dtype)
     subset = pairs[: args.steps * config.batch_size]
     model, tok = load_for_training(Path(args.model_dir), config, None, Path("."))
     rows: list[dict] = []
@@ -117,7 +118,7 @@ def worker(args) -> None:
         "seconds_per_step": round(sum(steady) / len(steady), 2) if steady else None,
         "first_step_loss": round(rows[0]["loss"], 4), "first_step_dpo_loss": round(rows[0].get("dpo_loss", 0), 4),
         "last_margin": round(rows[-1]["reward_margin"], 4), "last_reward_acc": rows[-1]["reward_accuracy"],
-        "peak_mb": peak_mb(), "torch_threads": torch.get_num_threads(),
+        "peak_mb": peak_mb(), "torch_threads": torch.get_num_threads(), "dtype": config.dtype,
     }), flush=True)
 
 
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--compare-only", action="store_true", help="skip the full job")
     p.add_argument("--compare-twice", action="store_true", help="run loop, trl, loop, trl (load on a shared machine drifts)")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="number format (default auto: what a job on this machine picks)")
     p.add_argument("--worker", choices=["loop", "trl", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -150,7 +153,10 @@ def main() -> None:
         return worker(args)
 
     from assistant.model_files import prepare_embedded_model
+    from assistant.precision import choose_format
 
+    fmt = choose_format(args.dtype)
+    print(f"{time.strftime('%Y-%m-%d')}; CPU: {fmt.cpu}; format {fmt.dtype} ({fmt.reason})", flush=True)
     model_dir = prepare_embedded_model(args.models_dir)
     print(f"model {model_dir.name}, {os.cpu_count()} CPUs; making {args.pairs}+{args.eval_pairs} on-policy pairs", flush=True)
     train, held, gen_s = make_pairs(model_dir, args.pairs, args.eval_pairs, args.answer_tokens)
@@ -159,17 +165,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
     (tmp / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
-    common = ["--model-dir", str(model_dir), "--pairs-file", str(tmp / "train.jsonl"), "--eval-file", str(tmp / "eval.jsonl")]
+    common = ["--dtype", args.dtype, "--model-dir", str(model_dir), "--pairs-file", str(tmp / "train.jsonl"), "--eval-file", str(tmp / "eval.jsonl")]
 
     results = []
     for kind in ("loop", "trl", "loop", "trl") if args.compare_twice else ("loop", "trl"):
         print(f"-- {kind}: {args.compare_steps} steps of 4 pairs", flush=True)
         results.append(run_worker(kind, common, args.compare_steps))
         print("  ", json.dumps(results[-1]), flush=True)
-    print("\n| trainer | s/step (steps 2..n) | step-1 DPO loss | reward margin at last step | peak MB |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| trainer | format | s/step (steps 2..n) | step-1 DPO loss | reward margin at last step | peak MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['measure']} | {r.get('seconds_per_step')} | {r.get('first_step_dpo_loss')} | {r.get('last_margin')} | {r.get('peak_mb')} |")
+        print(f"| {r['measure']} | {r.get('dtype')} | {r.get('seconds_per_step')} | {r.get('first_step_dpo_loss')} "
+              f"| {r.get('last_margin')} | {r.get('peak_mb')} |")
     if not args.compare_only:
         print(f"\n-- full job: {len(train)} pairs, default TrainConfig, gate on {len(held)} held-out pairs", flush=True)
         full = run_worker("full", common, 0)

@@ -113,15 +113,19 @@ def main() -> None:
     p.add_argument("--chats", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--swaps", type=int, default=5)
-    p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (the app's default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="number format of both engines (default auto: what the app picks on this machine)")
     p.add_argument("--skip-hf", action="store_true")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from assistant.model_files import prepare_embedded_model
+    from assistant.precision import choose_format
     from assistant.vllm_engine import VLLMEngine
     from assistant.vllm_server import VLLMServer, VLLMServerConfig
 
+    fmt = choose_format(a.dtype)
+    print(fmt.describe())
     model = prepare_embedded_model(a.models_dir)
     sampling = Sampling(temperature=0.0, max_new_tokens=a.new_tokens)
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
@@ -130,7 +134,7 @@ def main() -> None:
 
     server = VLLMServer(VLLMServerConfig(
         model_path=model, served_name=model.name, context_tokens=2048, max_lora_rank=RANK,
-        dtype=a.dtype, log_path=work / "vllm.log",
+        dtype=fmt.dtype, log_path=work / "vllm.log",
     ))
     t = time.perf_counter()
     server.start()
@@ -143,7 +147,7 @@ def main() -> None:
         print(f"vLLM base requests: {'no adapter (our LoRA ops)' if engine.plain_base else 'zero adapter'}")
         router = AdapterRouter(engine, versions.__getitem__, base_shapes=base_weight_shapes(model), max_rank=RANK)
         router.promote(1)
-        row = measure(f"vLLM ({a.dtype})", engine, a.chats, sampling, versions[1].adapter,
+        row = measure(f"vLLM ({fmt.dtype})", engine, a.chats, sampling, versions[1].adapter,
                       router, list(range(2, 2 + a.swaps)))
         if engine.plain_base:  # what the base costs where the app must use the zero adapter
             zero = base_adapter(model, work, RANK)
@@ -155,16 +159,15 @@ def main() -> None:
         server.stop()
 
     if not a.skip_hf:
-        import torch
-
         from assistant.hf_engine import HFEngine
 
-        hf = HFEngine(model, 2048, dtype=torch.bfloat16)
+        hf = HFEngine(model, 2048, dtype=fmt.torch_dtype())
         hf.load_adapter(versions[1].adapter)
-        rows.append(measure("transformers (bf16)", hf, a.chats, sampling, versions[1].adapter))
+        rows.append(measure(f"transformers ({fmt.dtype})", hf, a.chats, sampling, versions[1].adapter))
 
     print(f"\n{a.chats} concurrent chats x {a.new_tokens} new tokens, greedy, {model.name}, "
-          f"adapter rank {RANK} all-linear; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+          f"adapter rank {RANK} all-linear; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"{time.strftime('%Y-%m-%d')}\nCPU: {fmt.cpu}; format {fmt.dtype} ({fmt.reason})\n")
     keys = [k for k in rows[0] if k != "engine"]
     print(f"{'':26}" + "".join(f"{r['engine']:>22}" for r in rows))
     for k in keys:

@@ -73,7 +73,7 @@ def test_training_changes_lora_weights_only_and_learns_the_preference(lora_model
     model, tok = lora_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = []
-    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, bf16=False)
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32")
     metrics = train_loop(model, tok, toy_pairs(16), config, progress=rows.append)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -88,7 +88,7 @@ def test_training_stops_between_steps_when_asked(lora_model):
     model, tok = lora_model
     seen = []
     with pytest.raises(Cancelled, match="step 2"):
-        train_loop(model, tok, toy_pairs(16), TrainConfig(rank=4, bf16=False), progress=seen.append,
+        train_loop(model, tok, toy_pairs(16), TrainConfig(rank=4, dtype="float32"), progress=seen.append,
                    should_stop=lambda: len(seen) >= 2)
     assert len(seen) == 2
 
@@ -99,7 +99,7 @@ def test_trl_trainer_optimises_the_same_objective(lora_model):
     model, tok = lora_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = []
-    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, bf16=False, trainer="trl")
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32", trainer="trl")
     metrics = train_trl(model, tok, toy_pairs(16), config, progress=rows.append)
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)

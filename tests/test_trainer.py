@@ -18,7 +18,7 @@ from tuning.gate import GateConfig, Golden
 from tuning.trainer import TMP_PREFIX, recover_stale_jobs, train_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, bf16=False)
+FAST = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, dtype="float32")
 GATE = GateConfig(golden=(Golden("question 1?", ("yes",)),), max_new_tokens=8, max_length_prompts=4)
 
 
@@ -56,6 +56,9 @@ def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_
     assert row["base_model"] == base_model_identity(checkpoint)
     assert row["pair_ids_json"] == [p["id"] for p in toy_pairs(16)]
     assert row["config_json"]["learning_rate"] == 5e-3 and row["config_json"]["gate"]["max_new_tokens"] == 8
+    # The format that ran, why, and on which CPU: on the version and on the job.
+    assert row["config_json"]["dtype"] == row["config_json"]["format"]["dtype"] == "float32"
+    assert row["config_json"]["format"]["reason"] == "set explicitly" and row["config_json"]["format"]["cpu"]
     assert row["metrics_json"]["steps"] == 8 and row["metrics_json"]["newest_feedback_utc"]
     assert 0 < row["trainable_share"] < 1 and row["trainable_params"] > 0 and row["train_seconds"] > 0
     assert row["cost_json"]["full_finetune_usd"] > row["cost_json"]["estimated_usd"] > 0
@@ -66,6 +69,7 @@ def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_
     job = store.job(result.job_id)
     assert (job["status"], job["adapter_version"], job["created_by"]) == ("succeeded", result.version, "alice")
     assert job["progress_json"]["phase"] == "done" and job["pid"] == os.getpid()
+    assert job["config_json"]["format"]["dtype"] == job["config_json"]["train"]["dtype"] == "float32"
     steps = [r for r in seen if r.get("phase") == "training" and "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert all({"loss", "reward_accuracy", "reward_margin"} <= set(r) for r in steps)
@@ -144,7 +148,7 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(8, 1000, "e")))
     cmd = [sys.executable, "-m", "tuning.train", "--data-dir", str(tmp_path), "--model", str(checkpoint),
            "--pairs", str(tmp_path / "train.jsonl"), "--eval-pairs", str(tmp_path / "eval.jsonl"),
-           "--set", "rank=4", "--set", "bf16=false", "--set", "batch_size=1", "--set", "epochs=50"]
+           "--set", "rank=4", "--set", "dtype=float32", "--set", "batch_size=1", "--set", "epochs=50"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     store = Store(tmp_path / "assistant.db")
 
@@ -160,6 +164,10 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
         pytest.fail("training did not start: " + proc.communicate()[0][-2000:])
 
     proc, job_id = start_and_wait_for_steps()
+    # A job yields the CPU to serving: it and every thread it started (PyTorch's pool) run
+    # under SCHED_IDLE, so a chat's decode step preempts it at once.
+    threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+    assert len(threads) > 1 and {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out

@@ -47,9 +47,12 @@ class TrainConfig:
     # Prompt + answer tokens per sequence. Chat pairs here are ~100-300 tokens; longer ones
     # keep the end of the prompt and the start of the answer (what the preference is about).
     max_length: int = 512
-    # bf16 autocast over fp32 weights: ~20% faster than fp32 on AVX-512-bf16 CPUs, and
-    # the LoRA weights and optimiser state stay fp32.
-    bf16: bool = True
+    # Number format of the steps. "auto" (assistant.precision): bf16 autocast over fp32
+    # weights where the CPU computes bf16 natively (~20% faster per step on AVX512_BF16;
+    # LoRA weights and optimiser state stay fp32), plain float32 elsewhere: on an AVX2-only
+    # EPYC a bf16 step took minutes (reference kernels, 1.2 GFLOPS against 60 in fp32).
+    # The job records the format it resolved to.
+    dtype: str = "auto"
     seed: int = 0
 
     # -- which trainer ------------------------------------------------------------------
@@ -73,6 +76,9 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with ``changes``; unknown keys and wrong types are refused by name."""
+        if "bf16" in changes:  # the boolean setting of earlier versions, in old queued jobs
+            changes = {**changes}
+            changes.setdefault("dtype", "bfloat16" if changes.pop("bf16") else "float32")
         fields = {f.name: f for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - set(fields))
         if unknown:
@@ -93,6 +99,8 @@ class TrainConfig:
         return new
 
     def check(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16 or float32, not {self.dtype!r}.")
         if self.trainer not in ("loop", "trl"):
             raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
         for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):

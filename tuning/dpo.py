@@ -200,7 +200,7 @@ def train_loop(
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled at step {step} of {steps}")
             batch = collate([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
-            loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.bf16)
+            loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

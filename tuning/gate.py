@@ -100,7 +100,7 @@ def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, ba
     """Per pair: log pi(chosen) - log pi(rejected) summed over answer tokens, and the same
     difference of per-token means.
 
-    Runs in the model's own dtype: the trainer casts to bf16 for evaluation, as served.
+    Runs in the model's own dtype: the trainer casts it to the machine's serving format.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     items = [tokenize_pair(tokenizer, p, max_length) for p in pairs]

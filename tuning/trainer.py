@@ -61,7 +61,7 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    # fp32 master weights; the steps run under bf16 autocast (config.bf16).
+    # fp32 master weights; with dtype bfloat16 the steps run under bf16 autocast.
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     if config.continue_from is not None:
@@ -97,9 +97,15 @@ def train_adapter(
     ``id``); eval pairs must be held out from training. ``progress`` receives a dict after
     every step and at each phase change; ``cancel`` stops the run between steps.
     """
+    from assistant.precision import machine_format
+
     data_dir, base_model_dir = Path(data_dir), Path(base_model_dir)
     config.check()
-    job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(),
+    # "auto" becomes this machine's format here, so the job and the version record the one
+    # that ran (and why), not the setting.
+    fmt = machine_format(config.dtype)
+    config = config.replace(dtype=fmt.dtype)
+    job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if job_id is None:
         job_id = store.create_job(created_by, job_config, status="queued")
@@ -134,7 +140,8 @@ def train_adapter(
             raise ValueError("there are no held-out pairs for the evaluation gate")
         if overlap - {None}:
             raise ValueError(f"{len(overlap)} evaluation pair(s) are also training pairs; the gate needs held-out data")
-        report({"phase": "loading"})
+        report({"phase": "loading", "format": fmt.dtype})
+        print(f"training in {fmt.describe()}", flush=True)
         model, tokenizer = load_for_training(base_model_dir, config, store, data_dir)
         trainable, total, share = trainable_params(model)
 
@@ -155,11 +162,9 @@ def train_adapter(
         info = validate_adapter(tmp, base_shapes=base_shapes, max_rank=config.max_rank)
 
         report({"phase": "evaluating"})
-        # Evaluate in bf16, as served (and because autocast re-casts every weight at every
-        # generated token, which makes generation several times slower).
-        import torch
-
-        model.to(torch.bfloat16)
+        # Evaluate in the format the server on this machine uses (the same choice), and
+        # without autocast, which re-casts every weight at every generated token.
+        model.to(fmt.torch_dtype())
         if should_stop():
             raise Cancelled("cancelled before evaluation")
         evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
@@ -172,7 +177,7 @@ def train_adapter(
             "parent_version": config.continue_from,
             "job_id": job_id,
             "pair_ids_json": ids,
-            "config_json": {**config.to_dict(), "gate": gate_config.to_dict()},
+            "config_json": {**config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict()},
             "metrics_json": {**metrics, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
                              "newest_feedback_utc": newest, "job_seconds": round(time.monotonic() - started, 1)},
             "eval_json": evaluation,

@@ -38,14 +38,14 @@ ANSWER_TOKENS = 48
 def on_policy(embedded_model):
     """The base model's greedy answers to the questions (what users were shown), for the
     questions it answers in more than one sentence (the others leave nothing to cut)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from assistant.precision import machine_format
     from tuning.generation import greedy_answers
 
     qs = prompts()
     tok = AutoTokenizer.from_pretrained(embedded_model)
-    model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=machine_format().torch_dtype())  # as the app serves here
     answers = greedy_answers(model, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens=ANSWER_TOKENS)
     usable = [(i, q, a) for i, (q, (a, _)) in enumerate(zip(qs, answers)) if first_sentence(a) != a]
     held = [(q, a) for i, q, a in usable if i % 5 == 0][:N_HELD]
