@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--price-per-hour", type=float, default=None, help="hardware price for the cost estimate (USD/h)")
     p.add_argument("--trainer", choices=["loop", "trl"], default=None, help="our own loop (default) or TRL's DPOTrainer")
     p.add_argument("--by", default=os.environ.get("USER", "cli"), help="who started the job (recorded)")
+    p.add_argument("--priority", choices=["background", "normal"], default="background",
+                   help="background (default): use only CPU time that serving leaves (chats stay fast)")
     return p.parse_args(argv)
 
 
@@ -62,6 +64,14 @@ def _overrides(store, a: argparse.Namespace) -> dict:
     return overrides
 
 
+def _yield_cpu(policy: str) -> None:
+    """Before torch starts its threads (they inherit it): a background job runs only on CPU
+    time the chat server leaves (tuning.priority)."""
+    from .priority import apply
+
+    print(f"job priority: {policy} ({apply(policy)})", flush=True)
+
+
 def read_pairs(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -70,6 +80,7 @@ def read_pairs(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     a = parse_args(argv)
+    _yield_cpu(a.priority)
     from assistant.model_files import resolve_model
     from store import Store
 
@@ -128,6 +139,7 @@ def run_from_app(a) -> int:
     Used by an admin at the command line and by the console's launcher (``--job`` names the
     job the console queued, whose row holds its setting overrides).
     """
+    _yield_cpu(a.priority)
     from assistant.model_files import resolve_model
     from store import Store
 
