@@ -175,8 +175,16 @@ class ChatService:
             raise ChatInputError(
                 f"The persona is {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}."
             )
-        return self.store.create_conversation(user_id, system_prompt=system_prompt,
-                                              exclude_from_training=exclude_from_training)
+        with saving("The new conversation"):  # the page keeps the first message in the box
+            return self.store.create_conversation(user_id, system_prompt=system_prompt,
+                                                  exclude_from_training=exclude_from_training)
+
+    def set_excluded_from_training(self, conversation_id: str, user_id: str, excluded: bool) -> bool:
+        """The "Don't use this conversation for training" switch; returns what is stored.
+        A refused write raises NotSaved and changes nothing."""
+        with saving("Your training choice"):
+            self.store.update_conversation(conversation_id, user_id, exclude_from_training=excluded)
+        return bool(self.store.conversation(conversation_id, user_id)["exclude_from_training"])
 
     def send(self, conversation_id: str, user_id: str, text: str) -> Iterator[Reply]:
         """Record the user's message and stream the answer to it."""

@@ -244,3 +244,39 @@ def test_ticking_dont_train_before_the_first_message_excludes_the_new_conversati
     data = build_preferences(store)
     used = {r.conversation_id for r in data.train_unpaired + data.eval_unpaired}
     assert used == {included}
+
+
+def test_a_locked_database_on_a_new_chat_and_on_the_training_box_is_said_and_the_box_shows_the_truth(
+        tmp_path, engine, monkeypatch):
+    import sqlite3
+
+    import store.store as store_module
+    from assistant.chat import ChatService
+    from assistant.engine import Sampling
+    from store import Store
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    db = Store(tmp_path / "a.db")
+    page = ChatPage(ChatService(store=db, engine=engine, sampling=Sampling(max_new_tokens=32)))
+    state = send(page, "hello", {})[2]
+    cid = state["conversation_id"]
+    lock = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holding the lock past the busy timeout
+
+    with pytest.warns(UserWarning, match=r"The new conversation could not be saved: the database said \"database is locked\""):
+        outs = list(page.on_send("first message of a new chat", "", {}, req(), True))
+    assert outs[-1][1] != "" and db.count("conversations") == 1  # the text stays in the box
+
+    with pytest.warns(UserWarning, match="Your training choice could not be saved"):
+        box = page.on_opt_out(True, state, req())
+    assert box["value"] is False  # the box shows what is stored: still trainable
+    lock.rollback()
+    assert db.conversation(cid, "alice")["exclude_from_training"] == 0
+    assert page.on_opt_out(True, state, req())["value"] is True
+    assert db.conversation(cid, "alice")["exclude_from_training"] == 1
+    with pytest.raises(gr.Error, match="could not be saved"):
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            list(page.api_chat("new chat over the API", "", "", req()))
+        finally:
+            lock.rollback()

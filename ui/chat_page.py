@@ -248,9 +248,21 @@ class ChatPage:
         return chat, state, conv["system_prompt"], bool(conv["exclude_from_training"])
 
     def on_opt_out(self, excluded: bool, state: dict, request: gr.Request):
+        """Store the box for this conversation; the box then shows what is stored, so a
+        refused write never leaves it ticked over a conversation that stays trainable.
+        Before a new chat's first message there is nothing to store: on_send reads the box."""
         cid = (state or {}).get("conversation_id")
-        if cid:
-            self.store.update_conversation(cid, user_of(request), exclude_from_training=excluded)
+        if not cid:
+            return gr.update()
+        user = user_of(request)
+        try:
+            stored = self.service.set_excluded_from_training(cid, user, excluded)
+        except ChatInputError as e:
+            gr.Warning(str(e))
+            stored = bool(self.store.conversation(cid, user)["exclude_from_training"])
+        except NotFound as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return gr.update(value=stored)
 
     def on_load(self, request: gr.Request):
         user = user_of(request)
@@ -387,7 +399,7 @@ class ChatPage:
         undo.click(self.on_undo, [state], [chatbot, state], api_visibility="private")
         new_chat.click(self.on_new_chat, [state], [chatbot, state, persona, conversations, opt_out], api_visibility="private")
         conversations.input(self.on_pick, [conversations, state], [chatbot, state, persona, opt_out], api_visibility="private")
-        opt_out.input(self.on_opt_out, [opt_out, state], None, api_visibility="private")
+        opt_out.input(self.on_opt_out, [opt_out, state], [opt_out], api_visibility="private")
         demo.load(self.on_load, None, [conversations, signed_in], api_visibility="private")
 
         gr.api(self.api_chat, api_name="chat")
