@@ -92,11 +92,12 @@ class Controller:
         """Queue and launch a training job; refused while another one is queued or running."""
         if actor != "scheduler":
             self.require_admin(actor)
-        with self._lock:
-            active = [j for s in ACTIVE for j in self.store.jobs(s)]
-            if active:
-                raise Conflict(f"Training job {active[0]['id']} is still {active[0]['status']}; wait or cancel it.")
-            job_id = self.store.create_job(actor, overrides or {}, status="queued")
+        from store import JobConflict
+
+        try:
+            job_id = self.store.queue_job(actor, overrides or {})  # atomic across processes
+        except JobConflict as e:
+            raise Conflict(str(e)) from e
         try:
             self.launcher(job_id)
         except Exception as e:

@@ -102,7 +102,7 @@ def train_adapter(
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(),
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if job_id is None:
-        job_id = store.create_job(created_by, job_config, status="queued")
+        job_id = store.queue_job(created_by, job_config)  # JobConflict while another job is active
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
         job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
     started = time.monotonic()
