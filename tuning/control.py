@@ -112,6 +112,13 @@ class Controller:
             raise Conflict(f"Job {job_id} is {job['status']}; there is nothing to cancel.")
         # The trainer polls this flag between steps and stops, leaving nothing behind.
         self.store.update_job(job_id, cancel_requested=1)
+        from . import jobs
+
+        if job["status"] == "running" and jobs.is_stale(job):
+            # Nobody is left to read the flag (the process is gone, frozen, or its pid is
+            # another process's now): end the job here, signalling only a proven trainer.
+            jobs.end_job(self.store, job, "cancelled", f"cancelled by {actor}: its process sent {jobs.silence(job)}",
+                         jobs.job_process(job))
 
     # -- serving ---------------------------------------------------------------------
 
