@@ -226,10 +226,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     if config.api_keys_file:
         if config.engine != "vllm":
             raise SystemExit("--api-keys needs --engine vllm")
-        from assistant.openai_api import build_api, read_keys, serve_api
+        from assistant.openai_api import ApiLimits, build_api, read_keys, serve_api
 
         api = serve_api(
-            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store),
+            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store,
+                      limits=ApiLimits(max_new_tokens=config.sampling.max_new_tokens)),
             config.host, config.api_port or config.port + 1,
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
