@@ -136,9 +136,25 @@ class ChatService:
         # Drop whole user/assistant exchanges, oldest first, so no answer loses its question.
         kept = list(history)
         dropped = 0
-        while kept and self.engine.count_tokens(head + kept + tail) > budget:
-            kept = kept[2:]
-            dropped += 2
+        total = self.engine.count_tokens(head + kept + tail)
+        if kept and total > budget:
+            # Each message is tokenized once (re-counting what is left after every drop was
+            # quadratic: 11 s for 100 long turns). A chat template adds about the same few
+            # tokens per message, so a message costs its text plus that wrapper.
+            count = self.engine.count_tokens
+            empty = {role: count([{"role": role, "content": ""}]) for role in {m["role"] for m in kept}}
+            wrapper = count([{"role": "user", "content": ""}] * 2) - count([{"role": "user", "content": ""}])
+            cost = [count([m]) - empty[m["role"]] + wrapper for m in kept]
+            while dropped < len(kept) and total > budget:
+                total -= sum(cost[dropped:dropped + 2])
+                dropped += 2
+            kept = kept[dropped:]
+            # The estimate is a template's arithmetic, not its exact count: check it once, and
+            # in the rare case it was short keep dropping.
+            while kept and count(head + kept + tail) > budget:
+                kept = kept[2:]
+                dropped += 2
+            dropped = min(dropped, len(history))
         truncated = 0
         if self.engine.count_tokens(head + tail) > budget:
             truncated = self._truncate_to_fit(head, new_message, budget)

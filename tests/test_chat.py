@@ -187,3 +187,41 @@ def test_a_database_too_busy_to_write_gives_a_clear_message_and_keeps_what_was_s
     engine.enqueue("third answer")
     retried = list(service.retry_message(turns[1].message["id"], "alice"))[-1]  # retry works once free
     assert retried.answer_id and db.answer(retried.answer_id, "alice")["content"] == "third answer"
+
+
+class CountingEngine:
+    """The fake engine, counting how many characters the tokenizer is given."""
+
+    def __init__(self, engine):
+        self.engine, self.chars, self.calls = engine, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def count_tokens(self, messages):
+        self.calls += 1
+        self.chars += sum(len(m["content"]) for m in messages)
+        return self.engine.count_tokens(messages)
+
+
+def test_fitting_a_long_conversation_counts_each_message_once(store, engine):
+    from assistant.chat import ChatService
+    from assistant.engine import Sampling
+
+    counting = CountingEngine(engine)
+    service = ChatService(store=store, engine=counting, sampling=Sampling(max_new_tokens=32))
+    history = []
+    for i in range(100):  # the audit's 100 turns, each too long to keep many
+        history += [{"role": "user", "content": f"question {i} " + "word " * 40},
+                    {"role": "assistant", "content": f"answer {i} " + "word " * 40}]
+    chars = sum(len(m["content"]) for m in history)
+    prompt = service.build_prompt("Be brief.", history, "the last question")
+    assert counting.chars <= 3 * chars + 1000  # linear: before, each dropped exchange re-counted the rest (~50x)
+    budget = engine.context_tokens - 32
+    assert engine.count_tokens(prompt.messages) <= budget  # it fits...
+    kept = prompt.messages[1:-1]
+    assert kept == history[len(history) - len(kept):] and kept[0]["role"] == "user"  # the newest exchanges...
+    one_more = prompt.messages[:1] + history[len(history) - len(kept) - 2:] + prompt.messages[-1:]
+    assert engine.count_tokens(one_more) > budget  # ...and no fewer than fit
+    assert prompt.trimmed_messages == len(history) - len(kept)
+
