@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_PROMPT_CHARS = 4_000
 MAX_COMMENT_CHARS = 2_000
 MAX_EDIT_CHARS = MAX_MESSAGE_CHARS
+# Answers one user may have generating at once (page tabs and API scripts together): two
+# covers a retry beside a running answer; more lets one user hold the engine's batch and
+# the page's worker threads while everyone else waits.
+MAX_GENERATIONS_PER_USER = 2
 
 
 class ChatInputError(ValueError):
@@ -47,6 +52,31 @@ def saving(what: str) -> Iterator[None]:
         yield
     except sqlite3.OperationalError as e:
         raise not_saved(what, e) from e
+
+
+class GenerationSlots:
+    """At most ``limit`` generations at once per user; a request over it is refused at once
+    (ChatInputError), before anything is written, rather than queued."""
+
+    def __init__(self, limit: int = MAX_GENERATIONS_PER_USER):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, user_id: str) -> Iterator[None]:
+        with self._lock:
+            if self._held.get(user_id, 0) >= self.limit:
+                raise ChatInputError(f"You already have {self.limit} answers being written; wait for one to "
+                                     "finish, then send again.")
+            self._held[user_id] = self._held.get(user_id, 0) + 1
+        try:
+            yield
+        finally:  # also when the client went away and the stream was closed
+            with self._lock:
+                self._held[user_id] -= 1
+                if not self._held[user_id]:
+                    del self._held[user_id]
 
 
 @dataclass
@@ -125,6 +155,7 @@ class ChatService:
     sampling: Sampling = field(default_factory=Sampling)
     # Which adapter answers this user; None is the base model. Set by the serving layer.
     adapter_for: Callable[[str], Adapter | None] = lambda user_id: None
+    slots: GenerationSlots = field(default_factory=GenerationSlots)
 
     # -- prompts -------------------------------------------------------------------
 
@@ -205,20 +236,22 @@ class ChatService:
     def send(self, conversation_id: str, user_id: str, text: str) -> Iterator[Reply]:
         """Record the user's message and stream the answer to it."""
         text = check_text(text, "message", MAX_MESSAGE_CHARS)
-        conv = self.store.conversation(conversation_id, user_id)
-        prompt = self.build_prompt(
-            conv["system_prompt"], self.history(conversation_id, user_id), text
-        )
-        with saving("Your message"):  # the page keeps the text in the box
-            message_id = self.store.add_message(conversation_id, user_id, text)
-        yield from self._answer(message_id, user_id, prompt)
+        with self.slots.hold(user_id):  # before the message is saved: a refused one is not
+            conv = self.store.conversation(conversation_id, user_id)
+            prompt = self.build_prompt(
+                conv["system_prompt"], self.history(conversation_id, user_id), text
+            )
+            with saving("Your message"):  # the page keeps the text in the box
+                message_id = self.store.add_message(conversation_id, user_id, text)
+            yield from self._answer(message_id, user_id, prompt)
 
     def retry(self, answer_id: str, user_id: str) -> Iterator[Reply]:
         """Another answer to exactly the conversation state the given answer answered."""
         answer = self.store.answer(answer_id, user_id)
         messages = json.loads(answer["prompt_json"])
         prompt = Prompt(messages, answer["trimmed_messages"] or 0, 0)
-        yield from self._answer(answer["message_id"], user_id, prompt)
+        with self.slots.hold(user_id):
+            yield from self._answer(answer["message_id"], user_id, prompt)
 
     def retry_message(self, message_id: str, user_id: str) -> Iterator[Reply]:
         """Answer a user turn whose answer failed (there is no answer to retry)."""
@@ -230,7 +263,8 @@ class ChatService:
         conv = self.store.conversation(msg["conversation_id"], user_id)
         history = self.history(msg["conversation_id"], user_id)
         prompt = self.build_prompt(conv["system_prompt"], history, msg["content"])
-        yield from self._answer(message_id, user_id, prompt)
+        with self.slots.hold(user_id):
+            yield from self._answer(message_id, user_id, prompt)
 
     def _answer(self, message_id: str, user_id: str, prompt: Prompt) -> Iterator[Reply]:
         adapter = self.adapter_for(user_id)

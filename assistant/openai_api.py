@@ -26,6 +26,7 @@ away) is not logged as an answer; the message is, as on the chat page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from .api_request import REFUSED_FIELDS, ROLE_LIMITS, ApiLimits, ChatRequest, read_body, upstream_body
-from .chat import ChatInputError, check_chars
+from .chat import ChatInputError, GenerationSlots, check_chars
 from .engine import Adapter, EngineError
 from .vllm_engine import sse_event
 
@@ -164,10 +165,12 @@ def read_keys(path: Path) -> dict[str, str]:
 
 
 def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str], store=None,
-              limits: ApiLimits = ApiLimits(), transport: httpx.AsyncBaseTransport | None = None):
+              limits: ApiLimits = ApiLimits(), transport: httpx.AsyncBaseTransport | None = None,
+              slots: GenerationSlots | None = None):
     """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``;
     answers are logged to ``store`` (a store.Store) when one is given. ``transport``
-    replaces the network to vLLM (tests: httpx.MockTransport)."""
+    replaces the network to vLLM (tests: httpx.MockTransport). ``slots``, shared with the
+    chat page, caps each user's answers generating at once (429 over it)."""
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     upstream = httpx.AsyncClient(
         base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0),
@@ -211,11 +214,21 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
             raise HTTPException(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        held = slots.hold(user) if slots is not None else contextlib.nullcontext()
+        try:
+            held.__enter__()
+        except ChatInputError as e:
+            raise HTTPException(429, str(e)) from e
         live = adapter_for(user)
         try:
             adapter = engine.acquire(live)  # the version is fixed for this request
         except EngineError as e:
+            held.__exit__(None, None, None)
             raise HTTPException(503, str(e)) from e
+
+        def release() -> None:
+            engine.release(adapter)
+            held.__exit__(None, None, None)
         body = upstream_body(asked, messages, adapter.name, limits)
         answers = Answers()
 
@@ -231,14 +244,14 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
             req = upstream.build_request("POST", "/v1/chat/completions", json=body)
             resp = await upstream.send(req, stream=True)
         except httpx.HTTPError as e:
-            engine.release(adapter)
+            release()
             raise HTTPException(503, f"the model server is not answering: {e}") from e
         if not body.get("stream"):
             try:
                 data = await resp.aread()
             finally:
                 await resp.aclose()
-                engine.release(adapter)
+                release()
             payload = json.loads(data) if data else {}
             if isinstance(payload, dict):
                 answers.from_json(payload)
@@ -252,7 +265,7 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
                     yield part
             finally:
                 await resp.aclose()
-                engine.release(adapter)
+                release()
                 await record()
 
         return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")

@@ -225,3 +225,17 @@ def test_fitting_a_long_conversation_counts_each_message_once(store, engine):
     assert engine.count_tokens(one_more) > budget  # ...and no fewer than fit
     assert prompt.trimmed_messages == len(history) - len(kept)
 
+
+def test_each_user_has_at_most_two_answers_generating_at_once(service, store):
+    cid = service.new_conversation("alice")
+    first, second = service.send(cid, "alice", "one"), service.send(cid, "alice", "two")
+    next(first), next(second)  # both answers are streaming
+    with pytest.raises(ChatInputError, match="You already have 2 answers being written"):
+        next(service.send(cid, "alice", "three"))
+    assert [t.message["content"] for t in store.turns(cid, "alice")] == ["one", "two"]  # the third not saved
+    bob = service.new_conversation("bob")
+    assert list(service.send(bob, "bob", "hi"))[-1].answer_id  # others are not held up
+    list(first)  # one finishes: alice may send again
+    assert list(service.send(cid, "alice", "three"))[-1].answer_id
+    second.close()  # a stream the client dropped frees its place too
+    assert list(service.send(cid, "alice", "four"))[-1].answer_id

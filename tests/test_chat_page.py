@@ -280,3 +280,18 @@ def test_a_locked_database_on_a_new_chat_and_on_the_training_box_is_said_and_the
             list(page.api_chat("new chat over the API", "", "", req()))
         finally:
             lock.rollback()
+
+
+def test_a_third_answer_at_once_is_refused_with_a_clear_message_on_the_page_and_the_api(page, store):
+    first = page.on_send("one", "", {}, req())
+    next(first)
+    cid = next(first)[2]["conversation_id"]
+    second = page.api_chat("two", cid, "", req())
+    next(second)  # two answers streaming for alice
+    with pytest.warns(UserWarning, match="You already have 2 answers being written"):
+        outs = list(page.on_send("three", "", {"conversation_id": cid}, req()))
+    assert outs[-1][1] != ""  # the text stays in the box
+    with pytest.raises(gr.Error, match="You already have 2 answers being written"):
+        list(page.api_chat("three", cid, "", req()))
+    assert [t.message["content"] for t in store.turns(cid, "alice")] == ["one", "two"]
+    assert send(page, "hello", {}, user="bob")[2]["conversation_id"]  # bob is not held up

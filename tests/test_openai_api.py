@@ -115,6 +115,7 @@ def api(tmp_path):
     import httpx
     from fastapi.testclient import TestClient
 
+    from assistant.chat import GenerationSlots
     from assistant.openai_api import ApiLimits, build_api
 
     sent = []
@@ -122,15 +123,19 @@ def api(tmp_path):
     def vllm(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         sent.append(body)
+        if body["stream"]:
+            return httpx.Response(200, stream=httpx.ByteStream(STREAM), headers={"content-type": "text/event-stream"})
         choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {i}"}, "finish_reason": "stop"}
                    for i in range(body.get("n", 1))]
         return httpx.Response(200, json={"choices": choices, "usage": {"completion_tokens": 2}})
 
     store = Store(tmp_path / "a.db")
     engine = FakeVLLM()
+    slots = GenerationSlots()  # shared with the chat page in the app
     app = build_api(engine, lambda user: None, {KEY: "alice"}, store=store,
-                    limits=ApiLimits(max_new_tokens=64), transport=httpx.MockTransport(vllm))
+                    limits=ApiLimits(max_new_tokens=64), transport=httpx.MockTransport(vllm), slots=slots)
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        client.slots = slots
         yield client, sent, store, engine
 
 
@@ -195,3 +200,16 @@ def test_the_chat_pages_text_limits_apply(api):
     assert tool.status_code == 400 and "role" in tool.json()["detail"]
     bad = client.post("/v1/chat/completions", json=ask(n="many"))
     assert bad.status_code == 400 and sent == []
+
+
+def test_a_user_with_two_answers_generating_on_the_page_gets_429_from_the_api(api):
+    client, sent, store, engine = api
+    with client.slots.hold("alice"), client.slots.hold("alice"):  # two chat page answers streaming
+        r = client.post("/v1/chat/completions", json=ask())
+        assert r.status_code == 429 and "You already have 2 answers being written" in r.json()["detail"]
+        assert sent == [] and store.count("messages") == 0
+    assert client.post("/v1/chat/completions", json=ask()).status_code == 200
+    streamed = client.post("/v1/chat/completions", json=ask(stream=True))
+    assert streamed.status_code == 200 and b"the capital" in streamed.content and engine.inflight == 0
+    with client.slots.hold("alice"), client.slots.hold("alice"):
+        pass  # every API request gave its place back

@@ -186,8 +186,11 @@ class ChatPage:
             replies = self.service.retry(answer_id, user)
             state.setdefault("undo", [])
         before = {a for k, a in state.get("index", []) if k == "answer"}
-        for out in self._stream(replies, state, user, clear_box=False):
-            yield out
+        try:
+            for out in self._stream(replies, state, user, clear_box=False):
+                yield out
+        except ChatInputError as e:  # e.g. already two answers being written for this user
+            raise gr.Error(str(e), print_exception=False) from e
         new = [a for k, a in state.get("index", []) if k == "answer" and a not in before]
         if new:
             state.setdefault("undo", []).append(("answer", new[-1], None))
@@ -301,7 +304,7 @@ class ChatPage:
                 if reply.error:
                     raise gr.Error(reply.error, print_exception=False)
                 yield {"answer_id": reply.answer_id, "text": reply.text, "model": reply.model_label, "done": reply.done}
-        except NotFound as e:
+        except (ChatInputError, NotFound) as e:
             raise gr.Error(str(e), print_exception=False) from e
 
     def api_rate(self, answer_id: str, value: int, comment: str = "", request: gr.Request = None) -> dict:
