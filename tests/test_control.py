@@ -280,3 +280,17 @@ def test_rollback_goes_only_to_versions_that_were_live(loop, store):
     c.rollback("root", None)  # the base model served before anything was promoted
     c.rollback("root", 1)
     assert router.live.version == 1 and store.live_version() == 1
+
+
+def test_a_canary_that_cannot_be_served_is_recorded_stopped(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+
+    def refuse(adapter, share, key):
+        raise RuntimeError("the model server refused the adapter")
+
+    router.set_canary = refuse
+    with pytest.raises(RuntimeError, match="refused"):
+        c.start_canary("root", 1, 0.2, "try v1")
+    last = store.latest_promotion("canary")
+    assert last["share"] == 0 and last["reason"].startswith("undone: the canary could not be served")

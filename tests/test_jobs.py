@@ -100,3 +100,23 @@ def test_cancel_ends_a_stale_job_at_once_without_signalling_a_process_that_is_no
     c.cancel("root", lively)  # alive and reporting: the trainer stops itself between steps
     assert store.job(lively)["status"] == "running" and store.job(lively)["cancel_requested"] == 1
     assert mine.poll() is None
+
+
+def test_the_trainer_beats_in_phases_without_steps(store, tmp_path, monkeypatch):
+    from tiny import toy_pairs
+    from tuning.trainer import train_adapter
+
+    monkeypatch.setattr("tuning.jobs.HEARTBEAT_S", 0.05)
+    beats = []
+
+    def progress(row):  # called as the job enters its first phase, before any step
+        job = store.jobs("running")[0]
+        first = job["heartbeat_utc"]
+        time.sleep(0.5)  # a long model load, say
+        beats.append((first, store.job(job["id"])["heartbeat_utc"]))
+        raise RuntimeError("stop here: the beats are what this test is about")
+
+    result = train_adapter(toy_pairs(4), toy_pairs(2, start=100, prefix="e"), store=store, data_dir=tmp_path,
+                           base_model_dir=tmp_path / "no-model", progress=progress)
+    (first, later), = beats
+    assert later > first and result.status == "failed"
