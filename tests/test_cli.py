@@ -86,3 +86,15 @@ def test_only_one_of_many_racing_job_starts_gets_a_job(tmp_path):
         t.join()
     assert len(won) == 1 and len(refused) == 7 and [j["id"] for j in store.jobs()] == won
     assert all(f"Training job {won[0]} is still queued" in e for e in refused)
+
+
+def test_a_command_line_job_is_running_with_its_pid_from_the_start_and_failed_when_there_is_no_data(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    r = cli(tmp_path, "train", "--as", "root")
+    (job,) = store.jobs()
+    assert r.returncode == 1 and "not enough preference data" in r.stderr
+    # While it built pairs the row said running, with the process and a heartbeat, so an
+    # app starting meanwhile (which fails queued jobs) would have left it alone.
+    assert job["status"] == "failed" and job["pid"] and job["started_utc"] and job["heartbeat_utc"]
+    assert job["error"].startswith("not enough preference data") and job["created_by"] == "root"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import threading
 from typing import Any
 
 import psutil
@@ -81,3 +82,20 @@ def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Proc
 def silence(job: dict) -> str:
     return (f"no heartbeat for more than {int(STALE_AFTER.total_seconds() // 60)} min "
             f"(last {job.get('heartbeat_utc') or 'never'})")
+
+
+def start_heartbeat(store: Any, job_id: str) -> threading.Event:
+    """Write the job's heartbeat every HEARTBEAT_S until the returned event is set."""
+    from store.store import utc_now
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                store.update_job(job_id, heartbeat_utc=utc_now())
+            except Exception:  # a busy database skips a beat; staleness needs ten
+                pass
+
+    threading.Thread(target=beat, daemon=True, name=f"heartbeat-{job_id}").start()
+    return stop

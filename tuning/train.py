@@ -160,12 +160,22 @@ def run_from_app(a) -> int:
         except JobConflict as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
+    from store.store import utc_now
+
+    from .jobs import start_heartbeat
+
+    # At work from here on, pairs first (minutes on a big store): an app starting meanwhile
+    # must see a running job with a live process and a heartbeat, not a queued one to fail.
+    store.update_job(job_id, status="running", pid=os.getpid(), started_utc=utc_now(), heartbeat_utc=utc_now())
+    beating = start_heartbeat(store, job_id)
     try:
         result = _train_job(a, store, config, job_id)
-    except BaseException as e:  # a job left 'queued' would refuse every later start
-        if store.job(job_id)["status"] == "queued":
-            store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+    except BaseException as e:  # a job left active would refuse every later start
+        if store.job(job_id)["status"] in ("queued", "running"):
+            store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}", finished_utc=utc_now())
         raise
+    finally:
+        beating.set()
     if result is None:
         return 1
     if result.status == "succeeded":

@@ -117,18 +117,9 @@ def train_adapter(
         if progress is not None:
             progress(dict(last))
 
-    beating = threading.Event()
+    from .jobs import start_heartbeat
 
-    def heartbeat() -> None:  # proof of life in phases without steps (loading, the gate)
-        from .jobs import HEARTBEAT_S
-
-        while not beating.wait(HEARTBEAT_S):
-            try:
-                store.update_job(job_id, heartbeat_utc=_now())
-            except Exception:  # a busy database skips a beat; recovery allows ten
-                pass
-
-    threading.Thread(target=heartbeat, daemon=True, name=f"heartbeat-{job_id}").start()
+    beating = start_heartbeat(store, job_id)  # also in phases without steps (loading, the gate)
 
     def should_stop() -> bool:
         return bool((cancel is not None and cancel.is_set()) or store.job(job_id).get("cancel_requested"))
