@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
 
+from . import jobs
 from .canary import CanaryConfig, CanaryVerdict, compare
 
 
@@ -112,8 +113,6 @@ class Controller:
             raise Conflict(f"Job {job_id} is {job['status']}; there is nothing to cancel.")
         # The trainer polls this flag between steps and stops, leaving nothing behind.
         self.store.update_job(job_id, cancel_requested=1)
-        from . import jobs
-
         if job["status"] == "running" and jobs.is_stale(job):
             # Nobody is left to read the flag (the process is gone, frozen, or its pid is
             # another process's now): end the job here, signalling only a proven trainer.
