@@ -231,17 +231,18 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         print(f"warning: {warning}", flush=True)
     controller.run_forever()
     closers.insert(0, controller.stop)
+    service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for)
     if config.api_keys_file:
         if config.engine != "vllm":
             raise SystemExit("--api-keys needs --engine vllm")
-        from assistant.openai_api import build_api, read_keys, serve_api
+        from assistant.openai_api import ApiLimits, build_api, read_keys, serve_api
 
         api = serve_api(
-            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store),
+            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store,
+                      limits=ApiLimits(max_new_tokens=config.sampling.max_new_tokens), slots=service.slots),
             config.host, config.api_port or config.port + 1,
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
-    service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for)
 
     def summary() -> dict:
         from tuning.pairs import build_preferences
@@ -270,8 +271,11 @@ def serve(a: argparse.Namespace) -> int:
     try:
         demo, store = build(config, closers, loop, a.train_set)
         # 32 events at once: vLLM batches the chats, and votes and admin calls must not queue
-        # behind 16 streaming answers. Within Gradio's 40 worker threads.
-        demo.queue(default_concurrency_limit=32).launch(
+        # behind 16 streaming answers. Within Gradio's 40 worker threads. At most 128 wait:
+        # past that Gradio answers "queue is full" at once instead of letting a flood grow
+        # memory and everyone's wait without end (each user also has at most
+        # assistant.chat.MAX_GENERATIONS_PER_USER answers generating).
+        demo.queue(default_concurrency_limit=32, max_size=128).launch(
             server_name=config.host, server_port=config.port, show_error=True,
             auth=store.verify_password, auth_message="Sign in to chat with the assistant.",
             # Exported files live under the data folder; the File component may serve them.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_PROMPT_CHARS = 4_000
 MAX_COMMENT_CHARS = 2_000
 MAX_EDIT_CHARS = MAX_MESSAGE_CHARS
+# Answers one user may have generating at once (page tabs and API scripts together): two
+# covers a retry beside a running answer; more lets one user hold the engine's batch and
+# the page's worker threads while everyone else waits.
+MAX_GENERATIONS_PER_USER = 2
 
 
 class ChatInputError(ValueError):
@@ -47,6 +52,31 @@ def saving(what: str) -> Iterator[None]:
         yield
     except sqlite3.OperationalError as e:
         raise not_saved(what, e) from e
+
+
+class GenerationSlots:
+    """At most ``limit`` generations at once per user; a request over it is refused at once
+    (ChatInputError), before anything is written, rather than queued."""
+
+    def __init__(self, limit: int = MAX_GENERATIONS_PER_USER):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, user_id: str) -> Iterator[None]:
+        with self._lock:
+            if self._held.get(user_id, 0) >= self.limit:
+                raise ChatInputError(f"You already have {self.limit} answers being written; wait for one to "
+                                     "finish, then send again.")
+            self._held[user_id] = self._held.get(user_id, 0) + 1
+        try:
+            yield
+        finally:  # also when the client went away and the stream was closed
+            with self._lock:
+                self._held[user_id] -= 1
+                if not self._held[user_id]:
+                    del self._held[user_id]
 
 
 @dataclass
@@ -125,6 +155,7 @@ class ChatService:
     sampling: Sampling = field(default_factory=Sampling)
     # Which adapter answers this user; None is the base model. Set by the serving layer.
     adapter_for: Callable[[str], Adapter | None] = lambda user_id: None
+    slots: GenerationSlots = field(default_factory=GenerationSlots)
 
     # -- prompts -------------------------------------------------------------------
 
@@ -136,9 +167,25 @@ class ChatService:
         # Drop whole user/assistant exchanges, oldest first, so no answer loses its question.
         kept = list(history)
         dropped = 0
-        while kept and self.engine.count_tokens(head + kept + tail) > budget:
-            kept = kept[2:]
-            dropped += 2
+        total = self.engine.count_tokens(head + kept + tail)
+        if kept and total > budget:
+            # Each message is tokenized once (re-counting what is left after every drop was
+            # quadratic: 11 s for 100 long turns). A chat template adds about the same few
+            # tokens per message, so a message costs its text plus that wrapper.
+            count = self.engine.count_tokens
+            empty = {role: count([{"role": role, "content": ""}]) for role in {m["role"] for m in kept}}
+            wrapper = count([{"role": "user", "content": ""}] * 2) - count([{"role": "user", "content": ""}])
+            cost = [count([m]) - empty[m["role"]] + wrapper for m in kept]
+            while dropped < len(kept) and total > budget:
+                total -= sum(cost[dropped:dropped + 2])
+                dropped += 2
+            kept = kept[dropped:]
+            # The estimate is a template's arithmetic, not its exact count: check it once, and
+            # in the rare case it was short keep dropping.
+            while kept and count(head + kept + tail) > budget:
+                kept = kept[2:]
+                dropped += 2
+            dropped = min(dropped, len(history))
         truncated = 0
         if self.engine.count_tokens(head + tail) > budget:
             truncated = self._truncate_to_fit(head, new_message, budget)
@@ -175,26 +222,36 @@ class ChatService:
             raise ChatInputError(
                 f"The persona is {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}."
             )
-        return self.store.create_conversation(user_id, system_prompt=system_prompt,
-                                              exclude_from_training=exclude_from_training)
+        with saving("The new conversation"):  # the page keeps the first message in the box
+            return self.store.create_conversation(user_id, system_prompt=system_prompt,
+                                                  exclude_from_training=exclude_from_training)
+
+    def set_excluded_from_training(self, conversation_id: str, user_id: str, excluded: bool) -> bool:
+        """The "Don't use this conversation for training" switch; returns what is stored.
+        A refused write raises NotSaved and changes nothing."""
+        with saving("Your training choice"):
+            self.store.update_conversation(conversation_id, user_id, exclude_from_training=excluded)
+        return bool(self.store.conversation(conversation_id, user_id)["exclude_from_training"])
 
     def send(self, conversation_id: str, user_id: str, text: str) -> Iterator[Reply]:
         """Record the user's message and stream the answer to it."""
         text = check_text(text, "message", MAX_MESSAGE_CHARS)
-        conv = self.store.conversation(conversation_id, user_id)
-        prompt = self.build_prompt(
-            conv["system_prompt"], self.history(conversation_id, user_id), text
-        )
-        with saving("Your message"):  # the page keeps the text in the box
-            message_id = self.store.add_message(conversation_id, user_id, text)
-        yield from self._answer(message_id, user_id, prompt)
+        with self.slots.hold(user_id):  # before the message is saved: a refused one is not
+            conv = self.store.conversation(conversation_id, user_id)
+            prompt = self.build_prompt(
+                conv["system_prompt"], self.history(conversation_id, user_id), text
+            )
+            with saving("Your message"):  # the page keeps the text in the box
+                message_id = self.store.add_message(conversation_id, user_id, text)
+            yield from self._answer(message_id, user_id, prompt)
 
     def retry(self, answer_id: str, user_id: str) -> Iterator[Reply]:
         """Another answer to exactly the conversation state the given answer answered."""
         answer = self.store.answer(answer_id, user_id)
         messages = json.loads(answer["prompt_json"])
         prompt = Prompt(messages, answer["trimmed_messages"] or 0, 0)
-        yield from self._answer(answer["message_id"], user_id, prompt)
+        with self.slots.hold(user_id):
+            yield from self._answer(answer["message_id"], user_id, prompt)
 
     def retry_message(self, message_id: str, user_id: str) -> Iterator[Reply]:
         """Answer a user turn whose answer failed (there is no answer to retry)."""
@@ -206,7 +263,8 @@ class ChatService:
         conv = self.store.conversation(msg["conversation_id"], user_id)
         history = self.history(msg["conversation_id"], user_id)
         prompt = self.build_prompt(conv["system_prompt"], history, msg["content"])
-        yield from self._answer(message_id, user_id, prompt)
+        with self.slots.hold(user_id):
+            yield from self._answer(message_id, user_id, prompt)
 
     def _answer(self, message_id: str, user_id: str, prompt: Prompt) -> Iterator[Reply]:
         adapter = self.adapter_for(user_id)

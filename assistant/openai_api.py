@@ -3,6 +3,11 @@
     POST /v1/chat/completions   (stream or not; ``model`` may be anything, the live version answers)
     GET  /v1/models             (one model: the base model's name, with the live version)
 
+Limits (``ApiLimits``): bodies over 1 MB are refused while read (413); only the fields
+``ChatRequest`` names reach vLLM, with ``n`` at most 4 and ``max_tokens`` at most the
+server's max new tokens (its default too); log-probs, structured output and tools are
+refused by name (400); messages have the chat page's roles and text limits.
+
 Each request needs ``Authorization: Bearer <key>`` with a key from the keys file (one
 ``user_id key`` pair per line; user accounts replace this later). The request is forwarded
 to the app's vLLM server with ``model`` set to the adapter the router picks for that user,
@@ -21,6 +26,7 @@ away) is not logged as an answer; the message is, as on the chat page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -32,17 +38,17 @@ from typing import Callable
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
-from .chat import ChatInputError, check_chars
+from .api_request import REFUSED_FIELDS, ROLE_LIMITS, ApiLimits, ChatRequest, read_body, upstream_body
+from .chat import ChatInputError, GenerationSlots, check_chars
 from .engine import Adapter, EngineError
 from .vllm_engine import sse_event
 
 log = logging.getLogger(__name__)
 
-# Routes are served on the app's host; requests bigger than this are refused unread.
-MAX_BODY_BYTES = 1_000_000
-# Sampling fields recorded with a logged answer (what the client asked for).
-SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n")
+# Sampling fields recorded with a logged answer (what vLLM was asked for, after the limits).
+SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "n", "stop", "presence_penalty", "frequency_penalty")
 
 
 def text_of(content) -> str:
@@ -56,13 +62,20 @@ def text_of(content) -> str:
 
 def plain_messages(body: dict) -> list[dict]:
     """The request's messages as ``{"role", "content": str}``, refused (ValueError) when a
-    message is not an object or its text is something no store can hold."""
+    message is not an object with a role the chat has (system, user, assistant), its text
+    is over the chat page's limit for that role, or it holds what no store can keep."""
     out = []
     for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] must be an object with a 'role'")
+        if m["role"] not in ROLE_LIMITS:
+            raise ValueError(f"messages[{i}] has role {m['role'][:40]!r}; only {', '.join(ROLE_LIMITS)} are served")
+        text = text_of(m.get("content"))
+        if len(text) > ROLE_LIMITS[m["role"]]:
+            raise ValueError(f"messages[{i}] ({m['role']}) is {len(text):,} characters long; "
+                             f"the limit is {ROLE_LIMITS[m['role']]:,}.")
         try:
-            out.append({"role": m["role"], "content": check_chars(text_of(m.get("content")), f"messages[{i}]")})
+            out.append({"role": m["role"], "content": check_chars(text, f"messages[{i}]")})
         except ChatInputError as e:
             raise ValueError(str(e)) from e
     return out
@@ -151,12 +164,17 @@ def read_keys(path: Path) -> dict[str, str]:
     return keys
 
 
-def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str], store=None):
+def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str], store=None,
+              limits: ApiLimits = ApiLimits(), transport: httpx.AsyncBaseTransport | None = None,
+              slots: GenerationSlots | None = None):
     """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``;
-    answers are logged to ``store`` (a store.Store) when one is given."""
+    answers are logged to ``store`` (a store.Store) when one is given. ``transport``
+    replaces the network to vLLM (tests: httpx.MockTransport). ``slots``, shared with the
+    chat page, caps each user's answers generating at once (429 over it)."""
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     upstream = httpx.AsyncClient(
-        base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0)
+        base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0),
+        transport=transport,
     )
 
     def user_of(request: Request) -> str:
@@ -178,24 +196,40 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         user = user_of(request)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"request over {MAX_BODY_BYTES} bytes")
+        raw = await read_body(request, limits.max_body_bytes)
         try:
-            body = await request.json()
+            data = json.loads(raw)
         except ValueError as e:
             raise HTTPException(400, f"the body is not JSON: {e}") from e
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise HTTPException(400, "a JSON object with a 'messages' list is required")
+        refused = [k for k in REFUSED_FIELDS if data.get(k)]
+        if refused:
+            raise HTTPException(400, f"not served here: {', '.join(repr(k) for k in refused)} "
+                                     "(text answers only: no log-probs, structured output or tools)")
         try:
-            messages = plain_messages(body)
+            asked = ChatRequest.model_validate(data)
+            messages = plain_messages(data)
+        except ValidationError as e:
+            raise HTTPException(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        held = slots.hold(user) if slots is not None else contextlib.nullcontext()
+        try:
+            held.__enter__()
+        except ChatInputError as e:
+            raise HTTPException(429, str(e)) from e
         live = adapter_for(user)
         try:
             adapter = engine.acquire(live)  # the version is fixed for this request
         except EngineError as e:
+            held.__exit__(None, None, None)
             raise HTTPException(503, str(e)) from e
-        body["model"] = adapter.name
+
+        def release() -> None:
+            engine.release(adapter)
+            held.__exit__(None, None, None)
+        body = upstream_body(asked, messages, adapter.name, limits)
         answers = Answers()
 
         async def record() -> None:
@@ -210,14 +244,14 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
             req = upstream.build_request("POST", "/v1/chat/completions", json=body)
             resp = await upstream.send(req, stream=True)
         except httpx.HTTPError as e:
-            engine.release(adapter)
+            release()
             raise HTTPException(503, f"the model server is not answering: {e}") from e
         if not body.get("stream"):
             try:
                 data = await resp.aread()
             finally:
                 await resp.aclose()
-                engine.release(adapter)
+                release()
             payload = json.loads(data) if data else {}
             if isinstance(payload, dict):
                 answers.from_json(payload)
@@ -231,7 +265,7 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
                     yield part
             finally:
                 await resp.aclose()
-                engine.release(adapter)
+                release()
                 await record()
 
         return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")

@@ -1,6 +1,7 @@
 """SQLite storage: the only package that touches the database (see store.store)."""
 
 from .store import InvalidFeedback, NotFound, Store, Turn
+from .registry import JobConflict
 from .users import UserError
 
-__all__ = ["InvalidFeedback", "NotFound", "Store", "Turn", "UserError"]
+__all__ = ["InvalidFeedback", "JobConflict", "NotFound", "Store", "Turn", "UserError"]

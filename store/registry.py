@@ -9,6 +9,14 @@ import json
 from typing import Any
 
 
+class JobConflict(RuntimeError):
+    """A training job is already queued or running: one job at a time."""
+
+    def __init__(self, job: dict):
+        super().__init__(f"Training job {job['id']} is still {job['status']}; wait or cancel it.")
+        self.job = job
+
+
 def _loads(row: dict) -> dict:
     """Decode the *_json columns of a row in place (keys keep their names)."""
     for key, value in list(row.items()):
@@ -19,6 +27,7 @@ def _loads(row: dict) -> dict:
 
 class RegistryMixin:
     db: Any  # provided by Store
+    _write: Any  # Store's BEGIN IMMEDIATE transaction
 
     # -- adapter versions ------------------------------------------------------------
 
@@ -76,6 +85,18 @@ class RegistryMixin:
             }
         )
         return job_id
+
+    def queue_job(self, created_by: str, config: dict) -> str:
+        """Queue a job unless one is queued or running (JobConflict then): the check and the
+        insert are one transaction holding the write lock, so two starts (the console, the
+        scheduler, ``app.py train``) can never both get a job and race for a version number."""
+        with self._write() as db:
+            active = db.execute(
+                "SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running') "
+                "ORDER BY created_utc LIMIT 1").fetchone()
+            if active:
+                raise JobConflict({"id": active[0], "status": active[1]})
+            return self.create_job(created_by, config, status="queued")
 
     def update_job(self, job_id: str, **changes: Any) -> None:
         from .store import NotFound, canonical_json

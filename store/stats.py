@@ -55,14 +55,24 @@ class StatsMixin:
         )
 
     def feedback_count_since(self, since_utc: str | None) -> int:
-        """Feedback events (votes and edits) after a time: what scheduled retraining counts."""
+        """Feedback training would read, newer than a time: what scheduled retraining counts.
+
+        Each user's current vote per answer (a thumb flipped 50 times is one vote; a cleared
+        one is none) and each edit, on answers not withdrawn, in conversations not marked
+        "not for training" (the same rules as ``FeedbackMixin.training_feedback``). Raw
+        rating rows would let one user start jobs with nothing to train on.
+        """
         votes = self.db.execute(
-            "SELECT COUNT(*) FROM ratings WHERE value != 0 AND (? IS NULL OR created_utc > ?)",
+            """SELECT COUNT(*) FROM current_ratings r JOIN answers a ON a.id = r.answer_id
+               JOIN conversations c ON c.id = a.conversation_id
+               WHERE r.value != 0 AND a.withdrawn_utc IS NULL AND NOT c.exclude_from_training
+               AND (? IS NULL OR r.created_utc > ?)""",
             [since_utc, since_utc],
         ).fetchone()[0]
         edits = self.db.execute(
-            "SELECT COUNT(*) FROM answers WHERE source = 'edit' AND withdrawn_utc IS NULL "
-            "AND (? IS NULL OR created_utc > ?)",
+            """SELECT COUNT(*) FROM answers a JOIN conversations c ON c.id = a.conversation_id
+               WHERE a.source = 'edit' AND a.withdrawn_utc IS NULL AND NOT c.exclude_from_training
+               AND (? IS NULL OR a.created_utc > ?)""",
             [since_utc, since_utc],
         ).fetchone()[0]
         return votes + edits

@@ -187,3 +187,55 @@ def test_a_database_too_busy_to_write_gives_a_clear_message_and_keeps_what_was_s
     engine.enqueue("third answer")
     retried = list(service.retry_message(turns[1].message["id"], "alice"))[-1]  # retry works once free
     assert retried.answer_id and db.answer(retried.answer_id, "alice")["content"] == "third answer"
+
+
+class CountingEngine:
+    """The fake engine, counting how many characters the tokenizer is given."""
+
+    def __init__(self, engine):
+        self.engine, self.chars, self.calls = engine, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def count_tokens(self, messages):
+        self.calls += 1
+        self.chars += sum(len(m["content"]) for m in messages)
+        return self.engine.count_tokens(messages)
+
+
+def test_fitting_a_long_conversation_counts_each_message_once(store, engine):
+    from assistant.chat import ChatService
+    from assistant.engine import Sampling
+
+    counting = CountingEngine(engine)
+    service = ChatService(store=store, engine=counting, sampling=Sampling(max_new_tokens=32))
+    history = []
+    for i in range(100):  # the audit's 100 turns, each too long to keep many
+        history += [{"role": "user", "content": f"question {i} " + "word " * 40},
+                    {"role": "assistant", "content": f"answer {i} " + "word " * 40}]
+    chars = sum(len(m["content"]) for m in history)
+    prompt = service.build_prompt("Be brief.", history, "the last question")
+    assert counting.chars <= 3 * chars + 1000  # linear: before, each dropped exchange re-counted the rest (~50x)
+    budget = engine.context_tokens - 32
+    assert engine.count_tokens(prompt.messages) <= budget  # it fits...
+    kept = prompt.messages[1:-1]
+    assert kept == history[len(history) - len(kept):] and kept[0]["role"] == "user"  # the newest exchanges...
+    one_more = prompt.messages[:1] + history[len(history) - len(kept) - 2:] + prompt.messages[-1:]
+    assert engine.count_tokens(one_more) > budget  # ...and no fewer than fit
+    assert prompt.trimmed_messages == len(history) - len(kept)
+
+
+def test_each_user_has_at_most_two_answers_generating_at_once(service, store):
+    cid = service.new_conversation("alice")
+    first, second = service.send(cid, "alice", "one"), service.send(cid, "alice", "two")
+    next(first), next(second)  # both answers are streaming
+    with pytest.raises(ChatInputError, match="You already have 2 answers being written"):
+        next(service.send(cid, "alice", "three"))
+    assert [t.message["content"] for t in store.turns(cid, "alice")] == ["one", "two"]  # the third not saved
+    bob = service.new_conversation("bob")
+    assert list(service.send(bob, "bob", "hi"))[-1].answer_id  # others are not held up
+    list(first)  # one finishes: alice may send again
+    assert list(service.send(cid, "alice", "three"))[-1].answer_id
+    second.close()  # a stream the client dropped frees its place too
+    assert list(service.send(cid, "alice", "four"))[-1].answer_id

@@ -244,3 +244,54 @@ def test_ticking_dont_train_before_the_first_message_excludes_the_new_conversati
     data = build_preferences(store)
     used = {r.conversation_id for r in data.train_unpaired + data.eval_unpaired}
     assert used == {included}
+
+
+def test_a_locked_database_on_a_new_chat_and_on_the_training_box_is_said_and_the_box_shows_the_truth(
+        tmp_path, engine, monkeypatch):
+    import sqlite3
+
+    import store.store as store_module
+    from assistant.chat import ChatService
+    from assistant.engine import Sampling
+    from store import Store
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    db = Store(tmp_path / "a.db")
+    page = ChatPage(ChatService(store=db, engine=engine, sampling=Sampling(max_new_tokens=32)))
+    state = send(page, "hello", {})[2]
+    cid = state["conversation_id"]
+    lock = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holding the lock past the busy timeout
+
+    with pytest.warns(UserWarning, match=r"The new conversation could not be saved: the database said \"database is locked\""):
+        outs = list(page.on_send("first message of a new chat", "", {}, req(), True))
+    assert outs[-1][1] != "" and db.count("conversations") == 1  # the text stays in the box
+
+    with pytest.warns(UserWarning, match="Your training choice could not be saved"):
+        box = page.on_opt_out(True, state, req())
+    assert box["value"] is False  # the box shows what is stored: still trainable
+    lock.rollback()
+    assert db.conversation(cid, "alice")["exclude_from_training"] == 0
+    assert page.on_opt_out(True, state, req())["value"] is True
+    assert db.conversation(cid, "alice")["exclude_from_training"] == 1
+    with pytest.raises(gr.Error, match="could not be saved"):
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            list(page.api_chat("new chat over the API", "", "", req()))
+        finally:
+            lock.rollback()
+
+
+def test_a_third_answer_at_once_is_refused_with_a_clear_message_on_the_page_and_the_api(page, store):
+    first = page.on_send("one", "", {}, req())
+    next(first)
+    cid = next(first)[2]["conversation_id"]
+    second = page.api_chat("two", cid, "", req())
+    next(second)  # two answers streaming for alice
+    with pytest.warns(UserWarning, match="You already have 2 answers being written"):
+        outs = list(page.on_send("three", "", {"conversation_id": cid}, req()))
+    assert outs[-1][1] != ""  # the text stays in the box
+    with pytest.raises(gr.Error, match="You already have 2 answers being written"):
+        list(page.api_chat("three", cid, "", req()))
+    assert [t.message["content"] for t in store.turns(cid, "alice")] == ["one", "two"]
+    assert send(page, "hello", {}, user="bob")[2]["conversation_id"]  # bob is not held up

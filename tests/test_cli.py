@@ -53,3 +53,48 @@ def test_first_admin_is_created_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ASSISTANT_ADMIN_PASSWORD", "chosen-by-me")
     ensure_first_admin(other)
     assert capsys.readouterr().out == "" and other.verify_password("admin", "chosen-by-me")
+
+
+def test_train_from_the_command_line_refuses_while_another_job_is_active(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    queued = store.create_job("root", {}, status="queued")  # e.g. launched by the console a moment ago
+    r = cli(tmp_path, "train", "--as", "root")
+    assert r.returncode == 3 and f"Training job {queued} is still queued; wait or cancel it." in r.stderr
+    assert [j["id"] for j in store.jobs()] == [queued]  # no second job row, nothing trained
+
+
+def test_only_one_of_many_racing_job_starts_gets_a_job(tmp_path):
+    import threading
+
+    from store import JobConflict
+
+    store = Store(tmp_path / "assistant.db")
+    barrier, won, refused = threading.Barrier(8), [], []
+
+    def start(i):
+        barrier.wait()
+        try:
+            won.append(store.queue_job(f"admin{i}", {}))
+        except JobConflict as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7 and [j["id"] for j in store.jobs()] == won
+    assert all(f"Training job {won[0]} is still queued" in e for e in refused)
+
+
+def test_a_command_line_job_is_running_with_its_pid_from_the_start_and_failed_when_there_is_no_data(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    r = cli(tmp_path, "train", "--as", "root")
+    (job,) = store.jobs()
+    assert r.returncode == 1 and "not enough preference data" in r.stderr
+    # While it built pairs the row said running, with the process and a heartbeat, so an
+    # app starting meanwhile (which fails queued jobs) would have left it alone.
+    assert job["status"] == "failed" and job["pid"] and job["started_utc"] and job["heartbeat_utc"]
+    assert job["error"].startswith("not enough preference data") and job["created_by"] == "root"

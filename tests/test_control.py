@@ -213,3 +213,84 @@ def test_promotions_from_another_process_reach_the_router(loop, store):
     cli.promote("root", 1, "from cron")
     assert c.sync() is True and router.live.version == 1
     assert c.sync() is False
+
+
+def _hold_write_lock(path):
+    import sqlite3
+
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holding the lock past the busy timeout
+    return other
+
+
+def test_a_promotion_that_cannot_be_recorded_leaves_serving_as_it_was(tmp_path, monkeypatch):
+    import sqlite3
+
+    import store.store as store_module
+    from store import Store
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    db = Store(tmp_path / "a.db")
+    db.create_user("root", "root-password", is_admin=True)
+    _version(db, 1)
+    _version(db, 2)
+    router = FakeRouter()
+    c = Controller(db, router, adapter_of=lambda v: Adapter(f"v{v}-{v:012x}", f"/a/{v}", v), launcher=lambda j: None)
+    c.promote("root", 1)
+    c.start_canary("root", 2, 0.2)
+    lock = _hold_write_lock(tmp_path / "a.db")
+    for action in (lambda: c.promote("root", 2, "try"), lambda: c.rollback("root", None),
+                   lambda: c.stop_canary("root")):
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            action()
+    lock.rollback()
+    assert router.live.version == 1 and db.live_version() == 1  # serving and the log agree
+    assert router.canary[0].version == 2 and db.latest_promotion("canary")["share"] == 0.2
+
+
+def test_a_switch_that_fails_after_recording_is_undone_in_the_log(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    _version(store, 2)
+    c.promote("root", 1)
+
+    def refuse(adapter):
+        raise RuntimeError("the model server refused the adapter")
+
+    router.set_live = refuse
+    with pytest.raises(RuntimeError, match="refused"):
+        c.promote("root", 2, "try")
+    assert store.live_version() == 1 and router.live.version == 1
+    undo, attempt = store.promotions()[:2]
+    assert (attempt["version"], attempt["reason"]) == (2, "try")
+    assert undo["version"] == 1 and undo["actor"] == "root"
+    assert undo["reason"].startswith("undone: v2 was recorded live but could not be served")
+
+
+def test_rollback_goes_only_to_versions_that_were_live(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+    _version(store, 2, gate=False)  # failed the gate, never live
+    _version(store, 3)  # passed the gate, never live
+    c.promote("root", 1)
+    for never_live in (2, 3):
+        with pytest.raises(Conflict, match=f"v{never_live} was never live.*promote it"):
+            c.rollback("root", never_live, "")
+    assert router.live.version == 1 and [p["version"] for p in store.promotions()] == [1]
+    c.rollback("root", None)  # the base model served before anything was promoted
+    c.rollback("root", 1)
+    assert router.live.version == 1 and store.live_version() == 1
+
+
+def test_a_canary_that_cannot_be_served_is_recorded_stopped(loop, store):
+    c, router, _ = loop
+    _version(store, 1)
+
+    def refuse(adapter, share, key):
+        raise RuntimeError("the model server refused the adapter")
+
+    router.set_canary = refuse
+    with pytest.raises(RuntimeError, match="refused"):
+        c.start_canary("root", 1, 0.2, "try v1")
+    last = store.latest_promotion("canary")
+    assert last["share"] == 0 and last["reason"].startswith("undone: the canary could not be served")

@@ -83,3 +83,133 @@ def test_an_unfinished_answer_keeps_the_message_only(tmp_path):
     (conv,) = store.conversations("alice")
     (turn,) = store.turns(conv["id"], "alice")
     assert turn.message["content"] == "Hello?" and turn.answer is None
+
+
+# -- the whole API over a mocked vLLM (httpx.MockTransport): what reaches the model server --
+
+KEY = "alice-key-0123456789"
+
+
+class FakeVLLM:
+    """What build_api needs of a VLLMEngine; requests go to the MockTransport."""
+
+    url = "http://vllm.test"
+    model_name = "fake-model"
+
+    def __init__(self):
+        import httpx
+
+        self._http = httpx.Client(headers={"Authorization": "Bearer upstream-key"})
+        self.inflight = 0
+
+    def acquire(self, adapter):
+        self.inflight += 1
+        return adapter or Adapter("fake-model", "", 0)
+
+    def release(self, adapter):
+        self.inflight -= 1
+
+
+@pytest.fixture
+def api(tmp_path):
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from assistant.chat import GenerationSlots
+    from assistant.openai_api import ApiLimits, build_api
+
+    sent = []
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(body)
+        if body["stream"]:
+            return httpx.Response(200, stream=httpx.ByteStream(STREAM), headers={"content-type": "text/event-stream"})
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {i}"}, "finish_reason": "stop"}
+                   for i in range(body.get("n", 1))]
+        return httpx.Response(200, json={"choices": choices, "usage": {"completion_tokens": 2}})
+
+    store = Store(tmp_path / "a.db")
+    engine = FakeVLLM()
+    slots = GenerationSlots()  # shared with the chat page in the app
+    app = build_api(engine, lambda user: None, {KEY: "alice"}, store=store,
+                    limits=ApiLimits(max_new_tokens=64), transport=httpx.MockTransport(vllm), slots=slots)
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        client.slots = slots
+        yield client, sent, store, engine
+
+
+def ask(**fields):
+    return {"model": "anything", "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(api):
+    from assistant.openai_api import ApiLimits
+
+    client, sent, store, engine = api
+    piece = b" " * 65536
+
+    def chunked():  # no Content-Length: the audit's 5 MB body sent in pieces
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(80):
+            yield piece
+        yield b'"}]}'
+
+    r = client.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and f"{ApiLimits().max_body_bytes:,} bytes" in r.json()["detail"]
+    assert sent == [] and store.count("messages") == 0 and engine.inflight == 0
+    r = client.post("/v1/chat/completions", content=b"x" * 2_000_000)  # with Content-Length: refused unread
+    assert r.status_code == 413 and sent == []
+
+
+def test_only_supported_fields_reach_vllm_and_n_and_max_tokens_are_clamped(api):
+    client, sent, store, _ = api
+    r = client.post("/v1/chat/completions", json=ask(n=500, max_tokens=100_000, temperature=0.5, seed=7,
+                                                       frobnicate={"x": 1}, user="someone", logit_bias={"1": 100}))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    (body,) = sent
+    assert body == {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "n": 4,
+                    "max_tokens": 64, "temperature": 0.5, "seed": 7, "stream": False}
+    assert store.count("answers") == 4  # not 500
+    client.post("/v1/chat/completions", json=ask(max_completion_tokens=10))
+    client.post("/v1/chat/completions", json=ask())
+    assert (sent[1]["max_tokens"], sent[2]["max_tokens"]) == (10, 64)  # the server's limit by default
+    assert "max_completion_tokens" not in sent[1]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("prompt_logprobs", 5), ("logprobs", True), ("top_logprobs", 3), ("response_format", {"type": "json_object"}),
+    ("structured_outputs", {"regex": "a+"}), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+])
+def test_logprobs_structured_output_and_tools_are_refused_by_name(api, field, value):
+    client, sent, store, _ = api
+    r = client.post("/v1/chat/completions", json=ask(**{field: value}))
+    assert r.status_code == 400 and f"'{field}'" in r.json()["detail"]
+    assert sent == [] and store.count("messages") == 0
+
+
+def test_the_chat_pages_text_limits_apply(api):
+    client, sent, _, _ = api
+    too_long = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 100_001}]})
+    assert too_long.status_code == 400 and "the limit is 100,000" in too_long.json()["detail"]
+    persona = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "system", "content": "x" * 4_001}, {"role": "user", "content": "Hi"}]})
+    assert persona.status_code == 400 and "the limit is 4,000" in persona.json()["detail"]
+    tool = client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "Hi"}]})
+    assert tool.status_code == 400 and "role" in tool.json()["detail"]
+    bad = client.post("/v1/chat/completions", json=ask(n="many"))
+    assert bad.status_code == 400 and sent == []
+
+
+def test_a_user_with_two_answers_generating_on_the_page_gets_429_from_the_api(api):
+    client, sent, store, engine = api
+    with client.slots.hold("alice"), client.slots.hold("alice"):  # two chat page answers streaming
+        r = client.post("/v1/chat/completions", json=ask())
+        assert r.status_code == 429 and "You already have 2 answers being written" in r.json()["detail"]
+        assert sent == [] and store.count("messages") == 0
+    assert client.post("/v1/chat/completions", json=ask()).status_code == 200
+    streamed = client.post("/v1/chat/completions", json=ask(stream=True))
+    assert streamed.status_code == 200 and b"the capital" in streamed.content and engine.inflight == 0
+    with client.slots.hold("alice"), client.slots.hold("alice"):
+        pass  # every API request gave its place back

@@ -35,3 +35,28 @@ def test_latest_downvotes_show_comments_and_days_are_counted(store):
     days = store.ratings_per_day()
     assert len(days) == 1 and (days[0]["up"], days[0]["down"]) == (1, 1)
     assert store.feedback_count_since(None) == 2
+
+
+def test_scheduled_retraining_counts_only_feedback_training_would_read(store):
+    opted_out = _rated(store, "u1", None, 1)
+    store.update_conversation(store.answer(opted_out, "u1")["conversation_id"], "u1", exclude_from_training=True)
+    for i in range(50):  # the audit's 50 flips of one thumb in an opted-out conversation
+        store.rate(opted_out, "u1", -1 if i % 2 else 1)
+    store.edit_answer(opted_out, "u1", "an edit nobody may train on")
+    assert store.feedback_count_since(None) == 0
+
+    flipped = _rated(store, "u2", None, 1)
+    for i in range(49):
+        store.rate(flipped, "u2", 1 if i % 2 else -1)
+    assert store.feedback_count_since(None) == 1  # toggled 50 times, one current vote
+
+    cleared = _rated(store, "u3", None, 1)
+    store.rate(cleared, "u3", 0)
+    undone = store.edit_answer(_rated(store, "u4", None, 0), "u4", "undone edit")
+    store.withdraw_answer(undone, "u4")
+    assert store.feedback_count_since(None) == 1
+
+    store.edit_answer(flipped, "u2", "kept edit")
+    since = store.rows("ratings").__next__()["created_utc"]
+    assert store.feedback_count_since(None) == 2 and store.feedback_count_since(since) == 2
+    assert store.feedback_count_since("9999") == 0

@@ -134,7 +134,7 @@ def test_recovery_fails_jobs_of_dead_processes_and_removes_their_leftovers(store
     (root / f"{TMP_PREFIX}{dead}-abc").mkdir(parents=True)
     (root / f"{TMP_PREFIX}{alive}-def").mkdir()
     (root / "v7-0123456789ab").mkdir()  # moved into place, never registered
-    assert recover_stale_jobs(store, tmp_path, is_alive=lambda pid: pid == 12345) == [dead]
+    assert recover_stale_jobs(store, tmp_path, is_ours=lambda job: job["pid"] == 12345) == [dead]
     assert store.job(dead)["status"] == "failed" and "pid 999999999" in store.job(dead)["error"]
     assert store.job(alive)["status"] == "running"
     assert adapter_dirs(tmp_path) == [f"{TMP_PREFIX}{alive}-def"]

@@ -4,8 +4,9 @@
 acting user and refuses non-admins here, on the server side, whatever the page shows.
 Training runs in a separate process (``launcher``) so a crash or a cancel never takes the
 chat down; its progress reaches the console through the job's row in the store.
-Promotion and rollback flip the serving router's live adapter: effective for the next
-request, with no reload, and recorded with who, when and why.
+Promotion and rollback are recorded (who, when, why), then flip the serving router's live
+adapter: effective for the next request, with no reload. Rollback goes only to versions
+that were live before.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable, Protocol
 from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
 
+from . import jobs
 from .canary import CanaryConfig, CanaryVerdict, compare
 
 
@@ -48,6 +50,10 @@ class LoopConfig:
 
 
 ACTIVE = ("queued", "running")
+
+
+def _name(version: int | None) -> str:
+    return "the base model" if version is None else f"v{version}"
 
 
 def _parse(ts: str | None) -> dt.datetime | None:
@@ -87,11 +93,12 @@ class Controller:
         """Queue and launch a training job; refused while another one is queued or running."""
         if actor != "scheduler":
             self.require_admin(actor)
-        with self._lock:
-            active = [j for s in ACTIVE for j in self.store.jobs(s)]
-            if active:
-                raise Conflict(f"Training job {active[0]['id']} is still {active[0]['status']}; wait or cancel it.")
-            job_id = self.store.create_job(actor, overrides or {}, status="queued")
+        from store import JobConflict
+
+        try:
+            job_id = self.store.queue_job(actor, overrides or {})  # atomic across processes
+        except JobConflict as e:
+            raise Conflict(str(e)) from e
         try:
             self.launcher(job_id)
         except Exception as e:
@@ -106,38 +113,63 @@ class Controller:
             raise Conflict(f"Job {job_id} is {job['status']}; there is nothing to cancel.")
         # The trainer polls this flag between steps and stops, leaving nothing behind.
         self.store.update_job(job_id, cancel_requested=1)
+        if job["status"] == "running" and jobs.is_stale(job):
+            # Nobody is left to read the flag (the process is gone, frozen, or its pid is
+            # another process's now): end the job here, signalling only a proven trainer.
+            jobs.end_job(self.store, job, "cancelled", f"cancelled by {actor}: its process sent {jobs.silence(job)}",
+                         jobs.job_process(job))
 
     # -- serving ---------------------------------------------------------------------
 
     def promote(self, actor: str, version: int | None, reason: str = "", *, override: bool = False) -> None:
-        """Make a version (None: the base model) live for every user from the next request."""
+        """Make a version (None: the base model) live for every user from the next request.
+
+        Recorded first, switched second: a write the database refuses (locked, disk full)
+        leaves serving as it was, so the log never says one version while another serves.
+        A switch that fails after the record (the engine refuses the load) is undone by
+        one more row putting the previous version back, with the reason (the log is
+        append-only), and the error is raised.
+        """
         self.require_admin(actor)
         if version is not None:
             row = self.store.adapter(version)
-            was_live = any(p["version"] == version for p in self.store.promotions() if p["kind"] == "live")
-            if not row["gate_passed"] and not was_live:
+            if not row["gate_passed"] and not self._was_live(version):
                 if not override:
                     raise Conflict(f"Version {version} did not pass the evaluation gate; override it with a reason to promote anyway.")
                 if not reason.strip():
                     raise Conflict("Overriding the gate needs a reason, recorded with your name.")
         with self._lock:
-            adapter = None if version is None else self.adapter_of(version)
-            self.router.set_live(adapter)
+            adapter = None if version is None else self.adapter_of(version)  # validated before any record
+            before = self.store.live_version()
             self.store.record_promotion(version, actor, reason, gate_override=override)
+            try:
+                self.router.set_live(adapter)
+            except Exception as e:
+                self.store.record_promotion(
+                    before, actor, f"undone: {_name(version)} was recorded live but could not be served ({e}); "
+                                   f"{_name(before)} kept serving")
+                self._applied = self._log_state()
+                raise
             canary = self.store.latest_promotion("canary")
             if canary and canary["share"] > 0 and canary["version"] == version:
-                self.router.set_canary(None, 0.0, "")
                 self.store.record_promotion(version, actor, "promoted to live", kind="canary", share=0.0)
+                self.router.set_canary(None, 0.0, "")
             self._applied = self._log_state()
 
     def rollback(self, actor: str, version: int | None, reason: str = "") -> None:
-        """Go back to an earlier version or the base model: one click, no gate (it served before)."""
-        self.promote(actor, version, reason or "rollback", override=version is not None and not self._served(version))
+        """Go back to a version that was live before, or the base model: one click, no gate.
 
-    def _served(self, version: int) -> bool:
-        return any(p["version"] == version for p in self.store.promotions() if p["kind"] == "live") or bool(
-            self.store.adapter(version)["gate_passed"]
-        )
+        A version that never served is not a rollback target: making it live is a
+        promotion, which needs the gate or an override with a reason.
+        """
+        self.require_admin(actor)
+        if version is not None and not self._was_live(version):
+            raise Conflict(f"v{version} was never live, so there is nothing to roll back to; promote it instead "
+                           "(that needs the evaluation gate, or an override with a reason).")
+        self.promote(actor, version, reason or "rollback")
+
+    def _was_live(self, version: int) -> bool:
+        return any(p["version"] == version for p in self.store.promotions() if p["kind"] == "live")
 
     def start_canary(self, actor: str, version: int, share: float, reason: str = "") -> None:
         self.require_admin(actor)
@@ -146,7 +178,13 @@ class Controller:
         with self._lock:
             adapter = self.adapter_of(version)
             pid = self.store.record_promotion(version, actor, reason, kind="canary", share=share)
-            self.router.set_canary(adapter, share, pid)
+            try:
+                self.router.set_canary(adapter, share, pid)
+            except Exception as e:  # as in promote: the log must say what serves
+                self.store.record_promotion(version, actor, f"undone: the canary could not be served ({e})",
+                                            kind="canary", share=0.0)
+                self._applied = self._log_state()
+                raise
             self._applied = self._log_state()
 
     def stop_canary(self, actor: str, reason: str = "") -> None:
@@ -156,8 +194,8 @@ class Controller:
             current = self.store.latest_promotion("canary")
             if not current or current["share"] <= 0:
                 return
-            self.router.set_canary(None, 0.0, "")
             self.store.record_promotion(current["version"], actor, reason, kind="canary", share=0.0)
+            self.router.set_canary(None, 0.0, "")  # after the record, as in promote
             self._applied = self._log_state()
 
     def canary_verdict(self) -> tuple[dict | None, CanaryVerdict | None]:

@@ -106,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"training on {len(pairs)} pairs, gate on {len(eval_pairs)} held-out pairs; Ctrl-C cancels", flush=True)
-    result = train_adapter(pairs, eval_pairs, store=store, data_dir=a.data_dir, base_model_dir=model_dir,
-                           config=config, job_id=a.job, created_by=a.by, progress=print_progress)
+    from store import JobConflict
+
+    try:
+        result = train_adapter(pairs, eval_pairs, store=store, data_dir=a.data_dir, base_model_dir=model_dir,
+                               config=config, job_id=a.job, created_by=a.by, progress=print_progress)
+    except JobConflict as e:
+        raise SystemExit(f"error: {e}") from None
     if result.status == "succeeded":
         verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
         print(f"version {result.version} ({result.name}) registered; gate {verdict}")
@@ -137,15 +142,14 @@ def run_from_app(a) -> int:
     """``app.py train``: build pairs from the feedback in the store, then one job.
 
     Used by an admin at the command line and by the console's launcher (``--job`` names the
-    job the console queued, whose row holds its setting overrides).
+    job the console queued, whose row holds its setting overrides). Started here, the job
+    row is queued first and refused (exit 3) while another job is queued or running.
     """
     _yield_cpu(a.priority)
-    from assistant.model_files import resolve_model
-    from store import Store
+    from store import JobConflict, Store
 
     from .config import TrainConfig
-    from .pairs import build_preferences, format_summary
-    from .trainer import recover_stale_jobs, train_adapter
+    from .trainer import recover_stale_jobs
 
     store = Store(a.data_dir / "assistant.db")
     if a.actor != "scheduler" and not store.is_admin(a.actor):
@@ -161,26 +165,58 @@ def run_from_app(a) -> int:
             store.update_job(a.job, status="failed", error=str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    data = build_preferences(store)
-    print(format_summary(data.summary), flush=True)
-    if not data.train_pairs or not data.eval_pairs:
-        reason = (f"not enough preference data: {len(data.train_pairs)} training and "
-                  f"{len(data.eval_pairs)} held-out pairs (both are needed)")
-        if a.job:
-            store.update_job(a.job, status="failed", error=reason)
-        print(f"error: {reason}", file=sys.stderr)
-        return 1
-    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
-    from dataclasses import asdict
+    job_id = a.job
+    if job_id is None:  # started here: the job row first, refused while another is active
+        try:
+            job_id = store.queue_job(a.actor, overrides)
+        except JobConflict as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    from store.store import utc_now
 
-    train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
-    result = train_adapter(train, held, store=store, data_dir=a.data_dir,
-                           base_model_dir=model_dir, config=config, job_id=a.job, created_by=a.actor,
-                           progress=print_progress)
+    from .jobs import start_heartbeat
+
+    # At work from here on, pairs first (minutes on a big store): an app starting meanwhile
+    # must see a running job with a live process and a heartbeat, not a queued one to fail.
+    store.update_job(job_id, status="running", pid=os.getpid(), started_utc=utc_now(), heartbeat_utc=utc_now())
+    beating = start_heartbeat(store, job_id)
+    try:
+        result = _train_job(a, store, config, job_id)
+    except BaseException as e:  # a job left active would refuse every later start
+        if store.job(job_id)["status"] in ("queued", "running"):
+            store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}", finished_utc=utc_now())
+        raise
+    finally:
+        beating.set()
+    if result is None:
+        return 1
     if result.status == "succeeded":
         verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
         print(f"version {result.version} ({result.name}) registered; gate {verdict}")
         return 0
     print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
     return 130 if result.status == "cancelled" else 1
+
+
+def _train_job(a, store, config, job_id: str):
+    """Pairs from the store, then the job; None when there is not enough data (job failed)."""
+    from dataclasses import asdict
+
+    from assistant.model_files import resolve_model
+
+    from .pairs import build_preferences, format_summary
+    from .trainer import train_adapter
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    data = build_preferences(store)
+    print(format_summary(data.summary), flush=True)
+    if not data.train_pairs or not data.eval_pairs:
+        reason = (f"not enough preference data: {len(data.train_pairs)} training and "
+                  f"{len(data.eval_pairs)} held-out pairs (both are needed)")
+        store.update_job(job_id, status="failed", error=reason)
+        print(f"error: {reason}", file=sys.stderr)
+        return None
+    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+    return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
+                         job_id=job_id, created_by=a.actor, progress=print_progress)

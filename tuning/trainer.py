@@ -108,7 +108,7 @@ def train_adapter(
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
     if job_id is None:
-        job_id = store.create_job(created_by, job_config, status="queued")
+        job_id = store.queue_job(created_by, job_config)  # JobConflict while another job is active
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
         job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
     started = time.monotonic()
@@ -122,6 +122,10 @@ def train_adapter(
         store.update_job(job_id, progress_json=last, heartbeat_utc=_now())
         if progress is not None:
             progress(dict(last))
+
+    from .jobs import start_heartbeat
+
+    beating = start_heartbeat(store, job_id)  # also in phases without steps (loading, the gate)
 
     def should_stop() -> bool:
         return bool((cancel is not None and cancel.is_set()) or store.job(job_id).get("cancel_requested"))
@@ -202,6 +206,7 @@ def train_adapter(
         store.update_job(job_id, status="failed", error=reason, finished_utc=_now())
         return TrainResult(job_id, "failed", error=reason)
     finally:
+        beating.set()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -276,34 +281,34 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
 # -- recovery ------------------------------------------------------------------------------
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], bool] | None = None) -> list[str]:
+    """Fail jobs left 'running' by a process that is gone, not ours, or silent, and remove
+    what they left in adapters/.
 
-
-def recover_stale_jobs(store: Any, data_dir: Path, is_alive: Callable[[int | None], bool] = pid_alive) -> list[str]:
-    """Fail jobs left 'running' by a dead process and remove what they left in adapters/.
-
-    Run before starting a job (the command line does). Removes temporary folders of jobs
-    no longer running and version-named folders that no registry row claims (a process
-    killed between the rename and the insert). Returns the ids of the jobs marked failed.
+    Run at app start and before every ``train``. A running job is failed when its pid is
+    not provably its training process (``tuning.jobs.job_process``: dead, or reused by a
+    process created after the job started) or when it sent no heartbeat for
+    ``tuning.jobs.STALE_AFTER``; a silent process that is provably ours is sent SIGTERM,
+    any other process is left alone. Then removes temporary folders of jobs no longer
+    running and version-named folders that no registry row claims (a process killed
+    between the rename and the insert). Returns the ids of the jobs marked failed.
     """
+    from . import jobs
+
     failed = []
     for job in store.jobs("running"):
-        if job.get("pid") != os.getpid() and not is_alive(job.get("pid")):
-            store.update_job(
-                job["id"], status="failed", finished_utc=_now(),
-                error=f"the training process (pid {job.get('pid')}) ended without finishing "
-                      f"(killed or crashed; last heartbeat {job.get('heartbeat_utc')}); nothing was registered",
-            )
-            failed.append(job["id"])
+        process = jobs.job_process(job) if is_ours is None else None
+        ours = process is not None if is_ours is None else is_ours(job)
+        stale = jobs.is_stale(job)
+        if (job.get("pid") == os.getpid() or ours) and not stale:
+            continue
+        if stale and ours:
+            why = f"the training process (pid {job.get('pid')}) sent {jobs.silence(job)}; it was stopped"
+        else:
+            why = (f"the training process (pid {job.get('pid')}) ended without finishing (killed or crashed, or "
+                   f"the pid now belongs to another process; last heartbeat {job.get('heartbeat_utc')})")
+        jobs.end_job(store, job, "failed", why + "; nothing was registered", process)
+        failed.append(job["id"])
     root = adapters_dir(data_dir)
     if root.is_dir():
         running = {j["id"] for j in store.jobs("running")}

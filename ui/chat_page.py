@@ -186,8 +186,11 @@ class ChatPage:
             replies = self.service.retry(answer_id, user)
             state.setdefault("undo", [])
         before = {a for k, a in state.get("index", []) if k == "answer"}
-        for out in self._stream(replies, state, user, clear_box=False):
-            yield out
+        try:
+            for out in self._stream(replies, state, user, clear_box=False):
+                yield out
+        except ChatInputError as e:  # e.g. already two answers being written for this user
+            raise gr.Error(str(e), print_exception=False) from e
         new = [a for k, a in state.get("index", []) if k == "answer" and a not in before]
         if new:
             state.setdefault("undo", []).append(("answer", new[-1], None))
@@ -248,9 +251,21 @@ class ChatPage:
         return chat, state, conv["system_prompt"], bool(conv["exclude_from_training"])
 
     def on_opt_out(self, excluded: bool, state: dict, request: gr.Request):
+        """Store the box for this conversation; the box then shows what is stored, so a
+        refused write never leaves it ticked over a conversation that stays trainable.
+        Before a new chat's first message there is nothing to store: on_send reads the box."""
         cid = (state or {}).get("conversation_id")
-        if cid:
-            self.store.update_conversation(cid, user_of(request), exclude_from_training=excluded)
+        if not cid:
+            return gr.update()
+        user = user_of(request)
+        try:
+            stored = self.service.set_excluded_from_training(cid, user, excluded)
+        except ChatInputError as e:
+            gr.Warning(str(e))
+            stored = bool(self.store.conversation(cid, user)["exclude_from_training"])
+        except NotFound as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return gr.update(value=stored)
 
     def on_load(self, request: gr.Request):
         user = user_of(request)
@@ -289,7 +304,7 @@ class ChatPage:
                 if reply.error:
                     raise gr.Error(reply.error, print_exception=False)
                 yield {"answer_id": reply.answer_id, "text": reply.text, "model": reply.model_label, "done": reply.done}
-        except NotFound as e:
+        except (ChatInputError, NotFound) as e:
             raise gr.Error(str(e), print_exception=False) from e
 
     def api_rate(self, answer_id: str, value: int, comment: str = "", request: gr.Request = None) -> dict:
@@ -387,7 +402,7 @@ class ChatPage:
         undo.click(self.on_undo, [state], [chatbot, state], api_visibility="private")
         new_chat.click(self.on_new_chat, [state], [chatbot, state, persona, conversations, opt_out], api_visibility="private")
         conversations.input(self.on_pick, [conversations, state], [chatbot, state, persona, opt_out], api_visibility="private")
-        opt_out.input(self.on_opt_out, [opt_out, state], None, api_visibility="private")
+        opt_out.input(self.on_opt_out, [opt_out, state], [opt_out], api_visibility="private")
         demo.load(self.on_load, None, [conversations, signed_in], api_visibility="private")
 
         gr.api(self.api_chat, api_name="chat")

@@ -1,0 +1,122 @@
+"""Stale training jobs: recovery and cancel judge a job by its heartbeat and by whether its
+pid is provably still our training process, and never signal a process that is not."""
+
+import datetime as dt
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from assistant.engine import Adapter
+from tuning.control import Controller
+from tuning.jobs import STALE_AFTER, job_process
+from tuning.trainer import recover_stale_jobs
+
+
+def ago(**kw) -> str:
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(**kw)).isoformat()
+
+
+@pytest.fixture
+def processes():
+    """Real processes; each is killed at the end if still running."""
+    started = []
+
+    def start(*args):
+        time.sleep(0.05)  # so a job stamped before this call started strictly before the process
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *args])
+        started.append(proc)
+        time.sleep(0.3)  # let the interpreter start, so its command line is readable
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def running_job(store, pid, started, heartbeat):
+    job = store.create_job("root", {}, status="running")
+    store.update_job(job, pid=pid, started_utc=started, heartbeat_utc=heartbeat)
+    return job
+
+
+def test_a_job_whose_pid_now_belongs_to_another_process_is_failed_and_that_process_left_alone(
+        store, tmp_path, processes):
+    # After a reboot or a container restart the job's pid is reused by an unrelated process,
+    # started after the job was. Its heartbeat is only a minute old: the pid decides.
+    job = running_job(store, 0, ago(minutes=5), ago(minutes=1))
+    unrelated = processes("an unrelated service, also a 'train' station")
+    store.update_job(job, pid=unrelated.pid)
+    assert job_process(store.job(job)) is None
+    assert recover_stale_jobs(store, tmp_path) == [job]
+    row = store.job(job)
+    assert row["status"] == "failed" and f"pid {unrelated.pid}" in row["error"] and row["cancel_requested"] == 1
+    time.sleep(0.2)
+    assert unrelated.poll() is None  # never signalled
+
+
+def test_a_silent_job_of_ours_is_failed_and_stopped_and_a_live_one_kept(store, tmp_path, processes):
+    silent = processes("app.py", "train", "--job", "J1")
+    busy = processes("app.py", "train", "--job", "J2")
+    before = ago(seconds=0)  # a job starts after its process does
+    stale = running_job(store, silent.pid, before, ago(minutes=STALE_AFTER.total_seconds() / 60 + 1))
+    fresh = running_job(store, busy.pid, before, ago(seconds=30))
+    assert job_process(store.job(stale)).pid == silent.pid  # provably ours: older than the job
+    assert recover_stale_jobs(store, tmp_path) == [stale]
+    assert store.job(stale)["status"] == "failed" and "no heartbeat for more than 10 min" in store.job(stale)["error"]
+    assert silent.wait(timeout=10) == -signal.SIGTERM  # ours and stuck: asked to stop
+    assert store.job(fresh)["status"] == "running" and busy.poll() is None
+
+
+class _Router:
+    def set_live(self, adapter):
+        pass
+
+    def set_canary(self, adapter, share, key):
+        pass
+
+
+def test_cancel_ends_a_stale_job_at_once_without_signalling_a_process_that_is_not_ours(store, processes):
+    store.create_user("root", "root-password", is_admin=True)
+    c = Controller(store, _Router(), adapter_of=lambda v: Adapter(f"v{v}", "/a", v), launcher=lambda j: None)
+    job = running_job(store, 0, ago(hours=3), ago(hours=2))
+    unrelated = processes("something else")
+    store.update_job(job, pid=unrelated.pid)
+    c.cancel("root", job)
+    row = store.job(job)
+    assert row["status"] == "cancelled" and "no heartbeat" in row["error"] and row["finished_utc"]
+    time.sleep(0.2)
+    assert unrelated.poll() is None
+    assert c.retrain("root")  # no longer refused
+
+    mine = processes("app.py", "train", "--job", "J3")
+    store.update_job(job, status="cancelled")
+    lively = store.jobs("queued")[0]["id"]
+    store.update_job(lively, status="running", pid=mine.pid, started_utc=ago(seconds=0), heartbeat_utc=ago(seconds=5))
+    c.cancel("root", lively)  # alive and reporting: the trainer stops itself between steps
+    assert store.job(lively)["status"] == "running" and store.job(lively)["cancel_requested"] == 1
+    assert mine.poll() is None
+
+
+def test_the_trainer_beats_in_phases_without_steps(store, tmp_path, monkeypatch):
+    from tiny import toy_pairs
+    from tuning.trainer import train_adapter
+
+    monkeypatch.setattr("tuning.jobs.HEARTBEAT_S", 0.05)
+    beats = []
+
+    def progress(row):  # called as the job enters its first phase, before any step
+        job = store.jobs("running")[0]
+        first = job["heartbeat_utc"]
+        time.sleep(0.5)  # a long model load, say
+        beats.append((first, store.job(job["id"])["heartbeat_utc"]))
+        raise RuntimeError("stop here: the beats are what this test is about")
+
+    result = train_adapter(toy_pairs(4), toy_pairs(2, start=100, prefix="e"), store=store, data_dir=tmp_path,
+                           base_model_dir=tmp_path / "no-model", progress=progress)
+    (first, later), = beats
+    assert later > first and result.status == "failed"
