@@ -261,14 +261,9 @@ def serve(a: argparse.Namespace) -> int:
     closers: list = []
     try:
         demo, store = build(config, closers, loop, a.train_set)
-        # 32 events at once: vLLM batches the chats, and votes and admin calls must not queue
-        # behind 16 streaming answers. Within Gradio's 40 worker threads.
-        demo.queue(default_concurrency_limit=32).launch(
-            server_name=config.host, server_port=config.port, show_error=True,
-            auth=store.verify_password, auth_message="Sign in to chat with the assistant.",
-            # Exported files live under the data folder; the File component may serve them.
-            allowed_paths=[str(Path(config.data_dir) / "exports")],
-        )
+        from ui.server import launch
+
+        launch(demo, store, host=config.host, port=config.port, data_dir=config.data_dir)
     finally:
         for close in closers:
             close()
