@@ -263,7 +263,7 @@ def serve(a: argparse.Namespace) -> int:
         demo, store = build(config, closers, loop, a.train_set)
         from ui.server import launch
 
-        launch(demo, store, host=config.host, port=config.port, data_dir=config.data_dir)
+        launch(demo, store, host=config.host, port=config.port)
     finally:
         for close in closers:
             close()

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -44,6 +47,19 @@ def _parse_version(label: str | None) -> int | None:
         return parse_version(str(label))
     except ValueError as e:
         raise gr.Error(str(e), print_exception=False) from None
+
+
+def private_copies(paths) -> list[str]:
+    """Copies of the exported files for this admin's File component only.
+
+    The export folder is never served by path (no ``allowed_paths``): its names are the UTC
+    second and fixed file names, which a non-admin found by guessing. Gradio copies what a
+    handler returns into its cache under a secret-seeded hash of the content, and sends that
+    address to this session alone. The copies go through a folder of our own (mode 0700)
+    because Gradio takes only files under the working or temp directory, and the data folder
+    may be anywhere."""
+    folder = Path(tempfile.mkdtemp(prefix="assistant-export-"))
+    return [str(shutil.copy2(p, folder / Path(p).name)) for p in paths or []]
 
 
 class AdminPage:
@@ -227,7 +243,7 @@ class AdminPage:
             raise gr.Error("Export is not available in this build.", print_exception=False)
         files = self._act(self.exporter)
         gr.Info("Exported.")
-        return files
+        return private_copies(files)
 
     # -- API endpoints for scripts ---------------------------------------------------
 

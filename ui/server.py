@@ -6,14 +6,12 @@ over the fake engine, so they exercise the same sign-in and file rules as the ap
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 AUTH_MESSAGE = "Sign in to chat with the assistant."
 
 
-def launch(demo: gr.Blocks, store, *, host: str, port: int, data_dir: Path, block: bool = True) -> gr.Blocks:
+def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True) -> gr.Blocks:
     """Launch ``demo`` on host:port behind the accounts in ``store``; returns once it
     stops (``block``) or as soon as it serves (``block=False``: call ``demo.close()``)."""
     # 32 events at once: vLLM batches the chats, and votes and admin calls must not queue
@@ -21,8 +19,8 @@ def launch(demo: gr.Blocks, store, *, host: str, port: int, data_dir: Path, bloc
     demo.queue(default_concurrency_limit=32).launch(
         server_name=host, server_port=port, show_error=True, prevent_thread_lock=True,
         auth=store.verify_password, auth_message=AUTH_MESSAGE,
-        # Exported files live under the data folder; the File component may serve them.
-        allowed_paths=[str(Path(data_dir) / "exports")],
+        # No allowed_paths: nothing under the data folder is served by path. Exports reach
+        # the admin who made them through the File component (ui.admin_page.private_copies).
     )
     if block:
         demo.block_thread()

@@ -1,0 +1,56 @@
+"""Who gets what from a running page (served by ui.server.launch over the fake engine):
+exports, sessions, sign-in. Findings of the audit in issue 13."""
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feedback_scenario import SAME, TopicEmbedder, build_scenario
+from live_app import click, live_app, signed_in
+from tuning.export import export_for_admin
+from tuning.pairs import PairConfig
+
+
+@pytest.fixture
+def accounts(store):
+    store.create_user("root", "root-password", is_admin=True)
+    store.create_user("mallory", "mallory-password")
+    return store
+
+
+def test_export_files_are_not_served_to_non_admins_or_anyone(accounts, engine, tmp_path):
+    """Audit item 1: any signed-in user could GET /gradio_api/file=data/exports/<stamp>/..."""
+    build_scenario(accounts)
+    data_dir = tmp_path / "data"
+    folder, _ = export_for_admin(accounts, data_dir, PairConfig(), TopicEmbedder(SAME))
+    paths = sorted(folder.iterdir())
+    assert any(p.name == "pairs_train.jsonl" for p in paths)
+    made = []
+
+    def exporter():
+        made.append(export_for_admin(accounts, data_dir, PairConfig(), TopicEmbedder(SAME))[0])
+        return sorted(made[-1].glob("*.jsonl")) + [made[-1] / "summary.json"]  # as app.py's exporter
+
+    with live_app(accounts, engine, exporter=exporter) as url:
+        mallory = signed_in(url, "mallory", "mallory-password")
+        root = signed_in(url, "root", "root-password")
+        anonymous = httpx.Client(base_url=url, timeout=30)
+        for path in paths:
+            for who in (mallory, anonymous, root):  # nobody gets them by path, admins included
+                r = who.get(f"/gradio_api/file={path}")
+                assert r.status_code in (401, 403, 404), (path.name, r.status_code)
+                assert "alice" not in r.text
+
+        assert click(mallory, "export")["success"] is False  # the console refuses non-admins
+        assert made == []
+        done = click(root, "export")
+        assert done["success"], done
+        urls = {Path(f["path"]).name: f["url"] for f in done["output"]["data"][0]}
+        assert {"pairs_train.jsonl", "summary.json"} <= set(urls)
+        got = root.get(urls["pairs_train.jsonl"])
+        assert got.status_code == 200 and got.text == (made[-1] / "pairs_train.jsonl").read_text()
+        # The address is Gradio's cache: a secret-seeded 64-hex hash, nothing under the data folder.
+        assert str(data_dir) not in urls["pairs_train.jsonl"]
+        assert re.search(r"/[0-9a-f]{64}/pairs_train.jsonl$", urls["pairs_train.jsonl"])
