@@ -2,6 +2,8 @@
 exports, sessions, sign-in. Findings of the audit in issue 13."""
 
 import re
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -54,3 +56,56 @@ def test_export_files_are_not_served_to_non_admins_or_anyone(accounts, engine, t
         # The address is Gradio's cache: a secret-seeded 64-hex hash, nothing under the data folder.
         assert str(data_dir) not in urls["pairs_train.jsonl"]
         assert re.search(r"/[0-9a-f]{64}/pairs_train.jsonl$", urls["pairs_train.jsonl"])
+
+
+def counted(monkeypatch, store, delay_s=0.0):
+    """Wrap the store's password check (before launch): records names, optionally slow."""
+    real, calls = store.verify_password, []
+
+    def verify(name, password):
+        calls.append(name)
+        time.sleep(delay_s)  # blocks its thread, as scrypt does
+        return real(name, password)
+
+    monkeypatch.setattr(store, "verify_password", verify)
+    return calls
+
+
+def test_a_slow_password_check_does_not_stall_signed_in_users(accounts, engine, monkeypatch):
+    """Audit item 2: scrypt ran on Gradio's event loop, so wrong passwords stalled every page."""
+    counted(monkeypatch, accounts, delay_s=1.5)
+    with live_app(accounts, engine) as url:
+        mallory = signed_in(url, "mallory", "mallory-password")
+        attempt = threading.Thread(target=lambda: httpx.post(
+            f"{url}/login", data={"username": "root", "password": "wrong-password"}, timeout=30))
+        attempt.start()
+        time.sleep(0.3)  # the check is running now
+        start = time.monotonic()
+        assert mallory.get("/config").status_code == 200
+        took = time.monotonic() - start
+        attempt.join()
+        assert took < 0.8, f"a signed-in request waited {took:.2f} s behind a password check"
+
+
+def test_a_burst_of_wrong_passwords_is_cut_off_fast_and_the_right_one_works_after_the_wait(accounts, engine, monkeypatch):
+    """Audit item 2: thirty wrong passwords in two seconds were all checked, and the right
+    one was accepted at once after."""
+    calls = counted(monkeypatch, accounts)
+    with live_app(accounts, engine) as url:
+        codes, slowest_refusal = [], 0.0
+        for _ in range(30):
+            start = time.monotonic()
+            r = httpx.post(f"{url}/login", data={"username": "root", "password": "wrong-password"}, timeout=30)
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                slowest_refusal = max(slowest_refusal, time.monotonic() - start)
+                retry_after = int(r.headers["Retry-After"])
+        assert codes == [400] * 5 + [429] * 25
+        assert calls == ["root"] * 5  # refusals never reached the password check
+        assert slowest_refusal < 0.2 and retry_after == 1
+        r = httpx.post(f"{url}/login", data={"username": "root", "password": "root-password"}, timeout=30)
+        assert r.status_code == 429  # the right password waits too: it is not a way to probe
+        r = httpx.post(f"{url}/login", data={"username": "mallory", "password": "mallory-password"}, timeout=30)
+        assert r.status_code == 429  # so does any name from this address
+        time.sleep(retry_after)
+        assert signed_in(url, "root", "root-password")

@@ -1,8 +1,14 @@
 """Sign-in checks without a server: the password check's cost, the backoff, sessions."""
 
+import asyncio
 import hashlib
+import threading
+
+import pytest
+from fastapi import HTTPException
 
 import store.passwords as passwords
+from ui.signin import PEER, Backoff, Policy, SignIn
 
 
 def test_unknown_and_known_names_cost_one_scrypt_of_the_same_size(store, monkeypatch):
@@ -23,3 +29,78 @@ def test_unknown_and_known_names_cost_one_scrypt_of_the_same_size(store, monkeyp
         calls.clear()
         assert store.verify_password(name, password) is ok
         assert calls == [(passwords.N, passwords.R, passwords.P, 32)], name
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_backoff_five_free_then_doubling_capped_and_refusals_do_not_count():
+    clock = Clock()
+    b = Backoff(Policy(), clock)
+    for _ in range(4):
+        assert b.wait_s("alice", "10.0.0.9") == 0
+        b.failed("alice", "10.0.0.9")
+    assert b.wait_s("alice", "10.0.0.9") == 0
+    b.failed("alice", "10.0.0.9")  # the 5th
+    assert b.wait_s("alice", "10.0.0.9") == 1.0
+    assert b.wait_s("alice", "10.0.0.77") == 1.0  # the account waits from anywhere
+    assert b.wait_s("bob", "10.0.0.9") == 1.0  # and the address waits for any name
+    waits = []
+    for _ in range(10):
+        clock.now += b.wait_s("alice", "10.0.0.9")
+        b.failed("alice", "10.0.0.9")
+        waits.append(b.wait_s("alice", "10.0.0.9"))
+    assert waits == [2, 4, 8, 16, 32, 64, 120, 120, 120, 120]
+    before = b.wait_s("alice", "10.0.0.9")
+    clock.now += 1  # refused attempts in the wait change nothing
+    assert b.wait_s("alice", "10.0.0.9") == before - 1
+    clock.now += 3600 + 120  # forgotten an hour after the last failure
+    assert b.wait_s("alice", "10.0.0.9") == 0
+
+
+def test_a_success_clears_and_its_address_is_exempt_from_the_accounts_wait():
+    clock = Clock()
+    b = Backoff(Policy(), clock)
+    b.succeeded("alice", "10.0.0.1")  # alice signed in from home before
+    for n in range(8):  # an attacker tries alice's name from many addresses
+        b.failed("alice", f"10.9.0.{n}")
+    assert b.wait_s("alice", "10.9.0.99") > 0  # a new address waits
+    assert b.wait_s("alice", "10.0.0.1") == 0  # alice at home does not
+    b.succeeded("alice", "10.0.0.1")
+    assert b.wait_s("alice", "10.9.0.99") == 0  # a success clears the account's failures
+
+
+def test_ipv6_addresses_count_per_64():
+    clock = Clock()
+    b = Backoff(Policy(), clock)
+    for n in range(5):
+        b.failed(f"user{n}", f"2001:db8:1:2::{n + 1}")
+    assert b.wait_s("someone", "2001:db8:1:2:ffff::9") == 1.0
+    assert b.wait_s("someone", "2001:db8:1:3::1") == 0
+
+
+def test_the_check_runs_off_the_event_loop_and_refusals_skip_scrypt():
+    loop_thread, seen = threading.get_ident(), []
+
+    def verify(name, password):
+        seen.append(threading.get_ident())
+        return password == "right-password"
+
+    signin = SignIn(verify, Policy(), Clock())
+
+    async def attempts():
+        PEER.set("10.0.0.5")
+        results = [await signin.check("alice", "wrong") for _ in range(5)]
+        with pytest.raises(HTTPException) as refused:
+            await signin.check("alice", "right-password")
+        return results, refused.value
+
+    results, refused = asyncio.run(attempts())
+    assert results == [False] * 5
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert len(seen) == 5 and loop_thread not in seen  # the 6th never ran scrypt

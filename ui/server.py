@@ -2,23 +2,47 @@
 
 ``app.py serve`` calls :func:`launch`; tests call it with ``block=False`` on a page built
 over the fake engine, so they exercise the same sign-in and file rules as the app.
+
+Gradio's own sign-in is used (its ``/login`` route and cookie); the password check goes
+through ``ui.signin.SignIn`` (off the event loop, behind a backoff), which needs the
+client's address: :class:`PeerAddress` hands it over.
 """
 
 from __future__ import annotations
 
 import gradio as gr
+from starlette.middleware import Middleware
+
+from .signin import PEER, Policy, SignIn
 
 AUTH_MESSAGE = "Sign in to chat with the assistant."
 
 
-def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True) -> gr.Blocks:
+class PeerAddress:
+    """ASGI middleware: the connecting address, for the sign-in backoff. The direct peer,
+    not X-Forwarded-For, which any client can write (behind a reverse proxy every client
+    then shares the proxy's address: see docs/faults.md)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            PEER.set((scope.get("client") or ("",))[0])
+        await self.app(scope, receive, send)
+
+
+def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True,
+           policy: Policy = Policy()) -> gr.Blocks:
     """Launch ``demo`` on host:port behind the accounts in ``store``; returns once it
     stops (``block``) or as soon as it serves (``block=False``: call ``demo.close()``)."""
+    signin = SignIn(store.verify_password, policy)
     # 32 events at once: vLLM batches the chats, and votes and admin calls must not queue
     # behind 16 streaming answers. Within Gradio's 40 worker threads.
     demo.queue(default_concurrency_limit=32).launch(
         server_name=host, server_port=port, show_error=True, prevent_thread_lock=True,
-        auth=store.verify_password, auth_message=AUTH_MESSAGE,
+        auth=signin.check, auth_message=AUTH_MESSAGE,
+        app_kwargs={"middleware": [Middleware(PeerAddress)]},
         # No allowed_paths: nothing under the data folder is served by path. Exports reach
         # the admin who made them through the File component (ui.admin_page.private_copies).
     )
