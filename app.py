@@ -8,7 +8,7 @@ commands admins use.
     python app.py serve --engine hf    # transformers+peft in process, where vLLM cannot run
     python app.py serve --api-keys keys.txt   # OpenAI-compatible API on port+1 for these users
     python app.py users add alice [--admin]   # password read from the terminal or stdin
-    python app.py users list | passwd NAME | admin NAME [--off]
+    python app.py users list | passwd NAME | admin NAME [--off] | disable NAME | enable NAME
     python app.py versions                    # every adapter version, its gate and thumbs-up rate
     python app.py promote v3 --as admin --reason "..." [--override]
     python app.py rollback v2|base --as admin
@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     adm = users.add_parser("admin", help="grant or remove admin rights")
     adm.add_argument("name")
     adm.add_argument("--off", action="store_true", help="remove admin rights (default grants them)")
+    for action, text in (("disable", "stop an account: no sign-in, its sessions and API keys end at once"),
+                         ("enable", "let a disabled account sign in again")):
+        users.add_parser(action, help=text).add_argument("name")
 
     sub.add_parser("versions", help="list adapter versions")
     for name, text in (("promote", "make a version live"), ("rollback", "go back to an earlier version or base")):
@@ -289,9 +292,13 @@ def users(a: argparse.Namespace, store) -> int:
     elif a.action == "admin":
         store.set_admin(a.name, not a.off)
         print(f"{a.name} is {'no longer ' if a.off else ''}an admin")
+    elif a.action in ("disable", "enable"):
+        store.set_disabled(a.name, a.action == "disable")
+        print(f"{a.name} is {a.action}d")
     else:
         for u in store.users():
-            print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}")
+            print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}"
+                  + ("\tdisabled" if u["disabled"] else ""))
     return 0
 
 

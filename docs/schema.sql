@@ -107,7 +107,7 @@ CREATE TABLE "users" (
    "is_admin" INTEGER DEFAULT 0,
    "disabled" INTEGER DEFAULT 0,
    "created_utc" TEXT NOT NULL
-);
+, "password_changed_utc" TEXT);
 
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");

@@ -208,3 +208,10 @@ def m006_job_control(db: Database) -> None:
     db["training_jobs"].add_column("cancel_requested", int, not_null_default=0)
     db["training_jobs"].add_column("pid", int)
     db["training_jobs"].add_column("heartbeat_utc", str)
+
+
+@MIGRATIONS()
+def m007_password_changed(db: Database) -> None:
+    # A session begun before this time is over (ui.sessions): a new password signs out
+    # everyone holding the old one. NULL: never changed since the account was made.
+    db["users"].add_column("password_changed_utc", str)

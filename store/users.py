@@ -41,8 +41,24 @@ class UsersMixin:
     def set_password(self, name: str, password: str) -> None:
         if len(password or "") < MIN_PASSWORD_CHARS:
             raise UserError(f"A password needs at least {MIN_PASSWORD_CHARS} characters.")
+        from .store import utc_now
+
         self._user(name)
-        self.db["users"].update(name, {"password_hash": hash_password(password)})
+        self.db["users"].update(name, {"password_hash": hash_password(password), "password_changed_utc": utc_now()})
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        """A disabled account cannot sign in; its sessions and API keys stop working at once."""
+        self._user(name)
+        self.db["users"].update(name, {"disabled": int(disabled)})
+
+    def session_valid(self, name: str, since_utc: str) -> bool:
+        """May a session that signed in as ``name`` at ``since_utc`` go on? Only while the
+        account exists, is enabled, and its password has not changed since."""
+        row = self.db.execute(
+            "SELECT 1 FROM users WHERE name = ? AND disabled = 0 "
+            "AND (password_changed_utc IS NULL OR password_changed_utc <= ?)", [name, since_utc],
+        ).fetchone()
+        return row is not None
 
     def set_admin(self, name: str, is_admin: bool) -> None:
         self._user(name)

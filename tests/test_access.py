@@ -109,3 +109,26 @@ def test_a_burst_of_wrong_passwords_is_cut_off_fast_and_the_right_one_works_afte
         assert r.status_code == 429  # so does any name from this address
         time.sleep(retry_after)
         assert signed_in(url, "root", "root-password")
+
+
+def test_a_password_change_or_a_disabled_account_ends_its_sessions(accounts, engine):
+    """Audit item 4: an old cookie kept working after `users passwd`, and a disabled user
+    could still chat."""
+    with live_app(accounts, engine) as url:
+        mallory = signed_in(url, "mallory", "mallory-password")
+        other_tab = signed_in(url, "mallory", "mallory-password")
+        root = signed_in(url, "root", "root-password")
+        assert mallory.get("/config").status_code == 200
+        accounts.set_password("mallory", "a-new-password")
+        for old in (mallory, other_tab):
+            assert old.get("/config").status_code == 401
+            assert old.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0, "session_hash": "x"}).status_code == 401
+        assert signed_in(url, "mallory", "a-new-password").get("/config").status_code == 200
+
+        assert root.get("/config").status_code == 200
+        accounts.set_disabled("root", True)
+        assert root.get("/config").status_code == 401
+        assert httpx.post(f"{url}/login", data={"username": "root", "password": "root-password"}).status_code == 400
+        accounts.set_disabled("root", False)
+        assert root.get("/config").status_code == 401  # ended, not paused
+        assert signed_in(url, "root", "root-password").get("/config").status_code == 200

@@ -53,3 +53,14 @@ def test_first_admin_is_created_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ASSISTANT_ADMIN_PASSWORD", "chosen-by-me")
     ensure_first_admin(other)
     assert capsys.readouterr().out == "" and other.verify_password("admin", "chosen-by-me")
+
+
+def test_users_disable_and_enable(tmp_path):
+    assert cli(tmp_path, "users", "add", "erin", "--password-stdin", stdin="erin-password\n").returncode == 0
+    assert cli(tmp_path, "users", "disable", "erin").returncode == 0
+    assert "erin\tuser\t" in (listing := cli(tmp_path, "users", "list").stdout) and listing.rstrip().endswith("disabled")
+    store = Store(tmp_path / "assistant.db")
+    assert not store.verify_password("erin", "erin-password")
+    assert cli(tmp_path, "users", "enable", "erin").returncode == 0
+    assert store.verify_password("erin", "erin-password")
+    assert cli(tmp_path, "users", "disable", "nobody").returncode == 3

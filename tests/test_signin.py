@@ -15,6 +15,8 @@ def test_unknown_and_known_names_cost_one_scrypt_of_the_same_size(store, monkeyp
     """Audit item 9: an unknown name took two scrypt runs (83 ms vs 42 ms), telling which
     names exist. Now every check runs exactly one, with the same parameters."""
     store.create_user("alice", "alice-password")
+    store.create_user("olga", "olga-password")
+    store.set_disabled("olga", True)
     calls = []
     real = hashlib.scrypt
 
@@ -25,7 +27,7 @@ def test_unknown_and_known_names_cost_one_scrypt_of_the_same_size(store, monkeyp
     monkeypatch.setattr(passwords.hashlib, "scrypt", counting)
     passwords.dummy_hash()  # made once per process; not part of any check
     for name, password, ok in [("alice", "alice-password", True), ("alice", "wrong-password", False),
-                               ("nobody", "whatever-pw", False)]:
+                               ("nobody", "whatever-pw", False), ("olga", "olga-password", False)]:
         calls.clear()
         assert store.verify_password(name, password) is ok
         assert calls == [(passwords.N, passwords.R, passwords.P, 32)], name
@@ -104,3 +106,25 @@ def test_the_check_runs_off_the_event_loop_and_refusals_skip_scrypt():
     assert results == [False] * 5
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert len(seen) == 5 and loop_thread not in seen  # the 6th never ran scrypt
+
+
+def test_sessions_end_after_a_week_a_password_change_or_when_disabled(store):
+    from ui.sessions import SESSION_MAX_AGE_S, Sessions
+
+    store.create_user("alice", "alice-password")
+    clock = Clock()
+    sessions = Sessions(store, clock=clock)
+    sessions["t1"] = "alice"
+    clock.now += SESSION_MAX_AGE_S - 1
+    assert sessions.get("t1") == "alice"
+    sessions["t2"] = "alice"
+    clock.now += 2
+    assert sessions.get("t1") is None and "t1" not in sessions  # a week old: over
+    assert sessions.get("t2") == "alice"
+    store.set_password("alice", "another-password")
+    assert sessions.get("t2") is None
+    sessions["t3"] = "alice"  # signed in with the new password
+    assert sessions.get("t3") == "alice"
+    store.set_disabled("alice", True)
+    assert sessions.get("t3") is None
+    assert sessions.get("never-issued") is None

@@ -5,7 +5,8 @@ over the fake engine, so they exercise the same sign-in and file rules as the ap
 
 Gradio's own sign-in is used (its ``/login`` route and cookie); the password check goes
 through ``ui.signin.SignIn`` (off the event loop, behind a backoff), which needs the
-client's address: :class:`PeerAddress` hands it over.
+client's address: :class:`PeerAddress` hands it over. Sessions end on a password change,
+a disabled account or after a week (``ui.sessions.Sessions``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gradio as gr
 from starlette.middleware import Middleware
 
+from .sessions import Sessions
 from .signin import PEER, Policy, SignIn
 
 AUTH_MESSAGE = "Sign in to chat with the assistant."
@@ -46,6 +48,8 @@ def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True,
         # No allowed_paths: nothing under the data folder is served by path. Exports reach
         # the admin who made them through the File component (ui.admin_page.private_copies).
     )
+    # Gradio makes its token map when it launches; nobody has signed in yet.
+    demo.server_app.tokens = Sessions(store)
     if block:
         demo.block_thread()
     return demo
