@@ -6,9 +6,10 @@ commands admins use.
     python app.py serve --host 0.0.0.0 # listen beyond loopback
     python app.py serve --vllm-url http://10.0.0.5:8000 --vllm-api-key KEY   # a vLLM already running
     python app.py serve --engine hf    # transformers+peft in process, where vLLM cannot run
-    python app.py serve --api-keys keys.txt   # OpenAI-compatible API on port+1 for these users
+    python app.py serve --api          # also the OpenAI-compatible API on port+1, for key holders
     python app.py users add alice [--admin]   # password read from the terminal or stdin
     python app.py users list | passwd NAME | admin NAME [--off] | disable NAME | enable NAME
+    python app.py keys add NAME [--label L] | list [NAME] | revoke KEY_ID   # API keys, shown once
     python app.py versions                    # every adapter version, its gate and thumbs-up rate
     python app.py promote v3 --as admin --reason "..." [--override]
     python app.py rollback v2|base --as admin
@@ -56,7 +57,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-url", default=None, help="use this running vLLM server instead of starting one")
     p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="its API key (or env ASSISTANT_VLLM_API_KEY)")
     p.add_argument("--vllm-dtype", default=d.vllm_dtype, help="dtype of the started vLLM server")
-    p.add_argument("--api-keys", type=Path, default=None, help="file of 'user_id key' lines: serve the OpenAI-compatible API")
+    p.add_argument("--api", action="store_true", help="serve the OpenAI-compatible API (keys: app.py keys add NAME)")
+    # Keys were a plain-text file before; say what replaced it instead of "unrecognized".
+    p.add_argument("--api-keys", default=None, help=argparse.SUPPRESS)
     p.add_argument("--api-port", type=int, default=None, help="port of that API (default PORT+1)")
     p.add_argument("--host", default=d.host, help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=d.port)
@@ -92,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
                          ("enable", "let a disabled account sign in again")):
         users.add_parser(action, help=text).add_argument("name")
 
+    keys = sub.add_parser("keys", help="API keys (stored hashed, one account each)").add_subparsers(dest="action", required=True)
+    kadd = keys.add_parser("add", help="issue a key to an account; it is printed once")
+    kadd.add_argument("name")
+    kadd.add_argument("--label", default="", help="what the key is for (shown in listings)")
+    keys.add_parser("list", help="list keys (never the keys themselves)").add_argument("name", nargs="?")
+    keys.add_parser("revoke", help="revoke a key by its id").add_argument("key_id")
+
     sub.add_parser("versions", help="list adapter versions")
     for name, text in (("promote", "make a version live"), ("rollback", "go back to an earlier version or base")):
         c = sub.add_parser(name, help=text)
@@ -123,7 +133,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
         vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, vllm_dtype=a.vllm_dtype,
-        api_keys_file=a.api_keys, api_port=a.api_port,
+        api=a.api, api_port=a.api_port,
     )
 
 
@@ -226,13 +236,13 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         print(f"warning: {warning}", flush=True)
     controller.run_forever()
     closers.insert(0, controller.stop)
-    if config.api_keys_file:
+    if config.api:
         if config.engine != "vllm":
-            raise SystemExit("--api-keys needs --engine vllm")
-        from assistant.openai_api import build_api, read_keys, serve_api
+            raise SystemExit("--api needs --engine vllm")
+        from assistant.openai_api import build_api, serve_api
 
         api = serve_api(
-            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store),
+            build_api(engine, router.adapter_for, store.user_for_api_key, store=store),
             config.host, config.api_port or config.port + 1,
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
@@ -254,6 +264,9 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
 def serve(a: argparse.Namespace) -> int:
     from tuning.control import LoopConfig
 
+    if a.api_keys:
+        raise SystemExit("--api-keys is gone: keys are now issued per account and stored hashed. "
+                         "Issue them with: python app.py keys add NAME; serve the API with --api.")
     config = serve_config(a)
     from tuning.canary import CanaryConfig
 
@@ -302,6 +315,21 @@ def users(a: argparse.Namespace, store) -> int:
     return 0
 
 
+def api_keys(a: argparse.Namespace, store) -> int:
+    if a.action == "add":
+        key_id, key = store.issue_api_key(a.name, a.label, created_by="command line")
+        print(f"key: {key}\nid: {key_id}\nIt is shown only this once; it belongs to {a.name} "
+              "(and stops working if that account is disabled).")
+    elif a.action == "revoke":
+        store.revoke_api_key(a.key_id)
+        print(f"revoked {a.key_id}")
+    else:
+        for k in store.api_keys(a.name):
+            print(f"{k['id']}\t{k['user_id']}\t{k['label']}\t{k['created_utc']}"
+                  + (f"\trevoked {k['revoked_utc']}" if k["revoked_utc"] else ""))
+    return 0
+
+
 def admin_command(a: argparse.Namespace, store) -> int:
     from assistant.model_files import resolve_model
     from tuning import commands
@@ -331,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "users", "versions", "promote", "rollback", "canary", "train", "export"}
+    commands = {"serve", "users", "keys", "versions", "promote", "rollback", "canary", "train", "export"}
     # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []
@@ -356,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     store = Store(Path(a.data_dir) / "assistant.db")
     try:
+        if a.command == "keys":
+            return api_keys(a, store)
         return users(a, store) if a.command == "users" else admin_command(a, store)
     except (UserError, Refused, Conflict, NotFound, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import sqlite_utils
 from ulid import ULID
 
+from .api_keys import ApiKeysMixin
 from .feedback import FeedbackMixin
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
@@ -79,7 +80,7 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
+class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin, ApiKeysMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Feedback at a glance, retraining (now or on a schedule) with live progress and cancel, the
 table and plots of every adapter version, promote / roll back / canary, export, and the
-time from feedback to live. Every handler goes through ``tuning.control.Controller``,
+time from feedback to live, and API keys (issue, revoke). Every handler goes through ``tuning.control.Controller``,
 which checks on the server that the caller is an admin; the tab's visibility is only a
 convenience. The same actions are API endpoints (``/admin_*``) for scripts.
 """
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from store import NotFound
+from store import NotFound, UserError
 from tuning.commands import parse_version
 from tuning.control import Conflict, Controller, Refused
 
@@ -245,6 +245,32 @@ class AdminPage:
         gr.Info("Exported.")
         return private_copies(files)
 
+    # -- API keys (the OpenAI-compatible API's) ---------------------------------------
+
+    def keys_table(self, request: gr.Request) -> pd.DataFrame:
+        self._admin(request)
+        return pd.DataFrame([
+            {"id": k["id"], "user": k["user_id"], "label": k["label"], "created": k["created_utc"],
+             "by": k["created_by"], "revoked": k["revoked_utc"] or ""}
+            for k in self.store.api_keys()
+        ], columns=["id", "user", "label", "created", "by", "revoked"])
+
+    def issue_key(self, user: str, label: str, request: gr.Request):
+        """A new key for ``user``, shown once in the page (only its hash is kept)."""
+        actor = self._admin(request)
+        try:
+            _, key = self.store.issue_api_key((user or "").strip(), label or "", created_by=actor)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        gr.Info(f"Key issued to {user}: copy it now, it is not shown again.")
+        return gr.update(value=key, visible=True), self.keys_table(request)
+
+    def revoke_key(self, key_id: str, request: gr.Request) -> pd.DataFrame:
+        self._admin(request)
+        self._act(self.store.revoke_api_key, (key_id or "").strip())
+        gr.Info(f"Key {key_id} revoked.")
+        return self.keys_table(request)
+
     # -- API endpoints for scripts ---------------------------------------------------
 
     def api_retrain(self, settings: str = "", request: gr.Request = None) -> dict:
@@ -338,6 +364,17 @@ class AdminPage:
                 export = gr.Button("Export feedback and pairs", elem_id="export")
                 files = gr.File(label="Exported files", file_count="multiple")
 
+            with gr.Accordion("API keys (OpenAI-compatible API)", open=False) as keys_box:
+                with gr.Row():
+                    key_user = gr.Textbox(label="Account", elem_id="key-user")
+                    key_label = gr.Textbox(label="What it is for", elem_id="key-label")
+                    issue = gr.Button("Issue key", elem_id="issue-key")
+                new_key = gr.Textbox(label="New key (shown once: copy it now)", visible=False, elem_id="new-key")
+                keys = gr.Dataframe(label="Keys (only their hashes are kept)", wrap=True, elem_id="api-keys")
+                with gr.Row():
+                    revoke_id = gr.Textbox(label="Key id to revoke", elem_id="revoke-id")
+                    revoke = gr.Button("Revoke", variant="stop", elem_id="revoke-key")
+
             outs = [per_day, rate, gate_plot, versions, downvotes, loop_text, promote_v, rollback_v, canary_v, summary, promotions]
             p = dict(api_visibility="private")
             refresh.click(self.overview, None, outs, **p)
@@ -350,6 +387,9 @@ class AdminPage:
             canary.click(self.canary, [canary_v, share], outs, **p)
             stop_canary.click(self.stop_canary, None, outs, **p)
             export.click(self.export, None, [files], **p)
+            keys_box.expand(self.keys_table, None, [keys], **p)
+            issue.click(self.issue_key, [key_user, key_label], [new_key, keys], **p)
+            revoke.click(self.revoke_key, [revoke_id], [keys], **p)
             for name in ("retrain", "cancel", "promote", "rollback", "canary", "stop_canary", "versions", "job"):
                 gr.api(getattr(self, f"api_{name}"), api_name=f"admin_{name}")
         return tab
