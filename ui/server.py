@@ -20,18 +20,31 @@ from .signin import PEER, Policy, SignIn
 AUTH_MESSAGE = "Sign in to chat with the assistant."
 
 
+# Images and media from this server only: whatever markup reaches the page (a model's
+# answer, sanitized HTML), the browser fetches nothing from other sites.
+CSP = b"img-src 'self' data: blob:; media-src 'self' data: blob:"
+
+
 class PeerAddress:
-    """ASGI middleware: the connecting address, for the sign-in backoff. The direct peer,
-    not X-Forwarded-For, which any client can write (behind a reverse proxy every client
-    then shares the proxy's address: see docs/faults.md)."""
+    """ASGI middleware: records the connecting address for the sign-in backoff and adds the
+    Content-Security-Policy to every response. The direct peer, not X-Forwarded-For, which
+    any client can write (behind a reverse proxy every client then shares the proxy's
+    address: see docs/faults.md)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            PEER.set((scope.get("client") or ("",))[0])
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        PEER.set((scope.get("client") or ("",))[0])
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", CSP)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
 
 
 def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True,
