@@ -17,7 +17,9 @@ from starlette.middleware import Middleware
 from .sessions import Sessions
 from .signin import PEER, Policy, SignIn
 
-AUTH_MESSAGE = "Sign in to chat with the assistant."
+# Gradio's login page says "Incorrect credentials" for every refusal, waits included: say the rule.
+AUTH_MESSAGE = ("Sign in to chat with the assistant. After 5 wrong passwords, each further try "
+                "must wait (1 s, doubling, at most 2 min).")
 
 
 # Images and media from this server only: whatever markup reaches the page (a model's
