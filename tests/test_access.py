@@ -132,3 +132,13 @@ def test_a_password_change_or_a_disabled_account_ends_its_sessions(accounts, eng
         accounts.set_disabled("root", False)
         assert root.get("/config").status_code == 401  # ended, not paused
         assert signed_in(url, "root", "root-password").get("/config").status_code == 200
+
+
+def test_sign_out_still_ends_the_session(accounts, engine):
+    """Gradio's /logout deletes from the token map; ui.sessions.Sessions must keep that."""
+    with live_app(accounts, engine) as url:
+        mallory = signed_in(url, "mallory", "mallory-password")
+        replayed = httpx.Client(base_url=url, cookies=dict(mallory.cookies), timeout=30)  # a copy, kept
+        assert replayed.get("/config").status_code == 200
+        assert mallory.get("/logout").status_code in (200, 302)
+        assert replayed.get("/config").status_code == 401
