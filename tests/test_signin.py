@@ -128,3 +128,21 @@ def test_sessions_end_after_a_week_a_password_change_or_when_disabled(store):
     store.set_disabled("alice", True)
     assert sessions.get("t3") is None
     assert sessions.get("never-issued") is None
+
+
+def test_attempts_beyond_the_waiting_room_are_refused_at_once():
+    release = threading.Event()
+    signin = SignIn(lambda name, password: release.wait(10) and False, Policy(checks_at_once=1, max_waiting=1), Clock())
+
+    async def attempts():
+        PEER.set("10.0.0.5")
+        running = [asyncio.create_task(signin.check(f"user{n}", "wrong")) for n in range(2)]
+        await asyncio.sleep(0.1)  # one checking, one waiting for the thread
+        with pytest.raises(HTTPException) as refused:
+            await signin.check("user2", "wrong")
+        release.set()
+        return await asyncio.gather(*running), refused.value
+
+    results, refused = asyncio.run(attempts())
+    assert results == [False, False]
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
