@@ -63,6 +63,8 @@ def test_keys_from_the_command_line(tmp_path):
     assert store.user_for_api_key(key) is None
     assert cli(tmp_path, "keys", "revoke", "no-such-key").returncode == 3
     assert cli(tmp_path, "keys", "add", "nobody").returncode == 3
+    r = cli(tmp_path, "serve", "--api-keys", "keys.txt")  # the plain-text file of before
+    assert r.returncode == 1 and "app.py keys add NAME" in r.stderr
 
 
 def test_keys_from_the_admin_console(accounts):
