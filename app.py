@@ -6,9 +6,10 @@ commands admins use.
     python app.py serve --host 0.0.0.0 # listen beyond loopback
     python app.py serve --vllm-url http://10.0.0.5:8000 --vllm-api-key KEY   # a vLLM already running
     python app.py serve --engine hf    # transformers+peft in process, where vLLM cannot run
-    python app.py serve --api-keys keys.txt   # OpenAI-compatible API on port+1 for these users
+    python app.py serve --api          # also the OpenAI-compatible API on port+1, for key holders
     python app.py users add alice [--admin]   # password read from the terminal or stdin
-    python app.py users list | passwd NAME | admin NAME [--off]
+    python app.py users list | passwd NAME | admin NAME [--off] | disable NAME | enable NAME
+    python app.py keys add NAME [--label L] | list [NAME] | revoke KEY_ID   # API keys, shown once
     python app.py versions                    # every adapter version, its gate and thumbs-up rate
     python app.py promote v3 --as admin --reason "..." [--override]
     python app.py rollback v2|base --as admin
@@ -57,7 +58,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="its API key (or env ASSISTANT_VLLM_API_KEY)")
     p.add_argument("--dtype", "--vllm-dtype", dest="dtype", choices=["auto", "bfloat16", "float32"], default=d.dtype,
                    help="number format for serving (default auto: bfloat16 only where this CPU/GPU computes it natively)")
-    p.add_argument("--api-keys", type=Path, default=None, help="file of 'user_id key' lines: serve the OpenAI-compatible API")
+    p.add_argument("--api", action="store_true", help="serve the OpenAI-compatible API (keys: app.py keys add NAME)")
+    # Keys were a plain-text file before; say what replaced it instead of "unrecognized".
+    p.add_argument("--api-keys", default=None, help=argparse.SUPPRESS)
     p.add_argument("--api-port", type=int, default=None, help="port of that API (default PORT+1)")
     p.add_argument("--host", default=d.host, help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=d.port)
@@ -89,6 +92,16 @@ def parser() -> argparse.ArgumentParser:
     adm = users.add_parser("admin", help="grant or remove admin rights")
     adm.add_argument("name")
     adm.add_argument("--off", action="store_true", help="remove admin rights (default grants them)")
+    for action, text in (("disable", "stop an account: no sign-in, its sessions and API keys end at once"),
+                         ("enable", "let a disabled account sign in again")):
+        users.add_parser(action, help=text).add_argument("name")
+
+    keys = sub.add_parser("keys", help="API keys (stored hashed, one account each)").add_subparsers(dest="action", required=True)
+    kadd = keys.add_parser("add", help="issue a key to an account; it is printed once")
+    kadd.add_argument("name")
+    kadd.add_argument("--label", default="", help="what the key is for (shown in listings)")
+    keys.add_parser("list", help="list keys (never the keys themselves)").add_argument("name", nargs="?")
+    keys.add_parser("revoke", help="revoke a key by its id").add_argument("key_id")
 
     sub.add_parser("versions", help="list adapter versions")
     for name, text in (("promote", "make a version live"), ("rollback", "go back to an earlier version or base")):
@@ -123,7 +136,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
         vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, dtype=a.dtype,
-        api_keys_file=a.api_keys, api_port=a.api_port,
+        api=a.api, api_port=a.api_port,
     )
 
 
@@ -232,13 +245,13 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     controller.run_forever()
     closers.insert(0, controller.stop)
     service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for)
-    if config.api_keys_file:
+    if config.api:
         if config.engine != "vllm":
-            raise SystemExit("--api-keys needs --engine vllm")
-        from assistant.openai_api import ApiLimits, build_api, read_keys, serve_api
+            raise SystemExit("--api needs --engine vllm")
+        from assistant.openai_api import ApiLimits, build_api, serve_api
 
         api = serve_api(
-            build_api(engine, router.adapter_for, read_keys(config.api_keys_file), store=store,
+            build_api(engine, router.adapter_for, store.user_for_api_key, store=store,
                       limits=ApiLimits(max_new_tokens=config.sampling.max_new_tokens), slots=service.slots),
             config.host, config.api_port or config.port + 1,
         )
@@ -260,6 +273,9 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
 def serve(a: argparse.Namespace) -> int:
     from tuning.control import LoopConfig
 
+    if a.api_keys:
+        raise SystemExit("--api-keys is gone: keys are now issued per account and stored hashed. "
+                         "Issue them with: python app.py keys add NAME; serve the API with --api.")
     config = serve_config(a)
     from tuning.canary import CanaryConfig
 
@@ -270,17 +286,9 @@ def serve(a: argparse.Namespace) -> int:
     closers: list = []
     try:
         demo, store = build(config, closers, loop, a.train_set)
-        # 32 events at once: vLLM batches the chats, and votes and admin calls must not queue
-        # behind 16 streaming answers. Within Gradio's 40 worker threads. At most 128 wait:
-        # past that Gradio answers "queue is full" at once instead of letting a flood grow
-        # memory and everyone's wait without end (each user also has at most
-        # assistant.chat.MAX_GENERATIONS_PER_USER answers generating).
-        demo.queue(default_concurrency_limit=32, max_size=128).launch(
-            server_name=config.host, server_port=config.port, show_error=True,
-            auth=store.verify_password, auth_message="Sign in to chat with the assistant.",
-            # Exported files live under the data folder; the File component may serve them.
-            allowed_paths=[str(Path(config.data_dir) / "exports")],
-        )
+        from ui.server import launch
+
+        launch(demo, store, host=config.host, port=config.port)
     finally:
         for close in closers:
             close()
@@ -306,9 +314,28 @@ def users(a: argparse.Namespace, store) -> int:
     elif a.action == "admin":
         store.set_admin(a.name, not a.off)
         print(f"{a.name} is {'no longer ' if a.off else ''}an admin")
+    elif a.action in ("disable", "enable"):
+        store.set_disabled(a.name, a.action == "disable")
+        print(f"{a.name} is {a.action}d")
     else:
         for u in store.users():
-            print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}")
+            print(f"{u['name']}\t{'admin' if u['is_admin'] else 'user'}\t{u['created_utc']}"
+                  + ("\tdisabled" if u["disabled"] else ""))
+    return 0
+
+
+def api_keys(a: argparse.Namespace, store) -> int:
+    if a.action == "add":
+        key_id, key = store.issue_api_key(a.name, a.label, created_by="command line")
+        print(f"key: {key}\nid: {key_id}\nIt is shown only this once; it belongs to {a.name} "
+              "(and stops working if that account is disabled).")
+    elif a.action == "revoke":
+        store.revoke_api_key(a.key_id)
+        print(f"revoked {a.key_id}")
+    else:
+        for k in store.api_keys(a.name):
+            print(f"{k['id']}\t{k['user_id']}\t{k['label']}\t{k['created_utc']}"
+                  + (f"\trevoked {k['revoked_utc']}" if k["revoked_utc"] else ""))
     return 0
 
 
@@ -341,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "users", "versions", "promote", "rollback", "canary", "train", "export"}
+    commands = {"serve", "users", "keys", "versions", "promote", "rollback", "canary", "train", "export"}
     # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []
@@ -366,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     store = Store(Path(a.data_dir) / "assistant.db")
     try:
+        if a.command == "keys":
+            return api_keys(a, store)
         return users(a, store) if a.command == "users" else admin_command(a, store)
     except (UserError, Refused, Conflict, NotFound, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,8 +30,9 @@ class ServeConfig:
     # "auto": bfloat16 where this machine computes it natively, float32 elsewhere
     # (assistant.precision); the vLLM server and the transformers engine both use it.
     dtype: str = "auto"
-    # OpenAI-compatible API for users ("user_id key" per line); off when None.
-    api_keys_file: Path | None = None
+    # OpenAI-compatible API for holders of keys issued to accounts (app.py keys); off by
+    # default: a second door is opened only when asked for.
+    api: bool = False
     api_port: int | None = None  # None: port + 1
     # Loopback unless told otherwise: the app is not a public service by default.
     host: str = "127.0.0.1"

@@ -8,8 +8,9 @@ Limits (``ApiLimits``): bodies over 1 MB are refused while read (413); only the 
 server's max new tokens (its default too); log-probs, structured output and tools are
 refused by name (400); messages have the chat page's roles and text limits.
 
-Each request needs ``Authorization: Bearer <key>`` with a key from the keys file (one
-``user_id key`` pair per line; user accounts replace this later). The request is forwarded
+Each request needs ``Authorization: Bearer <key>`` with a key issued to an account
+(``app.py keys add NAME`` or the admin console; the store keeps only its hash, and a revoked
+key or a disabled account's key is refused). The request is forwarded
 to the app's vLLM server with ``model`` set to the adapter the router picks for that user,
 so API users get the same version as the chat page. Nothing else of vLLM is reachable
 here: not its adapter loading, not its key.
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -150,27 +149,14 @@ def log_exchange(store, model: str, user: str, messages: list[dict], body: dict,
         )
 
 
-def read_keys(path: Path) -> dict[str, str]:
-    """``user_id key`` per line (# comments) -> {key: user_id}."""
-    keys: dict[str, str] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2 or len(parts[1]) < 16:
-            raise ValueError(f"{path}:{n}: want 'user_id key' with a key of 16+ characters")
-        keys[parts[1]] = parts[0]
-    return keys
-
-
-def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[str, str], store=None,
-              limits: ApiLimits = ApiLimits(), transport: httpx.AsyncBaseTransport | None = None,
+def build_api(engine, adapter_for: Callable[[str], Adapter | None], user_for_key: Callable[[str], str | None],
+              store=None, limits: ApiLimits = ApiLimits(), transport: httpx.AsyncBaseTransport | None = None,
               slots: GenerationSlots | None = None):
-    """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for holders of ``keys``;
-    answers are logged to ``store`` (a store.Store) when one is given. ``transport``
-    replaces the network to vLLM (tests: httpx.MockTransport). ``slots``, shared with the
-    chat page, caps each user's answers generating at once (429 over it)."""
+    """A FastAPI app forwarding to ``engine`` (a VLLMEngine) for clients whose key
+    ``user_for_key`` maps to a user (``Store.user_for_api_key``); answers are logged to
+    ``store`` (a store.Store) when one is given. ``transport`` replaces the network to vLLM
+    (tests: httpx.MockTransport). ``slots``, shared with the chat page, caps each user's
+    answers generating at once (429 over it)."""
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     upstream = httpx.AsyncClient(
         base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0),
@@ -179,10 +165,10 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], keys: dict[s
 
     def user_of(request: Request) -> str:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        for known, user in keys.items():
-            if scheme.lower() == "bearer" and hmac.compare_digest(key.encode(), known.encode()):
-                return user
-        raise HTTPException(401, "a valid API key is required (Authorization: Bearer <key>)")
+        user = user_for_key(key.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise HTTPException(401, "a valid API key is required (Authorization: Bearer <key>)")
+        return user
 
     @app.get("/v1/models")
     async def models(request: Request):

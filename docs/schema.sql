@@ -49,6 +49,16 @@ CREATE TABLE "answers" (
    "withdrawn_utc" TEXT
 );
 
+CREATE TABLE "api_keys" (
+   "id" TEXT PRIMARY KEY,
+   "user_id" TEXT NOT NULL REFERENCES "users"("name"),
+   "key_hash" TEXT NOT NULL,
+   "label" TEXT,
+   "created_by" TEXT,
+   "created_utc" TEXT NOT NULL,
+   "revoked_utc" TEXT
+);
+
 CREATE TABLE "conversations" (
    "id" TEXT PRIMARY KEY,
    "user_id" TEXT NOT NULL,
@@ -107,7 +117,7 @@ CREATE TABLE "users" (
    "is_admin" INTEGER DEFAULT 0,
    "disabled" INTEGER DEFAULT 0,
    "created_utc" TEXT NOT NULL
-);
+, "password_changed_utc" TEXT);
 
 CREATE UNIQUE INDEX "idx__sqlite_migrations_migration_set_name"
     ON "_sqlite_migrations" ("migration_set", "name");
@@ -120,6 +130,9 @@ CREATE INDEX "idx_answers_message_id_created_utc"
 
 CREATE INDEX "idx_answers_prompt_hash"
     ON "answers" ("prompt_hash");
+
+CREATE UNIQUE INDEX "idx_api_keys_key_hash"
+    ON "api_keys" ("key_hash");
 
 CREATE INDEX "idx_conversations_user_id_updated_utc"
     ON "conversations" ("user_id", "updated_utc");

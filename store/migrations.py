@@ -208,3 +208,32 @@ def m006_job_control(db: Database) -> None:
     db["training_jobs"].add_column("cancel_requested", int, not_null_default=0)
     db["training_jobs"].add_column("pid", int)
     db["training_jobs"].add_column("heartbeat_utc", str)
+
+
+@MIGRATIONS()
+def m007_password_changed(db: Database) -> None:
+    # A session begun before this time is over (ui.sessions): a new password signs out
+    # everyone holding the old one. NULL: never changed since the account was made.
+    db["users"].add_column("password_changed_utc", str)
+
+
+@MIGRATIONS()
+def m008_api_keys(db: Database) -> None:
+    # Keys of the OpenAI-compatible API, one account each. Only the sha256 of a key is
+    # kept (the key itself is shown once when issued); a revoked key, or any key of a
+    # disabled account, is refused.
+    db["api_keys"].create(
+        {
+            "id": str,  # ULID: how admins name a key to revoke it
+            "user_id": str,
+            "key_hash": str,
+            "label": str,
+            "created_by": str,
+            "created_utc": str,
+            "revoked_utc": str,
+        },
+        pk="id",
+        not_null={"user_id", "key_hash", "created_utc"},
+        foreign_keys=[("user_id", "users", "name")],
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from functools import cache
 
 # scrypt cost: n=2**14, r=8 takes about 50 ms and 16 MB per check here, the usual
 # interactive-login setting; stored with each hash so it can be raised later.
@@ -31,3 +32,11 @@ def check_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, want)
+
+
+@cache
+def dummy_hash() -> str:
+    """A hash of a random password, made once per process: checking a name that does not
+    exist (or is disabled) against it costs one scrypt with the same parameters as a real
+    check, so the time of a failed sign-in does not tell whether the name exists."""
+    return hash_password(secrets.token_urlsafe(16))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Any, Iterator
 import sqlite_utils
 from ulid import ULID
 
+from .api_keys import ApiKeysMixin
 from .feedback import FeedbackMixin
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
@@ -60,6 +62,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def owner_only(path: Path) -> None:
+    """Create the database file readable and writable by its owner only (0600), or tighten
+    one made before: it holds every conversation and the password hashes. SQLite gives the
+    -wal and -shm files the database file's mode; ones already there are tightened too."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists() and p.stat().st_mode & 0o077 and p.stat().st_uid == os.getuid():
+            os.chmod(p, 0o600)
+
+
 @dataclass(frozen=True)
 class Turn:
     """One user message and the answer currently shown for it (None while generating)."""
@@ -68,10 +80,11 @@ class Turn:
     answer: dict | None
 
 
-class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin):
+class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin, ApiKeysMixin):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner_only(self.path)
         self._local = threading.local()
         db = self.db
         db.execute("PRAGMA journal_mode=WAL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .passwords import check_password, hash_password
+from .passwords import check_password, dummy_hash, hash_password
 
 # Names become ids in every table and appear on admin pages: keep them plain.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
@@ -41,8 +41,24 @@ class UsersMixin:
     def set_password(self, name: str, password: str) -> None:
         if len(password or "") < MIN_PASSWORD_CHARS:
             raise UserError(f"A password needs at least {MIN_PASSWORD_CHARS} characters.")
+        from .store import utc_now
+
         self._user(name)
-        self.db["users"].update(name, {"password_hash": hash_password(password)})
+        self.db["users"].update(name, {"password_hash": hash_password(password), "password_changed_utc": utc_now()})
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        """A disabled account cannot sign in; its sessions and API keys stop working at once."""
+        self._user(name)
+        self.db["users"].update(name, {"disabled": int(disabled)})
+
+    def session_valid(self, name: str, since_utc: str) -> bool:
+        """May a session that signed in as ``name`` at ``since_utc`` go on? Only while the
+        account exists, is enabled, and its password has not changed since."""
+        row = self.db.execute(
+            "SELECT 1 FROM users WHERE name = ? AND disabled = 0 "
+            "AND (password_changed_utc IS NULL OR password_changed_utc <= ?)", [name, since_utc],
+        ).fetchone()
+        return row is not None
 
     def set_admin(self, name: str, is_admin: bool) -> None:
         self._user(name)
@@ -57,7 +73,7 @@ class UsersMixin:
     def verify_password(self, name: str, password: str) -> bool:
         rows = list(self.db["users"].rows_where("name = ? AND disabled = 0", [name]))
         if not rows:
-            check_password(password, hash_password("timing"))  # same cost as a real check
+            check_password(password, dummy_hash())  # one scrypt, as for a real name
             return False
         return check_password(password, rows[0]["password_hash"])
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from ui import display
 from ui.chat_page import ChatPage, strip_footer
 
 
@@ -140,7 +141,9 @@ def test_hostile_text_is_stored_verbatim_and_shown_as_text(page, store, engine, 
     chat, _, state, _, _ = send(page, text, {})
     shown = messages_of(chat)
     assert shown[0] == {"role": "user", "content": text}  # handed to the Chatbot unchanged; it renders text
-    assert strip_footer(shown[1]["content"]) == text
+    # the answer's images and tags are escaped for display (ui.display) and read back as typed
+    assert strip_footer(shown[1]["content"]) == display.shown(text)
+    assert display.as_typed(strip_footer(shown[1]["content"])) == text
     assert [m["content"] for m in engine.history[-1]["messages"]][-1].endswith(text[-1000:])
     aid = state["index"][1][1]
     chat, state, _, _ = page.on_like(state, SimpleNamespace(index=1, liked=False), req())
@@ -150,7 +153,7 @@ def test_hostile_text_is_stored_verbatim_and_shown_as_text(page, store, engine, 
     assert store.message(state["index"][0][1], "alice")["content"] == text
     assert store.answer(aid, "alice")["content"] == text
     assert list(store.rows("ratings"))[-1]["comment"] == comment
-    assert strip_footer(messages_of(chat)[1]["content"]) == text + " (edited)"
+    assert display.as_typed(strip_footer(messages_of(chat)[1]["content"])) == text + " (edited)"
     assert page.api_history(state["conversation_id"], req())[0]["message"] == text
     tables_after, rows = snapshot(store)
     assert tables_after == tables_before  # nothing dropped, nothing added

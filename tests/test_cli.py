@@ -98,3 +98,14 @@ def test_a_command_line_job_is_running_with_its_pid_from_the_start_and_failed_wh
     # app starting meanwhile (which fails queued jobs) would have left it alone.
     assert job["status"] == "failed" and job["pid"] and job["started_utc"] and job["heartbeat_utc"]
     assert job["error"].startswith("not enough preference data") and job["created_by"] == "root"
+
+
+def test_users_disable_and_enable(tmp_path):
+    assert cli(tmp_path, "users", "add", "erin", "--password-stdin", stdin="erin-password\n").returncode == 0
+    assert cli(tmp_path, "users", "disable", "erin").returncode == 0
+    assert "erin\tuser\t" in (listing := cli(tmp_path, "users", "list").stdout) and listing.rstrip().endswith("disabled")
+    store = Store(tmp_path / "assistant.db")
+    assert not store.verify_password("erin", "erin-password")
+    assert cli(tmp_path, "users", "enable", "erin").returncode == 0
+    assert store.verify_password("erin", "erin-password")
+    assert cli(tmp_path, "users", "disable", "nobody").returncode == 3

@@ -132,7 +132,7 @@ def api(tmp_path):
     store = Store(tmp_path / "a.db")
     engine = FakeVLLM()
     slots = GenerationSlots()  # shared with the chat page in the app
-    app = build_api(engine, lambda user: None, {KEY: "alice"}, store=store,
+    app = build_api(engine, lambda user: None, {KEY: "alice"}.get, store=store,
                     limits=ApiLimits(max_new_tokens=64), transport=httpx.MockTransport(vllm), slots=slots)
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
         client.slots = slots

@@ -267,3 +267,19 @@ def test_a_new_message_waits_for_another_writer_instead_of_failing(store):
     assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
     assert [turn.message["id"] for turn in store.turns(cid, "alice")] == outcome
     assert store.conversation(cid, "alice")["title"] == "hi"
+
+
+def test_the_database_and_its_wal_files_are_readable_by_the_owner_only(tmp_path):
+    """Audit item 12: the file was created 0644, readable by every local user."""
+    import os
+    import stat
+
+    store = Store(tmp_path / "new.db")
+    store.create_user("alice", "alice-password")  # a write: the -wal and -shm files exist
+    for name in ("new.db", "new.db-wal", "new.db-shm"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+    old = tmp_path / "old.db"
+    Store(old).db.conn.close()
+    os.chmod(old, 0o644)  # a file made before this change
+    Store(old)
+    assert stat.S_IMODE(os.stat(old).st_mode) == 0o600

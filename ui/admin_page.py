@@ -2,7 +2,7 @@
 
 Feedback at a glance, retraining (now or on a schedule) with live progress and cancel, the
 table and plots of every adapter version, promote / roll back / canary, export, and the
-time from feedback to live. Every handler goes through ``tuning.control.Controller``,
+time from feedback to live, and API keys (issue, revoke). Every handler goes through ``tuning.control.Controller``,
 which checks on the server that the caller is an admin; the tab's visibility is only a
 convenience. The same actions are API endpoints (``/admin_*``) for scripts.
 """
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
 
-from store import NotFound
+from store import NotFound, UserError
 from tuning.commands import parse_version
 from tuning.control import Conflict, Controller, Refused
 
@@ -44,6 +47,19 @@ def _parse_version(label: str | None) -> int | None:
         return parse_version(str(label))
     except ValueError as e:
         raise gr.Error(str(e), print_exception=False) from None
+
+
+def private_copies(paths) -> list[str]:
+    """Copies of the exported files for this admin's File component only.
+
+    The export folder is never served by path (no ``allowed_paths``): its names are the UTC
+    second and fixed file names, which a non-admin found by guessing. Gradio copies what a
+    handler returns into its cache under a secret-seeded hash of the content, and sends that
+    address to this session alone. The copies go through a folder of our own (mode 0700)
+    because Gradio takes only files under the working or temp directory, and the data folder
+    may be anywhere."""
+    folder = Path(tempfile.mkdtemp(prefix="assistant-export-"))
+    return [str(shutil.copy2(p, folder / Path(p).name)) for p in paths or []]
 
 
 class AdminPage:
@@ -227,7 +243,33 @@ class AdminPage:
             raise gr.Error("Export is not available in this build.", print_exception=False)
         files = self._act(self.exporter)
         gr.Info("Exported.")
-        return files
+        return private_copies(files)
+
+    # -- API keys (the OpenAI-compatible API's) ---------------------------------------
+
+    def keys_table(self, request: gr.Request) -> pd.DataFrame:
+        self._admin(request)
+        return pd.DataFrame([
+            {"id": k["id"], "user": k["user_id"], "label": k["label"], "created": k["created_utc"],
+             "by": k["created_by"], "revoked": k["revoked_utc"] or ""}
+            for k in self.store.api_keys()
+        ], columns=["id", "user", "label", "created", "by", "revoked"])
+
+    def issue_key(self, user: str, label: str, request: gr.Request):
+        """A new key for ``user``, shown once in the page (only its hash is kept)."""
+        actor = self._admin(request)
+        try:
+            _, key = self.store.issue_api_key((user or "").strip(), label or "", created_by=actor)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        gr.Info(f"Key issued to {user}: copy it now, it is not shown again.")
+        return gr.update(value=key, visible=True), self.keys_table(request)
+
+    def revoke_key(self, key_id: str, request: gr.Request) -> pd.DataFrame:
+        self._admin(request)
+        self._act(self.store.revoke_api_key, (key_id or "").strip())
+        gr.Info(f"Key {key_id} revoked.")
+        return self.keys_table(request)
 
     # -- API endpoints for scripts ---------------------------------------------------
 
@@ -322,6 +364,17 @@ class AdminPage:
                 export = gr.Button("Export feedback and pairs", elem_id="export")
                 files = gr.File(label="Exported files", file_count="multiple")
 
+            with gr.Accordion("API keys (OpenAI-compatible API)", open=False) as keys_box:
+                with gr.Row():
+                    key_user = gr.Textbox(label="Account", elem_id="key-user")
+                    key_label = gr.Textbox(label="What it is for", elem_id="key-label")
+                    issue = gr.Button("Issue key", elem_id="issue-key")
+                new_key = gr.Textbox(label="New key (shown once: copy it now)", visible=False, elem_id="new-key")
+                keys = gr.Dataframe(label="Keys (only their hashes are kept)", wrap=True, elem_id="api-keys")
+                with gr.Row():
+                    revoke_id = gr.Textbox(label="Key id to revoke", elem_id="revoke-id")
+                    revoke = gr.Button("Revoke", variant="stop", elem_id="revoke-key")
+
             outs = [per_day, rate, gate_plot, versions, downvotes, loop_text, promote_v, rollback_v, canary_v, summary, promotions]
             p = dict(api_visibility="private")
             refresh.click(self.overview, None, outs, **p)
@@ -334,6 +387,9 @@ class AdminPage:
             canary.click(self.canary, [canary_v, share], outs, **p)
             stop_canary.click(self.stop_canary, None, outs, **p)
             export.click(self.export, None, [files], **p)
+            keys_box.expand(self.keys_table, None, [keys], **p)
+            issue.click(self.issue_key, [key_user, key_label], [new_key, keys], **p)
+            revoke.click(self.revoke_key, [revoke_id], [keys], **p)
             for name in ("retrain", "cancel", "promote", "rollback", "canary", "stop_canary", "versions", "job"):
                 gr.api(getattr(self, f"api_{name}"), api_name=f"admin_{name}")
         return tab

@@ -21,6 +21,8 @@ from assistant.chat import MAX_MESSAGE_CHARS, ChatInputError, ChatService, check
 from assistant.engine import Adapter
 from store import InvalidFeedback, NotFound
 
+from .display import as_typed, shown
+
 # The user id when no one is signed in; only reachable in tests that build the page without
 # Gradio's sign-in, since the app always launches with it.
 ANONYMOUS = "local"
@@ -67,7 +69,7 @@ class ChatPage:
             index.append(("message", turn.message["id"]))
             if turn.answer is not None:
                 a = turn.answer
-                messages.append({"role": "assistant", "content": a["content"] + footer(answer_label(a))})
+                messages.append({"role": "assistant", "content": shown(a["content"]) + footer(answer_label(a))})
                 index.append(("answer", a["id"]))
                 vote = self.store.current_rating(a["id"], user_id)
                 votes.append({1: "Like", -1: "Dislike"}.get(vote))
@@ -111,7 +113,7 @@ class ChatPage:
             if not partial or partial[-1]["role"] != "user" or reply.done:
                 partial, _, votes = self.render(state["conversation_id"], user)
             if not reply.done:
-                partial = partial + [{"role": "assistant", "content": reply.text + footer(reply.model_label)}]
+                partial = partial + [{"role": "assistant", "content": shown(reply.text) + footer(reply.model_label)}]
             elif reply.error:
                 partial = partial + [{"role": "assistant", "content": reply.text}]
             yield (
@@ -204,7 +206,7 @@ class ChatPage:
             chat, state = self._view(state, user)
             return chat, state
         try:
-            new_id = self.service.edit(answer_id, user, strip_footer(data.value))
+            new_id = self.service.edit(answer_id, user, as_typed(strip_footer(data.value)))
             state.setdefault("undo", []).append(("answer", new_id, None))
             gr.Info("Your edit is saved; the original is kept too.")
         except (ChatInputError, InvalidFeedback) as e:

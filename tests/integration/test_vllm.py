@@ -206,7 +206,7 @@ def test_openai_compatible_api_serves_the_live_version_to_key_holders_and_logs_e
     router.promote(2)
     store = Store(tmp_path / "assistant.db")
     port = free_port()
-    api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}, store=store), "127.0.0.1", port)
+    api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}.get, store=store), "127.0.0.1", port)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(50):
