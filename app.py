@@ -71,6 +71,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain-after", type=int, default=None, metavar="N", help="scheduled retraining after N new pieces of feedback (default off)")
     p.add_argument("--retrain-every-hours", type=float, default=None, help="scheduled retraining every so many hours (default off)")
     p.add_argument("--canary-min-votes", type=int, default=30, help="votes each side of a canary needs before an automatic rollback")
+    p.add_argument("--pause-training-at", type=int, default=d.pause_training_at, metavar="N",
+                   help="stop a running training job while N or more answers stream at once (0: never)")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="training setting for jobs started from the console (repeatable)")
 
 
@@ -136,6 +138,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
         vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, dtype=a.dtype,
+        pause_training_at=a.pause_training_at,
         api=a.api, api_port=a.api_port,
     )
 
@@ -156,12 +159,19 @@ def ensure_first_admin(store) -> None:
         )
 
 
-def training_launcher(config: ServeConfig, train_set: list[str], store):
+def training_launcher(config: ServeConfig, train_set: list[str], store, streaming=lambda: 0,
+                      closers: list | None = None):
     """Start ``app.py train --job J`` as its own process: a crash or a cancel there never
     touches the chat, and its progress reaches the console through the job's row. A
-    watcher thread reaps the process and fails the job if it died without saying so."""
+    watcher thread reaps the process and fails the job if it died without saying so.
+
+    The job yields the CPU to chats: it runs at background priority (tuning.priority), and
+    while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
+    stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
+    is asked for, and when the app stops (``closers``)."""
     import threading
 
+    from tuning.priority import PauseWhileBusy
     from tuning.trainer import recover_stale_jobs
 
     def launch(job_id: str) -> subprocess.Popen:
@@ -173,9 +183,17 @@ def training_launcher(config: ServeConfig, train_set: list[str], store):
             cmd += ["--set", item]
         with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        pauser = None
+        if config.pause_training_at > 0:
+            pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,
+                                    must_run=lambda: bool(store.job(job_id).get("cancel_requested"))).start()
+            if closers is not None:
+                closers.append(pauser.stop)  # never leave a job stopped behind the app
 
         def watch() -> None:
             code = proc.wait()
+            if pauser is not None:
+                pauser.stop()
             if store.job(job_id)["status"] in ("queued", "running"):
                 store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
                 recover_stale_jobs(store, config.data_dir)  # removes what it left half-written
@@ -232,7 +250,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         return resolve_version(store, config.data_dir, version, base_shapes=shapes, base_model=base,
                                max_rank=config.max_lora_rank)
 
-    controller = Controller(store, router, adapter_of, training_launcher(config, train_set or [], store),
+    from assistant.chat import GenerationSlots
+
+    slots = GenerationSlots()  # the chat page's and the API's answers in progress
+    launcher = training_launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
+    controller = Controller(store, router, adapter_of, launcher,
                             loop_config or LoopConfig())
     from tuning.trainer import recover_stale_jobs
 
@@ -244,7 +266,8 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         print(f"warning: {warning}", flush=True)
     controller.run_forever()
     closers.insert(0, controller.stop)
-    service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for)
+    service = ChatService(store=store, engine=engine, sampling=config.sampling, adapter_for=router.adapter_for,
+                          slots=slots)
     if config.api:
         if config.engine != "vllm":
             raise SystemExit("--api needs --engine vllm")

@@ -63,6 +63,11 @@ class GenerationSlots:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def active(self) -> int:
+        """Answers being written now, all users together (a training job pauses on it)."""
+        with self._lock:
+            return sum(self._held.values())
+
     @contextmanager
     def hold(self, user_id: str) -> Iterator[None]:
         with self._lock:

@@ -34,6 +34,11 @@ class ServeConfig:
     # default: a second door is opened only when asked for.
     api: bool = False
     api_port: int | None = None  # None: port + 1
+    # A training job on this machine is stopped while this many answers stream at once:
+    # under heavy chat load even a background job cost chats a third of their throughput
+    # (bench/busy_bench.py), while under light load (1-3 streams) it costs little and gets
+    # most of its speed. 0: never stop it.
+    pause_training_at: int = 4
     # Loopback unless told otherwise: the app is not a public service by default.
     host: str = "127.0.0.1"
     port: int = 7860

@@ -10,7 +10,9 @@ next message at once, the heaviest load), until the phase ends. Chat throughput 
 tokens over the phase; TTFT is per message. The job is a real DPO training loop
 (tuning.dpo.train_loop, the machine's format, batch 4, ~250-token pairs) in its own
 process under the priority the app gives jobs (tuning.priority); its speed is steps done
-over the phase. Phases: chats alone; then per priority: the job alone, then chats + the job.
+over the phase. "background+pause" is the app's default: background priority, and the job
+stopped while ``--pause-at`` or more answers stream (``PauseWhileBusy``, as the app's
+launcher uses it). Phases: chats alone; then per setting: the job alone, then chats + job.
 Prints one table with the CPU, format and date. Not a test: nothing is asserted.
 """
 
@@ -66,13 +68,17 @@ def job_worker(a) -> None:
 class Job:
     """A job_worker process; ``steps_between(t0, t1)`` counts its steps in a window."""
 
-    def __init__(self, priority: str, model_dir: Path):
+    def __init__(self, setting: str, model_dir: Path, streaming, pause_at: int):
+        from tuning.priority import PauseWhileBusy
+
         self.steps: list[float] = []
         self.info: dict = {}
+        priority, _, pause = setting.partition("+")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", priority, "--model-dir", str(model_dir)],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
+        self.pauser = PauseWhileBusy(self.proc.pid, lambda: streaming() >= pause_at).start() if pause else None
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -95,8 +101,13 @@ class Job:
         return (t1 - t0) / len(done) if done else float("inf")
 
     def stop(self) -> None:
+        if self.pauser is not None:
+            self.pauser.stop()
         self.proc.kill()
         self.proc.wait()
+
+
+STREAMING = [0]  # answers being written now (what the app's launcher reads from its slots)
 
 
 def chat_phase(engine, adapter, users: int, seconds: float, think_s: float, new_tokens: int) -> dict:
@@ -108,7 +119,13 @@ def chat_phase(engine, adapter, users: int, seconds: float, think_s: float, new_
     def user(i: int) -> None:
         n = i
         while time.time() < deadline:
-            first, count = chat(engine, PROMPTS[n % len(PROMPTS)], sampling, adapter)
+            with lock:
+                STREAMING[0] += 1
+            try:
+                first, count = chat(engine, PROMPTS[n % len(PROMPTS)], sampling, adapter)
+            finally:
+                with lock:
+                    STREAMING[0] -= 1
             with lock:
                 ttfts.append(first)
                 tokens[0] += count
@@ -134,7 +151,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--think-s", type=float, default=0.0, help="pause between a user's messages (0: none)")
     p.add_argument("--phase-s", type=float, default=60.0)
-    p.add_argument("--priorities", default="background,normal", help="job priorities to measure (tuning.priority)")
+    p.add_argument("--priorities", default="background+pause,background,normal",
+                   help="job settings to measure: a tuning.priority policy, '+pause' to stop it while busy")
+    p.add_argument("--pause-at", type=int, default=4, help="answers streaming at once that stop the job (the app's default)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -164,7 +183,7 @@ def main() -> None:
         cols["no job"] = chat_phase(engine, adapter, a.chats, a.phase_s, a.think_s, a.new_tokens)
         print("no job:", cols["no job"], flush=True)
         for priority in a.priorities.split(","):
-            job = Job(priority, model)
+            job = Job(priority, model, lambda: STREAMING[0], a.pause_at)
             try:
                 job.wait_steps(2)
                 t0 = time.time()
@@ -174,6 +193,7 @@ def main() -> None:
                 row["job s/step alone"] = alone
                 row["job s/step with chats"] = job.seconds_per_step(row["t0"], row["t1"])
                 row["applied"] = job.info.get("priority")
+                row["pauses"] = job.pauser.pauses if job.pauser else 0
                 cols[f"job {priority}"] = row
                 print(f"job {priority}:", row, flush=True)
             finally:
@@ -203,6 +223,7 @@ def main() -> None:
         f"{cols[n]['job s/step with chats'] / cols[n]['job s/step alone']:.2f}x" if "job s/step alone" in cols[n] else "-"
         for n in names) + " |")
     line("scheduling applied", "applied", str)
+    line("times the job was stopped", "pauses", str)
 
 
 if __name__ == "__main__":

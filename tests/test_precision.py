@@ -87,3 +87,50 @@ def test_a_background_job_is_scheduled_idle_and_a_normal_one_is_not():
     for policy, expected in (("background", "SCHED_IDLE True"), ("normal", "unchanged False")):
         out = subprocess.run([sys.executable, "-c", code, policy], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == expected, out.stderr
+
+
+def _state(pid):
+    import psutil
+
+    return psutil.Process(pid).status()
+
+
+def _wait_for(predicate, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_job_is_stopped_while_serving_is_busy_and_continued_after():
+    import psutil
+
+    from tuning.priority import PauseWhileBusy
+
+    job = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"], start_new_session=True)
+    busy, cancel = [False], [False]
+    pauser = PauseWhileBusy(job.pid, lambda: busy[0], must_run=lambda: cancel[0], calm_s=0.2,
+                            max_pause_s=1.0, run_s=0.5).start()
+    try:
+        assert _wait_for(lambda: _state(job.pid) != psutil.STATUS_STOPPED)
+        busy[0] = True
+        assert _wait_for(lambda: _state(job.pid) == psutil.STATUS_STOPPED), "not stopped while busy"
+        # However busy serving stays, the job runs now and then (its heartbeat goes on).
+        assert _wait_for(lambda: _state(job.pid) != psutil.STATUS_STOPPED, timeout=3), "never let run"
+        assert _wait_for(lambda: _state(job.pid) == psutil.STATUS_STOPPED, timeout=3), "not stopped again"
+        busy[0] = False
+        assert _wait_for(lambda: _state(job.pid) != psutil.STATUS_STOPPED), "not continued when calm"
+        busy[0] = True
+        assert _wait_for(lambda: _state(job.pid) == psutil.STATUS_STOPPED)
+        cancel[0] = True  # a cancel was asked for: the job must run to see it
+        assert _wait_for(lambda: _state(job.pid) != psutil.STATUS_STOPPED, timeout=3), "a cancel left it stopped"
+        assert pauser.pauses >= 3
+    finally:
+        pauser.stop()
+        assert _state(job.pid) != psutil.STATUS_STOPPED  # stop() always leaves it running
+        job.kill()
+        job.wait()

@@ -245,3 +245,39 @@ def test_a_training_process_killed_under_the_running_app_is_failed_and_cleaned_u
     assert store.job(job)["status"] == "failed"
     assert store.job(job)["error"] == f"the training process exited with code {-signal.SIGKILL}"
     assert adapter_dirs(tmp_path) == [] and store.adapters() == []
+
+
+def test_the_apps_launcher_stops_a_job_while_many_answers_stream_and_never_leaves_it_stopped(store, tmp_path, monkeypatch):
+    """Under heavy chat load the job is stopped (SIGSTOP) and continued once answers are done,
+    when a cancel is asked for, and when the app stops."""
+    import psutil
+
+    import app
+    from assistant.config import ServeConfig
+    from test_precision import _wait_for
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(app.subprocess, "Popen", lambda cmd, **kw: real_popen(
+        [sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"], **kw))
+    streaming, closers = [0], []
+    job = store.create_job("root", {}, status="queued")
+    launch = app.training_launcher(ServeConfig(data_dir=tmp_path, pause_training_at=3), [], store,
+                                   streaming=lambda: streaming[0], closers=closers)
+    proc = launch(job)
+    stopped = lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED  # noqa: E731
+    try:
+        streaming[0] = 2  # light load: it keeps running
+        time.sleep(0.5)
+        assert not stopped()
+        streaming[0] = 4
+        assert _wait_for(stopped), "not stopped under heavy load"
+        streaming[0] = 0
+        assert _wait_for(lambda: not stopped()), "not continued when the answers were done"
+        streaming[0] = 5
+        assert _wait_for(stopped)
+        for close in closers:  # the app stops while the job is stopped
+            close()
+        assert _wait_for(lambda: not stopped()), "left stopped behind the app"
+    finally:
+        proc.kill()
+        proc.wait()

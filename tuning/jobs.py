@@ -75,6 +75,7 @@ def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Proc
     if process is not None:
         try:
             process.send_signal(signal.SIGTERM)  # the trainer treats it as Ctrl-C: a clean stop
+            process.resume()  # a job stopped while chats streamed must run to act on it
         except psutil.Error:
             pass  # gone meanwhile
 
