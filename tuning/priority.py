@@ -8,12 +8,12 @@ vLLM server preempts it at once, and it takes the whole machine back between cha
 SCHED_IDLE is missing (macOS) it falls back to nice 19. Threads started afterwards (PyTorch's
 OpenMP pool) inherit the policy, so call it before the first torch operation.
 
-Even a job that only fills the gaps between decode steps cost chats a third of their
-throughput under heavy load (bench/busy_bench.py: 0.65x with the job running idle, 1.0x
-with it stopped). So ``PauseWhileBusy`` also stops the job's process group (SIGSTOP) while
-many answers stream at once, and continues it (SIGCONT) when they are done. Under light
-load the job keeps filling the gaps (chats 0.85x, the job 1.5x slower than alone); under
-heavy load chats keep their full speed and the job waits, as it would anyway.
+Even a job that only fills the gaps between decode steps cost 8 continuous chats a third
+of their throughput (bench/busy_bench.py: 0.65x with the job running idle, 1.0x with it
+stopped). So ``PauseWhileBusy`` also stops the job's process group (SIGSTOP) while many
+answers stream at once, and continues it (SIGCONT) when they are done. With users who pause
+between messages, chats then keep their full speed and the job runs 1.2x slower than alone;
+under chats that never pause, the job waits (docs/figures.md, "Serving while training").
 """
 
 from __future__ import annotations
