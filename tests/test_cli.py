@@ -64,6 +64,19 @@ def test_train_from_the_command_line_refuses_while_another_job_is_active(tmp_pat
     assert [j["id"] for j in store.jobs()] == [queued]  # no second job row, nothing trained
 
 
+def test_a_job_asking_for_a_rank_serving_would_refuse_is_refused_before_it_trains(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    r = cli(tmp_path, "train", "--as", "root", "--set", "rank=48", "--priority", "normal")
+    assert r.returncode == 2 and "rank 48 exceeds the served LoRA rank limit max_rank=32" in r.stderr
+    assert store.jobs() == []  # no job row: nothing was queued, nothing trained
+    queued = store.create_job("root", {"rank": 48}, status="queued")  # e.g. a job queued before the limit
+    r = cli(tmp_path, "train", "--as", "root", "--job", queued, "--priority", "normal")
+    job = store.job(queued)
+    assert r.returncode == 2 and job["status"] == "failed" and "served LoRA rank limit" in job["error"]
+    assert job["started_utc"] is None  # failed before it started training
+
+
 def test_only_one_of_many_racing_job_starts_gets_a_job(tmp_path):
     import threading
 

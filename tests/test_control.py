@@ -69,6 +69,13 @@ def test_one_training_job_at_a_time(loop, store):
     assert len(launched) == 1 and c.retrain("root") != job
 
 
+def test_a_job_with_a_rank_serving_would_refuse_is_refused_before_it_is_queued(loop, store):
+    c, _, launched = loop
+    with pytest.raises(Conflict, match="rank 48 exceeds the served LoRA rank limit"):
+        c.retrain("root", {"rank": 48})
+    assert launched == [] and store.jobs() == []
+
+
 def test_promote_needs_the_gate_or_a_recorded_override(loop, store):
     c, router, _ = loop
     _version(store, 1, gate=True)

@@ -90,11 +90,18 @@ class Controller:
     # -- training --------------------------------------------------------------------
 
     def retrain(self, actor: str, overrides: dict | None = None) -> str:
-        """Queue and launch a training job; refused while another one is queued or running."""
+        """Queue and launch a training job; refused while another one is queued or running,
+        or when a setting is one the job would refuse at its start (a rank serving refuses)."""
         if actor != "scheduler":
             self.require_admin(actor)
         from store import JobConflict
 
+        from .config import TrainConfig
+
+        try:  # the settings the job reads from its row (tuning.train), checked before it is queued
+            TrainConfig().replace(**{k: v for k, v in (overrides or {}).items() if k in TrainConfig.__dataclass_fields__})
+        except ValueError as e:
+            raise Conflict(str(e)) from e
         try:
             job_id = self.store.queue_job(actor, overrides or {})  # atomic across processes
         except JobConflict as e:

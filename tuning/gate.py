@@ -23,6 +23,7 @@ An admin may promote a version that failed; the Controller (``tuning.control``) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -76,11 +77,8 @@ class GateConfig:
     batch_size: int = 8
 
     def to_dict(self) -> dict:
-        return {
-            "min_accuracy_gain": self.min_accuracy_gain, "max_p_value": self.max_p_value,
-            "max_length_drift": self.max_length_drift, "max_new_tokens": self.max_new_tokens,
-            "golden": [[g.prompt, list(g.expect)] for g in self.golden],
-        }
+        """Every field, as recorded with each job and version (golden: ``{prompt, expect}``)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
