@@ -15,6 +15,7 @@ from gradio_client import Client
 from assistant.canary import in_canary
 from servers import running_app
 from store import Store
+from store.actors import CANARY_MONITOR
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,7 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
                 break
             time.sleep(1)
         last = store.latest_promotion("canary")
-        assert last["share"] == 0 and last["actor"] == "canary-monitor", last
+        assert last["share"] == 0 and last["actor"] == CANARY_MONITOR, last
         assert client(url, "u0").predict(message="Hi", api_name="/chat")["model"].endswith("· base")
 
         root.predict(version="v1", reason="for the restart check", override=True, api_name="/admin_promote")
