@@ -69,6 +69,11 @@ def test_sign_test():
     assert sign_test_p(32, 32) == pytest.approx(2**-32)
     assert sign_test_p(16, 32) > 0.5
     assert sign_test_p(22, 32) < 0.05 < sign_test_p(21, 32)
+    # Known values: sum(comb(n, k) for k >= wins) / 2**n, what the gate computed by hand before.
+    for (wins, n), p in {(22, 32): 0.025051229866221547, (21, 32): 0.055092082591727376,
+                         (16, 32): 0.5699749670457095, (8, 10): 0.0546875, (0, 5): 1.0}.items():
+        assert sign_test_p(wins, n) == pytest.approx(p, rel=1e-9), (wins, n)
+    assert sign_test_p(0, 0) == 1.0
 
 
 def test_cost_estimate_uses_measured_seconds_and_the_work_ratio():

@@ -24,7 +24,6 @@ An admin may promote a version that failed; the Controller (``tuning.control``) 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -165,10 +164,12 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
 
 
 def sign_test_p(wins: int, n: int) -> float:
-    """One-sided P(at least ``wins`` of ``n`` fair coin flips come up heads)."""
-    if n == 0:
+    """One-sided P(at least ``wins`` of ``n`` fair coin flips come up heads): the sign test."""
+    from scipy.stats import binomtest
+
+    if n == 0:  # no pairs: no evidence (binomtest needs at least one trial)
         return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+    return float(binomtest(wins, n, 0.5, alternative="greater").pvalue)
 
 
 def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> GateResult:
