@@ -134,10 +134,6 @@ class VLLMEngine:
         except httpx.HTTPError as e:  # a server that is gone has unloaded it anyway
             log.warning("unload of %s failed: %s", name, e)
 
-    def adapters(self) -> list[str]:
-        with self._lock:
-            return sorted(self._loaded)
-
     def reload_adapters(self) -> None:
         """Load everything this engine had loaded into a (re)started server."""
         with self._lock:
@@ -245,9 +241,6 @@ class VLLMEngine:
                 raise EngineError(RESTARTING)
             raise EngineError("the model server ended the answer early" + ("" if sent else " (no text)"))
         yield Chunk("", finish_reason=finish, completion_tokens=tokens)
-
-    def ready(self) -> bool:
-        return self.server is None or self.server.ready()
 
     def close(self) -> None:
         self._http.close()

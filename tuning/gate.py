@@ -1,6 +1,7 @@
 """The evaluation gate: a new version must beat the live one on data it was not trained on.
 
-``evaluate`` measures both versions on the same held-out pairs and golden prompts;
+``measure`` measures one version on the held-out pairs and golden prompts (the trainer's
+``_evaluate`` runs it for the candidate and the live version on the same data);
 ``decide`` (pure, unit-tested on made-up numbers) turns the two sets of metrics into a
 verdict with one line per check:
 
