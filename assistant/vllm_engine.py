@@ -57,6 +57,8 @@ class VLLMEngine:
         served_name: str | None = None,
         # A token every few hundred ms is normal; a minute of silence is a hung server.
         read_timeout_s: float = 60.0,
+        # Replaces the network (tests: httpx.MockTransport, no server).
+        transport: httpx.BaseTransport | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -74,6 +76,7 @@ class VLLMEngine:
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=httpx.Timeout(10.0, read=read_timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            transport=transport,
         )
         self._lock = threading.Lock()  # guards the three records below
         self._loaded: dict[str, Adapter] = {}
