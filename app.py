@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     can.add_argument("--as", dest="actor", required=True)
     _model_options(can)
     tr = sub.add_parser("train", help="build pairs from feedback, train a version, run the gate")
-    tr.add_argument("--as", dest="actor", required=True, help="the admin account starting the job (recorded)")
+    tr.add_argument("--as", dest="actor", required=True,
+                    help="the admin account starting the job (recorded); the app's launcher names its own actor")
     tr.add_argument("--job", default=None, help="run this queued job (the console's launcher uses it)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
     tr.add_argument("--priority", choices=["background", "normal"], default="background",
@@ -171,12 +172,13 @@ def training_launcher(config: ServeConfig, train_set: list[str], store, streamin
     is asked for, and when the app stops (``closers``)."""
     import threading
 
+    from store.actors import LAUNCHER
     from tuning.priority import PauseWhileBusy
     from tuning.trainer import recover_stale_jobs
 
     def launch(job_id: str) -> subprocess.Popen:
         cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(config.data_dir), "train",
-               "--as", "scheduler", "--job", job_id, "--models-dir", str(config.models_dir)]
+               "--as", LAUNCHER, "--job", job_id, "--models-dir", str(config.models_dir)]
         if config.model:
             cmd += ["--model", config.model]
         for item in train_set:

@@ -3,8 +3,10 @@
 ``ChatService`` checks what the user sent, builds the prompt the model sees (persona,
 history trimmed oldest-first to fit the context), streams the answer from the engine and
 logs it with the model version that produced it. Feedback (vote, comment, retry, edit,
-undo) goes through here too. The store is passed in (``store.Store``); this module does not
-import it, so serving stays free of storage code.
+undo) goes through here too, with its rules (a thumb pressed twice clears the vote). The
+store is passed in (``store.Store``); this module does not import it, so serving stays free
+of storage code. It knows one storage error, ``sqlite3.OperationalError`` (a database busy
+past its timeout, a full disk), to turn it into a message the user can act on.
 """
 
 from __future__ import annotations
@@ -335,6 +337,13 @@ class ChatService:
         with saving("Your vote"):
             self.store.rate(answer_id, user_id, value, comment)
         return previous
+
+    def press_thumb(self, answer_id: str, user_id: str, thumb: int) -> tuple[int, int | None]:
+        """A thumb pressed under an answer (1 up, -1 down): it votes, and pressing the same
+        thumb again clears the vote, as chat apps do. Returns the vote now (1, -1 or 0) and
+        the vote it replaced (for undo)."""
+        value = 0 if self.store.current_rating(answer_id, user_id) == thumb else thumb
+        return value, self.rate(answer_id, user_id, value)
 
     def comment(self, answer_id: str, user_id: str, text: str) -> None:
         text = check_text(text, "comment", MAX_COMMENT_CHARS)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import Sampling
+from .limits import MAX_LORA_RANK
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,9 @@ class ServeConfig:
     # see the adapter folders at the same paths.
     vllm_url: str | None = None
     vllm_api_key: str | None = None
-    # vLLM's LoRA limits: see assistant.vllm_server.VLLMServerConfig for why.
+    # vLLM's LoRA limits: see assistant.vllm_server.VLLMServerConfig and assistant.limits for why.
     max_loras: int = 4
-    max_lora_rank: int = 32
+    max_lora_rank: int = MAX_LORA_RANK
     kv_cache_gib: int = 2
     # "auto": bfloat16 where this machine computes it natively, float32 elsewhere
     # (assistant.precision); the vLLM server and the transformers engine both use it.

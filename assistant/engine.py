@@ -1,13 +1,14 @@
 """The engine interface: stream a chat completion, optionally through a named LoRA adapter.
 
 An engine knows messages, tokens and adapters; it knows nothing of users, storage or the
-web page. Two implementations are planned: ``hf_engine.HFEngine`` (transformers + peft, in
-process) and a vLLM client; tests use a fake with the same shape.
+web page. Two implement it: ``vllm_engine.VLLMEngine`` (a client of a vLLM server, the
+default) and ``hf_engine.HFEngine`` (transformers + peft in the app's process, one request
+at a time); tests use ``tests/fakes.FakeEngine``, which has the same shape.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol
 
 
@@ -45,7 +46,6 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     completion_tokens: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -79,9 +79,6 @@ class HFEngine:
                 self.model.delete_adapter(name)
                 del self._adapters[name]
 
-    def adapters(self) -> list[str]:
-        return sorted(self._adapters)
-
     # -- generation ----------------------------------------------------------------
 
     def stream(

@@ -1,7 +1,8 @@
 """OpenAI-compatible API for users and scripts: the live version, behind per-user keys.
 
-    POST /v1/chat/completions   (stream or not; ``model`` may be anything, the live version answers)
-    GET  /v1/models             (one model: the base model's name, with the live version)
+    POST /v1/chat/completions   (stream or not; ``model`` may be anything: the user's version answers,
+                                 the live one or, for users in a canary, the canary)
+    GET  /v1/models             (one model: the base model's name, with the version this key's user is served)
 
 Limits (``ApiLimits``): bodies over 1 MB are refused while read (413); only the fields
 ``ChatRequest`` names reach vLLM, with ``n`` at most 4 and ``max_tokens`` at most the

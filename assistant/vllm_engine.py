@@ -57,6 +57,8 @@ class VLLMEngine:
         served_name: str | None = None,
         # A token every few hundred ms is normal; a minute of silence is a hung server.
         read_timeout_s: float = 60.0,
+        # Replaces the network (tests: httpx.MockTransport, no server).
+        transport: httpx.BaseTransport | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -74,6 +76,7 @@ class VLLMEngine:
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=httpx.Timeout(10.0, read=read_timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            transport=transport,
         )
         self._lock = threading.Lock()  # guards the three records below
         self._loaded: dict[str, Adapter] = {}
@@ -133,10 +136,6 @@ class VLLMEngine:
                 log.warning("vLLM did not unload %s: %s", name, r.text[:200])
         except httpx.HTTPError as e:  # a server that is gone has unloaded it anyway
             log.warning("unload of %s failed: %s", name, e)
-
-    def adapters(self) -> list[str]:
-        with self._lock:
-            return sorted(self._loaded)
 
     def reload_adapters(self) -> None:
         """Load everything this engine had loaded into a (re)started server."""
@@ -245,9 +244,6 @@ class VLLMEngine:
                 raise EngineError(RESTARTING)
             raise EngineError("the model server ended the answer early" + ("" if sent else " (no text)"))
         yield Chunk("", finish_reason=finish, completion_tokens=tokens)
-
-    def ready(self) -> bool:
-        return self.server is None or self.server.ready()
 
     def close(self) -> None:
         self._http.close()

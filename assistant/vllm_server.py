@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .limits import MAX_LORA_RANK
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +42,8 @@ class VLLMServerConfig:
     # LoRA slots usable in one batch: the base (an all-zero adapter), the live version, the
     # previous one while its last requests finish, and one more for a canary or a reload.
     max_loras: int = 4
-    # The DPO recipe trains rank 16; 32 leaves room, and validate_adapter refuses above it.
-    max_lora_rank: int = 32
+    # One limit for serving, validation and training: see assistant.limits.
+    max_lora_rank: int = MAX_LORA_RANK
     # GiB of KV cache. 2 GiB holds ~90k tokens of SmolLM2: 8 chats x 2048 with room to spare.
     kv_cache_gib: int = 2
     # A concrete format, chosen by the caller from the machine (assistant.precision):

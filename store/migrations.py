@@ -12,6 +12,11 @@ from sqlite_utils.migrations import Migrations
 
 MIGRATIONS = Migrations("assistant")
 
+# The numbers jump from m002 to m005: no step was ever named m003 or m004 (the history has
+# none; the numbers were skipped when users were added). sqlite-utils records each step by
+# name and applies them in the order registered here, so the gap changes nothing, and
+# renumbering would make every existing file run its shipped steps again.
+
 
 @MIGRATIONS()
 def m001_conversations_and_answers(db: Database) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .actors import LEGACY_NAMES
 from .passwords import check_password, dummy_hash, hash_password
 
-# Names become ids in every table and appear on admin pages: keep them plain.
+# Names become ids in every table and appear on admin pages: keep them plain. No ':', so
+# no account can be one of the app's own actors (store.actors: "system:scheduler"...).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 MIN_PASSWORD_CHARS = 8
 
@@ -24,6 +26,8 @@ class UsersMixin:
 
         if not NAME_RE.fullmatch(name or ""):
             raise UserError("A user name is 1-64 letters, digits or . _ @ -, starting with a letter or digit.")
+        if name in LEGACY_NAMES:  # the app's own actors in older rows (store.actors)
+            raise UserError(f"{name!r} names one of the app's own actions in its logs; choose another name.")
         if len(password or "") < MIN_PASSWORD_CHARS:
             raise UserError(f"A password needs at least {MIN_PASSWORD_CHARS} characters.")
         if self.db["users"].count_where("name = ?", [name]):

@@ -14,17 +14,7 @@ from assistant.adapters import (
     content_hash,
     validate_adapter,
 )
-
-
-def _tiny_model(hidden=32, layers=2, vocab=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg)
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +22,14 @@ def tiny(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("tiny")
-    base = _tiny_model()
+    base = tiny_model(64)
     base.save_pretrained(root / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p)
     model.save_pretrained(root / "adapter")
-    other = _tiny_model(hidden=48)
+    other = tiny_model(64, hidden=48)
     other.save_pretrained(root / "other")
     return root
 

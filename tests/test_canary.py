@@ -39,3 +39,13 @@ def test_wilson_interval_contains_the_rate():
     lo, hi = wilson(30, 100)
     assert lo < 0.3 < hi and hi - lo < 0.2
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_interval_gives_the_textbook_values():
+    # The Wilson score interval at z = 1.96, as the canary computed it by hand before scipy
+    # (scipy's z is 1.95996..., the same to 1e-4).
+    known = {(30, 100): (0.21895, 0.39585), (0, 10): (0.0, 0.27754), (10, 10): (0.72246, 1.0),
+             (1, 2): (0.09453, 0.90547), (45, 60): (0.62768, 0.84224)}
+    for (up, total), (lo, hi) in known.items():
+        assert wilson(up, total) == pytest.approx((lo, hi), abs=1e-4), (up, total)
+        assert 0.0 <= wilson(up, total)[0] and wilson(up, total)[1] <= 1.0

@@ -121,6 +121,16 @@ def test_feedback_round_trip(service, engine, store):
         service.rate("01DOESNOTEXIST", "alice", 1)
 
 
+def test_a_thumb_pressed_twice_clears_the_vote(service, store):
+    cid = service.new_conversation("alice")
+    aid = _send(service, cid, "hi")[-1].answer_id
+    assert service.press_thumb(aid, "alice", 1) == (1, None)
+    assert service.press_thumb(aid, "alice", 1) == (0, 1)  # the same thumb again: cleared
+    assert service.press_thumb(aid, "alice", -1) == (-1, 0)
+    assert service.press_thumb(aid, "alice", 1) == (1, -1)  # the other thumb replaces it
+    assert store.current_rating(aid, "alice") == 1
+
+
 def test_answers_record_the_adapter_that_made_them(store, engine):
     from assistant.chat import ChatService
 

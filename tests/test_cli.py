@@ -64,6 +64,45 @@ def test_train_from_the_command_line_refuses_while_another_job_is_active(tmp_pat
     assert [j["id"] for j in store.jobs()] == [queued]  # no second job row, nothing trained
 
 
+def test_a_job_asking_for_a_rank_serving_would_refuse_is_refused_before_it_trains(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    r = cli(tmp_path, "train", "--as", "root", "--set", "rank=48", "--priority", "normal")
+    assert r.returncode == 2 and "rank 48 exceeds the served LoRA rank limit max_rank=32" in r.stderr
+    assert store.jobs() == []  # no job row: nothing was queued, nothing trained
+    queued = store.create_job("root", {"rank": 48}, status="queued")  # e.g. a job queued before the limit
+    r = cli(tmp_path, "train", "--as", "root", "--job", queued, "--priority", "normal")
+    job = store.job(queued)
+    assert r.returncode == 2 and job["status"] == "failed" and "served LoRA rank limit" in job["error"]
+    assert job["started_utc"] is None  # failed before it started training
+
+
+def test_a_user_named_scheduler_cannot_start_training_as_the_app(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    # An account named "scheduler" from before that name was reserved; it is no admin.
+    store.db["users"].insert({"name": "scheduler", "password_hash": "x", "is_admin": 0, "disabled": 0,
+                              "created_utc": "2026-01-01T00:00:00+00:00"})
+    r = cli(tmp_path, "train", "--as", "scheduler", "--priority", "normal")
+    assert r.returncode == 3 and "'scheduler' is not an admin account" in r.stderr
+    # The app's own actors are refused when typed, unless they run a job the app queued.
+    for actor in ("system:scheduler", "system:launcher"):
+        r = cli(tmp_path, "train", "--as", actor, "--priority", "normal")
+        assert r.returncode == 3 and "one of the app's own actors" in r.stderr
+    r = cli(tmp_path, "train", "--as", "system:launcher", "--job", "nope", "--priority", "normal")
+    assert r.returncode == 3 and "no training job 'nope'" in r.stderr
+    assert store.jobs() == []
+    done = store.create_job("root", {}, status="succeeded")
+    r = cli(tmp_path, "train", "--as", "system:launcher", "--job", done, "--priority", "normal")
+    assert r.returncode == 3 and "is succeeded, not queued" in r.stderr
+    # What the app's launcher runs: a job the console queued (here without data to train on).
+    queued = store.create_job("root", {}, status="queued")
+    r = cli(tmp_path, "train", "--as", "system:launcher", "--job", queued, "--priority", "normal")
+    assert r.returncode == 1 and "not enough preference data" in r.stderr
+    r = cli(tmp_path, "users", "add", "scheduler", "--password-stdin", stdin="long-enough-pw\n")
+    assert r.returncode == 3 and "app's own actions" in r.stderr
+
+
 def test_only_one_of_many_racing_job_starts_gets_a_job(tmp_path):
     import threading
 

@@ -6,6 +6,7 @@ import pytest
 
 from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
+from store.actors import CANARY_MONITOR, SCHEDULER, STARTUP_CHECK
 from tuning.canary import CanaryConfig
 from tuning.control import Conflict, Controller, LoopConfig, Refused
 
@@ -54,6 +55,19 @@ def test_non_admins_are_refused_everything(loop, store):
     assert launched == [] and store.promotions() == [] and router.live == "unset"
 
 
+def test_no_name_passes_for_the_app_itself(loop, store):
+    """The loop's own actions are no actor a caller can name: neither the system actors
+    (no account holds them) nor the bare names older rows recorded them under."""
+    c, router, launched = loop
+    store.db["users"].insert({"name": "scheduler", "password_hash": "x", "is_admin": 0, "disabled": 0,
+                              "created_utc": "2026-01-01T00:00:00+00:00"})  # an account from before the prefix
+    for actor in ("scheduler", "canary-monitor", "startup-check", SCHEDULER, CANARY_MONITOR, STARTUP_CHECK):
+        for action in (lambda: c.retrain(actor), lambda: c.stop_canary(actor), lambda: c.promote(actor, None)):
+            with pytest.raises(Refused):
+                action()
+    assert launched == [] and store.promotions() == [] and store.jobs() == []
+
+
 def test_one_training_job_at_a_time(loop, store):
     c, _, launched = loop
     job = c.retrain("root", {"epochs": 1})
@@ -67,6 +81,13 @@ def test_one_training_job_at_a_time(loop, store):
     assert store.job(job)["cancel_requested"] == 1
     store.update_job(job, status="cancelled")
     assert len(launched) == 1 and c.retrain("root") != job
+
+
+def test_a_job_with_a_rank_serving_would_refuse_is_refused_before_it_is_queued(loop, store):
+    c, _, launched = loop
+    with pytest.raises(Conflict, match="rank 48 exceeds the served LoRA rank limit"):
+        c.retrain("root", {"rank": 48})
+    assert launched == [] and store.jobs() == []
 
 
 def test_promote_needs_the_gate_or_a_recorded_override(loop, store):
@@ -135,7 +156,7 @@ def test_a_live_version_damaged_while_stopped_is_rolled_back_at_start(loop, stor
         "automatic rollback at start from v3 to v2: adapter refused (finite weights): v3 has NaN in layer 0",
     ]
     last = store.latest_promotion("live")
-    assert (last["version"], last["actor"]) == (2, "startup-check") and "NaN" in last["reason"]
+    assert (last["version"], last["actor"]) == (2, STARTUP_CHECK) and "NaN" in last["reason"]
 
     damaged.add(2)  # nothing earlier validates: the base model serves
     router = FakeRouter()
@@ -170,7 +191,7 @@ def test_canary_rolls_back_by_itself_when_clearly_worse(loop, store):
     assert verdict.clearly_worse
     assert router.canary == (None, 0.0, "")
     last = store.latest_promotion("canary")
-    assert last["share"] == 0 and last["actor"] == "canary-monitor" and "automatic rollback" in last["reason"]
+    assert last["share"] == 0 and last["actor"] == CANARY_MONITOR and "automatic rollback" in last["reason"]
 
 
 def test_canary_keeps_running_when_not_worse(loop, store):
@@ -195,7 +216,7 @@ def test_schedule_is_off_by_default_and_fires_on_new_feedback(loop, store):
         _vote(store, f"u{i}", None, 1)
     assert "3 new pieces of feedback" in c.due()
     job = c.tick()
-    assert launched == [job] and store.job(job)["created_by"] == "scheduler"
+    assert launched == [job] and store.job(job)["created_by"] == SCHEDULER
     assert c.tick() is None  # one job at a time, never queued twice
     c.config = LoopConfig(retrain_every_hours=1)
     store.update_job(job, status="succeeded")

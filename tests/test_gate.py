@@ -4,7 +4,7 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import GateConfig, decide, sign_test_p
+from tuning.gate import GateConfig, Golden, decide, sign_test_p
 
 
 def metrics(acc, margin, logratios, golden=(True, True, True), length=40.0):
@@ -69,6 +69,11 @@ def test_sign_test():
     assert sign_test_p(32, 32) == pytest.approx(2**-32)
     assert sign_test_p(16, 32) > 0.5
     assert sign_test_p(22, 32) < 0.05 < sign_test_p(21, 32)
+    # Known values: sum(comb(n, k) for k >= wins) / 2**n, what the gate computed by hand before.
+    for (wins, n), p in {(22, 32): 0.025051229866221547, (21, 32): 0.055092082591727376,
+                         (16, 32): 0.5699749670457095, (8, 10): 0.0546875, (0, 5): 1.0}.items():
+        assert sign_test_p(wins, n) == pytest.approx(p, rel=1e-9), (wins, n)
+    assert sign_test_p(0, 0) == 1.0
 
 
 def test_cost_estimate_uses_measured_seconds_and_the_work_ratio():
@@ -88,3 +93,32 @@ def test_config_overrides_are_checked_by_name_and_type():
         TrainConfig().replace(beta="high")
     with pytest.raises(ValueError, match="max_rank"):
         TrainConfig().replace(rank=128)
+
+
+def test_training_refuses_a_rank_that_serving_would_refuse():
+    """One limit (assistant.limits): a rank the vLLM server and promotion refuse never trains."""
+    from assistant.config import ServeConfig
+    from assistant.limits import MAX_LORA_RANK
+    from assistant.vllm_server import VLLMServerConfig
+
+    assert TrainConfig().max_rank == ServeConfig().max_lora_rank == MAX_LORA_RANK
+    assert VLLMServerConfig(model_path="m", served_name="m").max_lora_rank == MAX_LORA_RANK
+    assert TrainConfig().replace(rank=MAX_LORA_RANK).rank == MAX_LORA_RANK
+    with pytest.raises(ValueError, match="served LoRA rank limit"):
+        TrainConfig().replace(rank=48)
+    with pytest.raises(ValueError, match="served LoRA rank limit"):  # raising the limit is no way round it
+        TrainConfig().replace(rank=48, max_rank=64)
+
+
+def test_the_gate_config_records_every_field():
+    import dataclasses
+    import json
+
+    config = GateConfig(min_accuracy_gain=0.1, max_p_value=0.01, max_length_drift=0.3, golden=(Golden("q?", ("a", "b")),),
+                        max_new_tokens=16, max_length_prompts=5, batch_size=2)
+    recorded = json.loads(json.dumps(config.to_dict()))  # as stored in config_json
+    assert set(recorded) == {f.name for f in dataclasses.fields(GateConfig)}
+    assert recorded["golden"] == [{"prompt": "q?", "expect": ["a", "b"]}]
+    for f in dataclasses.fields(GateConfig):
+        if f.name != "golden":
+            assert recorded[f.name] == getattr(config, f.name), f.name

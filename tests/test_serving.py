@@ -3,25 +3,18 @@
 import threading
 
 import pytest
-import torch
 
 from assistant.adapters import InvalidAdapter, base_weight_shapes, content_hash, validate_adapter
 from assistant.base_adapter import base_adapter, write_lora
 from assistant.engine import Adapter
 from assistant.serving import AdapterRecord, AdapterRouter, record_from_row
+from tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )
     path = tmp_path_factory.mktemp("tiny") / "base"
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_model(64).save_pretrained(path)
     return path
 
 

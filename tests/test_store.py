@@ -216,6 +216,20 @@ def test_users_passwords_are_hashed_and_checked(store):
     assert all("password_hash" not in u for u in store.users())
 
 
+def test_no_account_can_take_the_name_of_one_of_the_apps_own_actors(store):
+    from store import UserError
+    from store.actors import CANARY_MONITOR, LAUNCHER, SCHEDULER, STARTUP_CHECK, is_system
+
+    for name in (SCHEDULER, CANARY_MONITOR, STARTUP_CHECK, LAUNCHER, "scheduler", "canary-monitor", "startup-check"):
+        with pytest.raises(UserError):
+            store.create_user(name, "long enough pw")
+    assert store.users() == []
+    assert is_system(SCHEDULER) and not is_system("scheduler") and not is_system(None)
+    # Rows written before the prefix still read as they were written.
+    store.record_promotion(None, "canary-monitor", "automatic rollback: older row")
+    assert store.promotions()[0]["actor"] == "canary-monitor" and store.live_version() is None
+
+
 def test_a_writer_holding_the_lock_for_seconds_delays_but_loses_nothing(store):
     """Another process (a backup, a training job) locks the file; votes wait, then land."""
     import time

@@ -8,7 +8,6 @@ side has enough votes; otherwise the verdict is "not enough evidence yet" or "no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -47,15 +46,14 @@ class CanaryVerdict:
         return f"{rates}: {word} (one-sided Fisher p = {self.p_value:.3g})."
 
 
-def wilson(up: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (sensible at small counts)."""
+def wilson(up: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (sensible at small counts); (0, 1) with no votes."""
+    from scipy.stats import binomtest
+
     if total == 0:
         return (0.0, 1.0)
-    p = up / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(up, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
 
 
 def compare(live_up: int, live_down: int, cand_up: int, cand_down: int, config: CanaryConfig = CanaryConfig()) -> CanaryVerdict:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from assistant.limits import MAX_LORA_RANK
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     # -- LoRA ---------------------------------------------------------------------------
     # r=16 on all linear layers: r=8 on q/v only did not move generations within 2 epochs
-    # on a few hundred pairs; 16 is also well under the server's default max rank (64).
+    # on a few hundred pairs; 16 is also under the served limit (assistant.limits: 32).
     rank: int = 16
     # alpha = 2r, the usual scale; the learning rate below was measured with it.
     alpha: int = 32
@@ -64,9 +66,10 @@ class TrainConfig:
     continue_from: int | None = None
 
     # -- registry, serving and cost -----------------------------------------------------
-    # Validation refuses adapters of higher rank: the vLLM server is started with
-    # --max-lora-rank 64 (more rank costs it memory for every slot).
-    max_rank: int = 64
+    # Validation refuses adapters of higher rank. It is the served limit (assistant.limits,
+    # the vLLM server's --max-lora-rank) and may only be lowered: a version above it would
+    # train and register, and then promotion would refuse it.
+    max_rank: int = MAX_LORA_RANK
     # Price of one hour of the machine the job ran on, for the cost estimate (USD). A
     # 2-vCPU, 24 GB cloud VM is about 0.10/h on demand; set yours.
     price_per_hour: float = 0.10
@@ -106,7 +109,11 @@ class TrainConfig:
         for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1.")
+        if self.max_rank > MAX_LORA_RANK:
+            raise ValueError(f"max_rank {self.max_rank} is above the served LoRA rank limit of {MAX_LORA_RANK} "
+                             "(assistant.limits): serving would refuse the version this trains.")
         if self.rank > self.max_rank:
-            raise ValueError(f"rank {self.rank} exceeds the server's limit max_rank={self.max_rank}.")
+            raise ValueError(f"rank {self.rank} exceeds the served LoRA rank limit max_rank={self.max_rank}: "
+                             "serving would refuse the version this trains.")
         if not (self.learning_rate > 0 and self.beta > 0):
             raise ValueError("learning_rate and beta must be positive.")

@@ -1,7 +1,10 @@
 """The loop in the hands of admins: retrain, promote, canary, roll back, on a schedule too.
 
 ``Controller`` is what the admin console and the command line call. Every action takes the
-acting user and refuses non-admins here, on the server side, whatever the page shows.
+acting user and refuses non-admins here, on the server side, whatever the page shows. The
+loop's own actions (scheduled retraining, the canary's automatic rollback, the start-up
+check) go through private methods and are recorded as ``store.actors`` system actors, which
+no account can hold: no user name passes itself off as the app.
 Training runs in a separate process (``launcher``) so a crash or a cancel never takes the
 chat down; its progress reaches the console through the job's row in the store.
 Promotion and rollback are recorded (who, when, why), then flip the serving router's live
@@ -18,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
+from store.actors import CANARY_MONITOR, SCHEDULER, STARTUP_CHECK
 
 from . import jobs
 from .canary import CanaryConfig, CanaryVerdict, compare
@@ -90,11 +94,20 @@ class Controller:
     # -- training --------------------------------------------------------------------
 
     def retrain(self, actor: str, overrides: dict | None = None) -> str:
-        """Queue and launch a training job; refused while another one is queued or running."""
-        if actor != "scheduler":
-            self.require_admin(actor)
+        """Queue and launch a training job; refused while another one is queued or running,
+        or when a setting is one the job would refuse at its start (a rank serving refuses)."""
+        return self._retrain(self.require_admin(actor), overrides)
+
+    def _retrain(self, actor: str, overrides: dict | None) -> str:
+        """``retrain`` for an actor already allowed: an admin, or the schedule (``tick``)."""
         from store import JobConflict
 
+        from .config import TrainConfig
+
+        try:  # the settings the job reads from its row (tuning.train), checked before it is queued
+            TrainConfig().replace(**{k: v for k, v in (overrides or {}).items() if k in TrainConfig.__dataclass_fields__})
+        except ValueError as e:
+            raise Conflict(str(e)) from e
         try:
             job_id = self.store.queue_job(actor, overrides or {})  # atomic across processes
         except JobConflict as e:
@@ -188,8 +201,10 @@ class Controller:
             self._applied = self._log_state()
 
     def stop_canary(self, actor: str, reason: str = "") -> None:
-        if actor != "canary-monitor":
-            self.require_admin(actor)
+        self._stop_canary(self.require_admin(actor), reason)
+
+    def _stop_canary(self, actor: str, reason: str) -> None:
+        """``stop_canary`` for an actor already allowed: an admin, or the canary monitor."""
         with self._lock:
             current = self.store.latest_promotion("canary")
             if not current or current["share"] <= 0:
@@ -212,7 +227,7 @@ class Controller:
         """Roll the canary back by itself when it is clearly worse than live."""
         current, verdict = self.canary_verdict()
         if verdict is not None and verdict.clearly_worse:
-            self.stop_canary("canary-monitor", "automatic rollback: " + verdict.summary())
+            self._stop_canary(CANARY_MONITOR, "automatic rollback: " + verdict.summary())
         return verdict
 
     def _log_state(self) -> tuple:
@@ -236,7 +251,7 @@ class Controller:
 
         A live version whose folder no longer validates is rolled back, in the log, to the
         newest earlier live version that does (or the base model), and a canary that no longer
-        validates is stopped: the app serves, and admins see who ("startup-check") and why.
+        validates is stopped: the app serves, and admins see who (``STARTUP_CHECK``) and why.
         Returns one warning per change.
         """
         warnings: list[str] = []
@@ -252,7 +267,7 @@ class Controller:
                     self.adapter_of(canary["version"])
                 except InvalidAdapter as e:
                     why = f"canary v{canary['version']} stopped at start: {e}"
-                    self.store.record_promotion(canary["version"], "startup-check", why, kind="canary", share=0.0)
+                    self.store.record_promotion(canary["version"], STARTUP_CHECK, why, kind="canary", share=0.0)
                     warnings.append(why)
             live = self.store.live_version()
             if live is not None:
@@ -262,7 +277,7 @@ class Controller:
                     fallback = self._last_good_live(exclude=live)
                     why = (f"automatic rollback at start from v{live} to "
                            f"{'the base model' if fallback is None else f'v{fallback}'}: {e}")
-                    self.store.record_promotion(fallback, "startup-check", why)
+                    self.store.record_promotion(fallback, STARTUP_CHECK, why)
                     warnings.append(why)
             self.restore()
         return warnings
@@ -322,7 +337,7 @@ class Controller:
         reason = self.due()
         if reason and not any(self.store.jobs(s) for s in ACTIVE):
             try:
-                return self.retrain("scheduler", {"trigger": reason})
+                return self._retrain(SCHEDULER, {"trigger": reason})
             except Conflict:
                 return None
         return None

@@ -1,6 +1,7 @@
 """The evaluation gate: a new version must beat the live one on data it was not trained on.
 
-``evaluate`` measures both versions on the same held-out pairs and golden prompts;
+``measure`` measures one version on the held-out pairs and golden prompts (the trainer's
+``_evaluate`` runs it for the candidate and the live version on the same data);
 ``decide`` (pure, unit-tested on made-up numbers) turns the two sets of metrics into a
 verdict with one line per check:
 
@@ -23,7 +24,7 @@ An admin may promote a version that failed; the Controller (``tuning.control``) 
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -76,11 +77,8 @@ class GateConfig:
     batch_size: int = 8
 
     def to_dict(self) -> dict:
-        return {
-            "min_accuracy_gain": self.min_accuracy_gain, "max_p_value": self.max_p_value,
-            "max_length_drift": self.max_length_drift, "max_new_tokens": self.max_new_tokens,
-            "golden": [[g.prompt, list(g.expect)] for g in self.golden],
-        }
+        """Every field, as recorded with each job and version (golden: ``{prompt, expect}``)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -167,10 +165,12 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
 
 
 def sign_test_p(wins: int, n: int) -> float:
-    """One-sided P(at least ``wins`` of ``n`` fair coin flips come up heads)."""
-    if n == 0:
+    """One-sided P(at least ``wins`` of ``n`` fair coin flips come up heads): the sign test."""
+    from scipy.stats import binomtest
+
+    if n == 0:  # no pairs: no evidence (binomtest needs at least one trial)
         return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+    return float(binomtest(wins, n, 0.5, alternative="greater").pvalue)
 
 
 def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> GateResult:

@@ -80,6 +80,10 @@ def read_pairs(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     a = parse_args(argv)
+    from store.actors import is_system
+
+    if is_system(a.by):
+        raise SystemExit(f"--by {a.by!r}: that is one of the app's own actors; name yourself")
     _yield_cpu(a.priority)
     from assistant.model_files import resolve_model
     from store import Store
@@ -141,20 +145,23 @@ if __name__ == "__main__":
 def run_from_app(a) -> int:
     """``app.py train``: build pairs from the feedback in the store, then one job.
 
-    Used by an admin at the command line and by the console's launcher (``--job`` names the
-    job the console queued, whose row holds its setting overrides). Started here, the job
+    Used by an admin at the command line (``--as NAME``) and by the app's launcher
+    (``--as system:launcher --job J``: the job the console or the schedule queued, whose row
+    holds its setting overrides; ``_refusal`` says who may do what). Started here, the job
     row is queued first and refused (exit 3) while another job is queued or running.
     """
     _yield_cpu(a.priority)
     from store import JobConflict, Store
 
     from .config import TrainConfig
-    from .trainer import recover_stale_jobs
 
     store = Store(a.data_dir / "assistant.db")
-    if a.actor != "scheduler" and not store.is_admin(a.actor):
-        print(f"error: {a.actor!r} is not an admin account", file=sys.stderr)
+    refusal = _refusal(store, a.actor, a.job)
+    if refusal:  # before torch is imported: a refusal takes a moment, not seconds
+        print(f"error: {refusal}", file=sys.stderr)
         return 3
+    from .trainer import recover_stale_jobs
+
     for job_id in recover_stale_jobs(store, a.data_dir):
         print(f"job {job_id}: marked failed (its process died)", flush=True)
     overrides = _overrides(store, a)
@@ -196,6 +203,26 @@ def run_from_app(a) -> int:
         return 0
     print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
     return 130 if result.status == "cancelled" else 1
+
+
+def _refusal(store, actor: str, job_id: str | None) -> str | None:
+    """Why ``actor`` may not run this job, or None. An admin may start or run a job. The
+    app's launcher names ``store.actors.LAUNCHER``, an actor no account can hold, and only
+    for a job already queued: queueing one took an admin (the console) or the schedule, so a
+    person typing it gains nothing an admin did not grant."""
+    from store import NotFound
+    from store.actors import LAUNCHER, is_system
+
+    if not is_system(actor):
+        return None if store.is_admin(actor) else f"{actor!r} is not an admin account"
+    if actor != LAUNCHER or not job_id:
+        return (f"{actor!r} is one of the app's own actors; it runs only jobs the app queued (--job). "
+                "Start a job as your admin account: --as NAME")
+    try:
+        status = store.job(job_id)["status"]
+    except NotFound:
+        return f"no training job {job_id!r}"
+    return None if status == "queued" else f"training job {job_id} is {status}, not queued; nothing to run"
 
 
 def _train_job(a, store, config, job_id: str):

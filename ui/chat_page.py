@@ -147,12 +147,9 @@ class ChatPage:
         answer_id = self._answer_at(state, data.index)
         if answer_id is None:
             raise gr.Error("Only the assistant's answers can be rated.", print_exception=False)
-        current = self.store.current_rating(answer_id, user)
-        value = 1 if data.liked is True or data.liked == "Like" else -1
-        if current == value:
-            value = 0  # pressing the same thumb again clears the vote, as chat apps do
+        thumb = 1 if data.liked is True or data.liked == "Like" else -1
         try:
-            previous = self.service.rate(answer_id, user, value)
+            value, previous = self.service.press_thumb(answer_id, user, thumb)
         except ChatInputError as e:
             raise gr.Error(str(e), print_exception=False) from e
         state = dict(state)

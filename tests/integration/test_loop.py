@@ -15,6 +15,7 @@ from gradio_client import Client
 from assistant.canary import in_canary
 from servers import running_app
 from store import Store
+from store.actors import CANARY_MONITOR
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,13 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
         assert seen_progress and status["adapter_version"] == 1
         versions = root.predict(api_name="/admin_versions")
         v1 = next(v for v in versions if v["version"] == "v1")
-        assert v1["pairs"] >= 8 and v1["gate"] in ("passed", "failed") and v1["cost $"] is not None
+        assert v1["pairs"] >= 8 and v1["cost $"] is not None
+        # A tenth of the pairs is held out (2 of 12 here). On fewer than 5 the sign test cannot
+        # reach p <= 0.05 (all better gives p = 2**-n), so the gate fails on the reward margin
+        # whatever was learned, and the admin promotes with an override below.
+        row = store.adapter(1)
+        assert row["metrics_json"]["eval_pairs"] < 5 and v1["gate"] == "failed"
+        assert "reward margin" in {c["check"] for c in row["eval_json"]["checks"] if not c["passed"]}
 
         root.predict(version="v1", reason="e2e test", override=True, api_name="/admin_promote")
         after = alice.predict(message="What is the capital of France?", api_name="/chat")
@@ -102,7 +109,7 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
                 break
             time.sleep(1)
         last = store.latest_promotion("canary")
-        assert last["share"] == 0 and last["actor"] == "canary-monitor", last
+        assert last["share"] == 0 and last["actor"] == CANARY_MONITOR, last
         assert client(url, "u0").predict(message="Hi", api_name="/chat")["model"].endswith("· base")
 
         root.predict(version="v1", reason="for the restart check", override=True, api_name="/admin_promote")
