@@ -28,9 +28,17 @@ POLICIES = ("background", "normal")
 
 
 def yield_cpu_to_serving() -> str:
-    """Lower this process to the idle scheduling class; returns what was applied."""
+    """Lower this process to the idle scheduling class; returns what was applied.
+
+    Every thread it has so far (an import may have started a native pool, e.g. OpenBLAS's)
+    and, by inheritance, every thread started after."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            except (ProcessLookupError, PermissionError):
+                pass  # ended meanwhile
         return "SCHED_IDLE"
     except (AttributeError, OSError):
         try:
