@@ -188,7 +188,7 @@ def run_from_app(a) -> int:
     store.update_job(job_id, status="running", pid=os.getpid(), started_utc=utc_now(), heartbeat_utc=utc_now())
     beating = start_heartbeat(store, job_id)
     try:
-        result = _train_job(a, store, config, job_id)
+        result = _train_job(a, store, config, job_id, beating)
     except BaseException as e:  # a job left active would refuse every later start
         if store.job(job_id)["status"] in ("queued", "running"):
             store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}", finished_utc=utc_now())
@@ -225,8 +225,9 @@ def _refusal(store, actor: str, job_id: str | None) -> str | None:
     return None if status == "queued" else f"training job {job_id} is {status}, not queued; nothing to run"
 
 
-def _train_job(a, store, config, job_id: str):
-    """Pairs from the store, then the job; None when there is not enough data (job failed)."""
+def _train_job(a, store, config, job_id: str, beating):
+    """Pairs from the store, then the job; None when there is not enough data (job failed).
+    ``beating`` is the heartbeat that covers building pairs; train_adapter beats on its own."""
     from dataclasses import asdict
 
     from assistant.model_files import resolve_model
@@ -245,5 +246,6 @@ def _train_job(a, store, config, job_id: str):
         return None
     model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
     train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+    beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
                          job_id=job_id, created_by=a.actor, progress=print_progress)
