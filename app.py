@@ -196,6 +196,8 @@ def training_launcher(config: ServeConfig, train_set: list[str], store, streamin
             code = proc.wait()
             if pauser is not None:
                 pauser.stop()
+                if closers is not None and pauser.stop in closers:
+                    closers.remove(pauser.stop)  # ended: nothing to continue at exit (its pid may be reused)
             if store.job(job_id)["status"] in ("queued", "running"):
                 store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
                 recover_stale_jobs(store, config.data_dir)  # removes what it left half-written
