@@ -218,10 +218,10 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.model_files import resolve_model
     from assistant.serving import AdapterRouter, record_from_row
     from store import Store
-    from tuning.control import Controller, LoopConfig
+    from loop.control import Controller, LoopConfig
     from tuning.export import export_for_admin
     from tuning.pairs import format_summary
-    from tuning.versions import resolve_version
+    from loop.versions import resolve_version
     from ui.admin_page import AdminPage
     from ui.chat_page import ChatPage
     from ui.page import build_app
@@ -298,13 +298,13 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
 
 
 def serve(a: argparse.Namespace) -> int:
-    from tuning.control import LoopConfig
+    from loop.control import LoopConfig
 
     if a.api_keys:
         raise SystemExit("--api-keys is gone: keys are now issued per account and stored hashed. "
                          "Issue them with: python app.py keys add NAME; serve the API with --api.")
     config = serve_config(a)
-    from tuning.canary import CanaryConfig
+    from loop.canary import CanaryConfig
 
     loop = LoopConfig(retrain_min_new_feedback=a.retrain_after, retrain_every_hours=a.retrain_every_hours,
                       canary=CanaryConfig(min_votes=a.canary_min_votes))
@@ -368,7 +368,7 @@ def api_keys(a: argparse.Namespace, store) -> int:
 
 def admin_command(a: argparse.Namespace, store) -> int:
     from assistant.model_files import resolve_model
-    from tuning import commands
+    from loop import commands
 
     if a.command == "versions":
         print(commands.versions_table(store))
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "serve":
         return serve(a)
     from store import NotFound, Store, UserError
-    from tuning.control import Conflict, Refused
+    from loop.control import Conflict, Refused
 
     if a.command == "train":
         from tuning.train import run_from_app

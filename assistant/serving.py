@@ -12,11 +12,12 @@ engine defers each unload until that version's last request has finished.
 
 ``set_canary(adapter, share, key)`` serves a candidate to a sticky share of users.
 Promotions recorded by another process reach the router through
-``tuning.control.Controller.sync`` (the app's control loop).
+``loop.control.Controller.sync`` (the app's control loop).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,10 +25,20 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters import validate_adapter
-from .canary import in_canary
 from .engine import Adapter, Engine
 
 log = logging.getLogger(__name__)
+
+
+def in_canary(user_id: str, canary_key: str, share: float) -> bool:
+    """True for about ``share`` of users, decided by a hash of (canary, user): stable across
+    requests and restarts, independent between canaries, and no state to store."""
+    if share <= 0:
+        return False
+    if share >= 1:
+        return True
+    digest = hashlib.sha256(f"{canary_key}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 @dataclass(frozen=True)

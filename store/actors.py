@@ -11,7 +11,7 @@ row keeps meaning the app.
 from __future__ import annotations
 
 SYSTEM_PREFIX = "system:"
-SCHEDULER = "system:scheduler"  # scheduled retraining (tuning.control.Controller.tick)
+SCHEDULER = "system:scheduler"  # scheduled retraining (loop.control.Controller.tick)
 CANARY_MONITOR = "system:canary-monitor"  # the automatic rollback of a canary clearly worse than live
 STARTUP_CHECK = "system:startup-check"  # a live or canary folder that no longer validates at start
 LAUNCHER = "system:launcher"  # the app starting the training process of a job it queued

@@ -18,7 +18,7 @@ def live_app(store, engine, exporter=None, **launch_options):
     from assistant.chat import ChatService
     from assistant.engine import Sampling
     from test_control import FakeRouter
-    from tuning.control import Controller
+    from loop.control import Controller
     from ui.admin_page import AdminPage
     from ui.chat_page import ChatPage
     from ui.page import build_app

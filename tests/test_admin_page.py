@@ -9,7 +9,7 @@ import pytest
 from assistant.engine import Adapter
 from test_adapters import tiny  # noqa: F401  (module fixture: a tiny base model and adapter)
 from test_control import FakeRouter, _version, _vote
-from tuning.control import Controller
+from loop.control import Controller
 from ui.admin_page import BASE, AdminPage
 
 
@@ -131,7 +131,7 @@ def test_a_version_damaged_after_registration_is_refused_and_v1_keeps_serving(ti
     from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, content_hash
     from assistant.chat import ChatService
     from assistant.serving import AdapterRouter
-    from tuning.versions import resolve_version
+    from loop.versions import resolve_version
 
     check, damage = CORRUPTIONS[corruption]
     data = tmp_path / "data"

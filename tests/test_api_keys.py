@@ -69,7 +69,7 @@ def test_keys_from_the_command_line(tmp_path):
 
 def test_keys_from_the_admin_console(accounts):
     from test_control import FakeRouter
-    from tuning.control import Controller
+    from loop.control import Controller
     from ui.admin_page import AdminPage
 
     page = AdminPage(Controller(accounts, FakeRouter(), adapter_of=None, launcher=None))

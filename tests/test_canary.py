@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from assistant.canary import in_canary
-from tuning.canary import CanaryConfig, compare, wilson
+from assistant.serving import in_canary
+from loop.canary import CanaryConfig, compare, wilson
 
 
 def test_assignment_is_sticky_and_matches_the_share():

@@ -7,8 +7,8 @@ import pytest
 from assistant.adapters import InvalidAdapter
 from assistant.engine import Adapter
 from store.actors import CANARY_MONITOR, SCHEDULER, STARTUP_CHECK
-from tuning.canary import CanaryConfig
-from tuning.control import Conflict, Controller, LoopConfig, Refused
+from loop.canary import CanaryConfig
+from loop.control import Conflict, Controller, LoopConfig, Refused
 
 
 class FakeRouter:

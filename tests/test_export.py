@@ -120,7 +120,7 @@ def test_the_admin_page_never_takes_a_path_for_an_export(store):
     """The button and every admin API endpoint: no input that could name a folder."""
     import gradio as gr
 
-    from tuning.control import Controller
+    from loop.control import Controller
     from ui.admin_page import AdminPage
 
     page = AdminPage(Controller(store, None, adapter_of=None, launcher=None), exporter=lambda: [])
@@ -141,7 +141,7 @@ def test_the_export_button_refuses_an_exports_folder_that_leads_outside(store, t
 
     import gradio as gr
 
-    from tuning.control import Controller
+    from loop.control import Controller
     from ui.admin_page import AdminPage
 
     build_scenario(store)

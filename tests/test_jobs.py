@@ -10,8 +10,8 @@ import time
 import pytest
 
 from assistant.engine import Adapter
-from tuning.control import Controller
-from tuning.jobs import STALE_AFTER, job_process
+from loop.control import Controller
+from loop.jobs import STALE_AFTER, job_process
 from tuning.trainer import recover_stale_jobs
 
 
@@ -106,7 +106,7 @@ def test_the_trainer_beats_in_phases_without_steps(store, tmp_path, monkeypatch)
     from tiny import toy_pairs
     from tuning.trainer import train_adapter
 
-    monkeypatch.setattr("tuning.jobs.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("loop.jobs.HEARTBEAT_S", 0.05)
     beats = []
 
     def progress(row):  # called as the job enters its first phase, before any step

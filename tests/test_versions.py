@@ -4,7 +4,7 @@ import pytest
 
 from assistant.adapters import InvalidAdapter, adapter_name, base_model_identity, base_weight_shapes, content_hash
 from test_adapters import tiny  # noqa: F401  (module fixture: a tiny base model and adapter)
-from tuning.versions import resolve_version
+from loop.versions import resolve_version
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_symlinked_or_absolute_version_folders_are_refused_even_with_the_right_c
 
 @pytest.mark.parametrize("text", ["../../etc/passwd", "/etc/passwd", "v1/../2", "adapters/v1", "-1", "v1 ", "1e3", ""])
 def test_version_arguments_are_numbers_never_paths(text):
-    from tuning.commands import parse_version
+    from loop.commands import parse_version
 
     if text.strip() == "v1":
         assert parse_version(text) == 1

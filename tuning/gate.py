@@ -19,7 +19,7 @@ verdict with one line per check:
 - answer length: the mean generated length may not drift more than max_length_drift from
   the live version's (DPO is known to make answers longer).
 
-An admin may promote a version that failed; the Controller (``tuning.control``) records who and why.
+An admin may promote a version that failed; the Controller (``loop.control``) records who and why.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import GateConfig, GateResult, decide, measure, pair_logratios
-from .versions import version_folder
+from loop.versions import version_folder
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -123,7 +123,7 @@ def train_adapter(
         if progress is not None:
             progress(dict(last))
 
-    from .jobs import start_heartbeat
+    from loop.jobs import start_heartbeat
 
     beating = start_heartbeat(store, job_id)  # also in phases without steps (loading, the gate)
 
@@ -286,14 +286,14 @@ def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], boo
     what they left in adapters/.
 
     Run at app start and before every ``train``. A running job is failed when its pid is
-    not provably its training process (``tuning.jobs.job_process``: dead, or reused by a
+    not provably its training process (``loop.jobs.job_process``: dead, or reused by a
     process created after the job started) or when it sent no heartbeat for
-    ``tuning.jobs.STALE_AFTER``; a silent process that is provably ours is sent SIGTERM,
+    ``loop.jobs.STALE_AFTER``; a silent process that is provably ours is sent SIGTERM,
     any other process is left alone. Then removes temporary folders of jobs no longer
     running and version-named folders that no registry row claims (a process killed
     between the rename and the insert). Returns the ids of the jobs marked failed.
     """
-    from . import jobs
+    from loop import jobs
 
     failed = []
     for job in store.jobs("running"):

@@ -2,7 +2,7 @@
 
 Feedback at a glance, retraining (now or on a schedule) with live progress and cancel, the
 table and plots of every adapter version, promote / roll back / canary, export, and the
-time from feedback to live, and API keys (issue, revoke). Every handler goes through ``tuning.control.Controller``,
+time from feedback to live, and API keys (issue, revoke). Every handler goes through ``loop.control.Controller``,
 which checks on the server that the caller is an admin; the tab's visibility is only a
 convenience. The same actions are API endpoints (``/admin_*``) for scripts.
 """
@@ -20,8 +20,8 @@ import gradio as gr
 import pandas as pd
 
 from store import NotFound, UserError
-from tuning.commands import parse_version
-from tuning.control import Conflict, Controller, Refused
+from loop.commands import parse_version
+from loop.control import Conflict, Controller, Refused
 
 from .chat_page import user_of
 

@@ -132,7 +132,7 @@ def test_a_version_trained_on_noise_is_refused(tmp_path, embedded_model, on_poli
     assert not result.gate.passed and store.adapter(result.version)["gate_passed"] == 0
     assert not next(c for c in ev["checks"] if c["check"] == "reward margin")["passed"]
     from assistant.engine import Adapter
-    from tuning.control import Conflict, Controller
+    from loop.control import Conflict, Controller
 
     store.create_user("root", "root-password", is_admin=True)
     router = type("NoEngine", (), {"set_live": lambda *a: None, "set_canary": lambda *a: None})()

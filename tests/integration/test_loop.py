@@ -12,7 +12,7 @@ import time
 import pytest
 from gradio_client import Client
 
-from assistant.canary import in_canary
+from assistant.serving import in_canary
 from servers import running_app
 from store import Store
 from store.actors import CANARY_MONITOR

@@ -102,7 +102,7 @@ class Controller:
         """``retrain`` for an actor already allowed: an admin, or the schedule (``tick``)."""
         from store import JobConflict
 
-        from .config import TrainConfig
+        from tuning.config import TrainConfig
 
         try:  # the settings the job reads from its row (tuning.train), checked before it is queued
             TrainConfig().replace(**{k: v for k, v in (overrides or {}).items() if k in TrainConfig.__dataclass_fields__})
