@@ -17,6 +17,8 @@ from typing import Any
 
 import psutil
 
+from store.rows import utc_now
+
 # The trainer beats at least this often, in every phase (a timer, not only after steps),
 # so a long model load or gate evaluation never looks silent.
 HEARTBEAT_S = 60.0
@@ -69,8 +71,6 @@ def is_ours(job: dict) -> bool:
 def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Process | None) -> None:
     """Mark the job ended and raise its cancel flag (a frozen trainer that wakes up stops at
     its next step); SIGTERM ``process`` only when ``job_process`` proved it ours."""
-    from store.store import utc_now
-
     store.update_job(job["id"], status=status, error=error, cancel_requested=1, finished_utc=utc_now())
     if process is not None:
         try:
@@ -87,8 +87,6 @@ def silence(job: dict) -> str:
 
 def start_heartbeat(store: Any, job_id: str) -> threading.Event:
     """Write the job's heartbeat every HEARTBEAT_S until the returned event is set."""
-    from store.store import utc_now
-
     stop = threading.Event()
 
     def beat() -> None:

@@ -1,6 +1,7 @@
 """SQLite storage: the only package that touches the database (see store.store)."""
 
-from .store import InvalidFeedback, NotFound, Store, Turn
+from .errors import InvalidFeedback, NotFound
+from .store import Store, Turn
 from .registry import JobConflict
 from .users import UserError
 

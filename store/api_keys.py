@@ -10,6 +10,9 @@ import hashlib
 import secrets
 from typing import Any
 
+from .errors import NotFound
+from .rows import new_id, utc_now
+
 # Recognisable in logs and secret scanners; the rest is secrets.token_urlsafe(32).
 KEY_PREFIX = "ak-"
 
@@ -23,8 +26,6 @@ class ApiKeysMixin:
 
     def issue_api_key(self, user_id: str, label: str = "", created_by: str = "") -> tuple[str, str]:
         """A new key for ``user_id``: returns (its id, the key). The key is not kept."""
-        from .store import new_id, utc_now
-
         self._user(user_id)  # UserError when there is no such account
         key, key_id = KEY_PREFIX + secrets.token_urlsafe(32), new_id()
         self.db["api_keys"].insert({
@@ -34,8 +35,6 @@ class ApiKeysMixin:
         return key_id, key
 
     def revoke_api_key(self, key_id: str) -> None:
-        from .store import NotFound, utc_now
-
         if not self.db["api_keys"].count_where("id = ?", [key_id]):
             raise NotFound(f"No API key {key_id!r}.")
         with self._write() as db:  # revoking twice keeps the first time

@@ -5,8 +5,10 @@ Mixed into ``store.Store``; kept apart so each file reads in one sitting.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from .errors import NotFound
+from .rows import canonical_json, decode_json, encode_json, new_id, utc_now
 
 
 class JobConflict(RuntimeError):
@@ -15,14 +17,6 @@ class JobConflict(RuntimeError):
     def __init__(self, job: dict):
         super().__init__(f"Training job {job['id']} is still {job['status']}; wait or cancel it.")
         self.job = job
-
-
-def _loads(row: dict) -> dict:
-    """Decode the *_json columns of a row in place (keys keep their names)."""
-    for key, value in list(row.items()):
-        if key.endswith("_json") and isinstance(value, str):
-            row[key] = json.loads(value)
-    return row
 
 
 class RegistryMixin:
@@ -37,42 +31,28 @@ class RegistryMixin:
 
     def add_adapter(self, row: dict) -> int:
         """Record a validated adapter version; ``row`` has the adapters table's columns."""
-        from .store import canonical_json, utc_now
-
-        row = dict(row)
-        for key in list(row):
-            if key.endswith("_json") and not isinstance(row[key], str | type(None)):
-                row[key] = canonical_json(row[key])
+        row = encode_json(row)
         row.setdefault("created_utc", utc_now())
         self.db["adapters"].insert(row)
         return row["version"]
 
     def update_adapter(self, version: int, **changes: Any) -> None:
-        from .store import NotFound, canonical_json
-
         if not self.db["adapters"].count_where("version = ?", [version]):
             raise NotFound(f"No adapter version {version}.")
-        for key in list(changes):
-            if key.endswith("_json") and not isinstance(changes[key], str | type(None)):
-                changes[key] = canonical_json(changes[key])
-        self.db["adapters"].update(version, changes)
+        self.db["adapters"].update(version, encode_json(changes))
 
     def adapter(self, version: int) -> dict:
-        from .store import NotFound
-
         rows = list(self.db["adapters"].rows_where("version = ?", [version]))
         if not rows:
             raise NotFound(f"No adapter version {version}.")
-        return _loads(rows[0])
+        return decode_json(rows[0])
 
     def adapters(self) -> list[dict]:
-        return [_loads(r) for r in self.db["adapters"].rows_where(order_by="version")]
+        return [decode_json(r) for r in self.db["adapters"].rows_where(order_by="version")]
 
     # -- training jobs ---------------------------------------------------------------
 
     def create_job(self, created_by: str, config: dict, status: str = "queued") -> str:
-        from .store import canonical_json, new_id, utc_now
-
         job_id = new_id()
         self.db["training_jobs"].insert(
             {
@@ -99,27 +79,20 @@ class RegistryMixin:
             return self.create_job(created_by, config, status="queued")
 
     def update_job(self, job_id: str, **changes: Any) -> None:
-        from .store import NotFound, canonical_json
-
         if not self.db["training_jobs"].count_where("id = ?", [job_id]):
             raise NotFound(f"No training job {job_id!r}.")
-        for key in list(changes):
-            if key.endswith("_json") and not isinstance(changes[key], str | type(None)):
-                changes[key] = canonical_json(changes[key])
-        self.db["training_jobs"].update(job_id, changes)
+        self.db["training_jobs"].update(job_id, encode_json(changes))
 
     def job(self, job_id: str) -> dict:
-        from .store import NotFound
-
         rows = list(self.db["training_jobs"].rows_where("id = ?", [job_id]))
         if not rows:
             raise NotFound(f"No training job {job_id!r}.")
-        return _loads(rows[0])
+        return decode_json(rows[0])
 
     def jobs(self, status: str | None = None) -> list[dict]:
         where, params = ("status = ?", [status]) if status else (None, [])
         return [
-            _loads(r)
+            decode_json(r)
             for r in self.db["training_jobs"].rows_where(where, params, order_by="created_utc DESC")
         ]
 
@@ -136,8 +109,6 @@ class RegistryMixin:
         gate_override: bool = False,
     ) -> str:
         """Make ``version`` (None: the base model) live, or a canary with ``share`` of users."""
-        from .store import new_id, utc_now
-
         if version is not None:
             self.adapter(version)  # raises NotFound
         pid = new_id()

@@ -11,9 +11,6 @@ whether another's ids exist.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import os
 import sqlite3
 import threading
@@ -23,12 +20,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import sqlite_utils
-from ulid import ULID
 
 from .api_keys import ApiKeysMixin
+from .errors import InvalidFeedback, NotFound
 from .feedback import FeedbackMixin
 from .migrations import MIGRATIONS
 from .registry import RegistryMixin
+from .rows import canonical_json, hash_prompt, new_id, utc_now
 from .stats import StatsMixin
 from .users import UsersMixin
 
@@ -36,30 +34,6 @@ from .users import UsersMixin
 # enough to ride out a training job's burst of writes, short enough that a user sees an
 # error instead of a hung page.
 BUSY_TIMEOUT_S = 15.0
-
-
-class NotFound(LookupError):
-    """No such row for this user (it does not exist, or belongs to someone else)."""
-
-
-class InvalidFeedback(ValueError):
-    """Feedback that cannot be recorded (bad value, empty edit, ...)."""
-
-
-def new_id() -> str:
-    return str(ULID())
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
-
-
-def hash_prompt(messages: list[dict]) -> str:
-    return hashlib.sha256(canonical_json(messages).encode()).hexdigest()
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def owner_only(path: Path) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from .actors import LEGACY_NAMES
 from .passwords import check_password, dummy_hash, hash_password
+from .rows import utc_now
 
 # Names become ids in every table and appear on admin pages: keep them plain. No ':', so
 # no account can be one of the app's own actors (store.actors: "system:scheduler"...).
@@ -22,8 +23,6 @@ class UsersMixin:
     db: Any
 
     def create_user(self, name: str, password: str, *, is_admin: bool = False) -> None:
-        from .store import utc_now
-
         if not NAME_RE.fullmatch(name or ""):
             raise UserError("A user name is 1-64 letters, digits or . _ @ -, starting with a letter or digit.")
         if name in LEGACY_NAMES:  # the app's own actors in older rows (store.actors)
@@ -45,8 +44,6 @@ class UsersMixin:
     def set_password(self, name: str, password: str) -> None:
         if len(password or "") < MIN_PASSWORD_CHARS:
             raise UserError(f"A password needs at least {MIN_PASSWORD_CHARS} characters.")
-        from .store import utc_now
-
         self._user(name)
         self.db["users"].update(name, {"password_hash": hash_password(password), "password_changed_utc": utc_now()})
 

@@ -5,7 +5,7 @@ import pytest
 
 from store import InvalidFeedback, NotFound, Store
 from store import migrations as migrations_module
-from store.store import hash_prompt
+from store.rows import hash_prompt
 
 PROMPT = [{"role": "user", "content": "hi"}]
 

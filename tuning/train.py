@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+from store.rows import utc_now
+
 
 def _value(text: str):
     try:
@@ -179,8 +181,6 @@ def run_from_app(a) -> int:
         except JobConflict as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-    from store.store import utc_now
-
     from loop.jobs import start_heartbeat
 
     # At work from here on, pairs first (minutes on a big store): an app starting meanwhile

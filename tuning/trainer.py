@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from assistant.adapters import AdapterInfo, adapter_name, base_model_identity, base_weight_shapes, validate_adapter
+from store.rows import utc_now
 
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
@@ -42,12 +43,6 @@ class TrainResult:
     name: str | None = None
     gate: GateResult | None = None
     error: str | None = None
-
-
-def _now() -> str:
-    from store.store import utc_now
-
-    return utc_now()
 
 
 def adapters_dir(data_dir: Path) -> Path:
@@ -112,14 +107,14 @@ def train_adapter(
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
         job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
     started = time.monotonic()
-    store.update_job(job_id, status="running", started_utc=_now(), heartbeat_utc=_now(), pid=os.getpid(),
+    store.update_job(job_id, status="running", started_utc=utc_now(), heartbeat_utc=utc_now(), pid=os.getpid(),
                      config_json=job_config, error=None)
     last: dict = {}
 
     def report(row: dict) -> None:
         last.update(row)
         last["job_seconds"] = round(time.monotonic() - started, 1)
-        store.update_job(job_id, progress_json=last, heartbeat_utc=_now())
+        store.update_job(job_id, progress_json=last, heartbeat_utc=utc_now())
         if progress is not None:
             progress(dict(last))
 
@@ -192,18 +187,18 @@ def train_adapter(
             "cost_json": estimate_cost(train_seconds, config.price_per_hour, total, trainable),
         })
         report({"phase": "done", "version": version, "gate_passed": gate.passed})
-        store.update_job(job_id, status="succeeded", adapter_version=version, finished_utc=_now())
+        store.update_job(job_id, status="succeeded", adapter_version=version, finished_utc=utc_now())
         return TrainResult(job_id, "succeeded", version, name, gate)
     except (Cancelled, KeyboardInterrupt) as e:
         reason = str(e) or "interrupted (Ctrl-C)"
-        store.update_job(job_id, status="cancelled", error=reason, finished_utc=_now())
+        store.update_job(job_id, status="cancelled", error=reason, finished_utc=utc_now())
         return TrainResult(job_id, "cancelled", error=reason)
     except Exception as e:  # any failure ends the job with its reason; nothing is kept
         # Remove the half-written folder first: on a full disk that frees the space the
         # job's status update needs.
         shutil.rmtree(tmp, ignore_errors=True)
         reason = failure_reason(e, last.get("phase"))
-        store.update_job(job_id, status="failed", error=reason, finished_utc=_now())
+        store.update_job(job_id, status="failed", error=reason, finished_utc=utc_now())
         return TrainResult(job_id, "failed", error=reason)
     finally:
         beating.set()
