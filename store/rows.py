@@ -1,7 +1,7 @@
 """The forms values take in the database's rows: ids, times, JSON and the prompt hash.
 
 Every mixin of ``store.Store`` imports these at the top, and code outside the store that
-writes the same kind of value (a job's heartbeat time) imports them
+writes the same kind of value (a job's heartbeat time, a prompt's hash) imports them
 from here, so a value means the same wherever it was made. Rows written years ago hold
 these forms: ``answers.prompt_hash`` is compared across old and new rows, so changing a
 form here changes what the app does with data it already has (tests/test_rows.py pins them).
@@ -34,7 +34,9 @@ def canonical_json(value: Any) -> str:
 
 
 def hash_prompt(messages: list[dict]) -> str:
-    """``answers.prompt_hash``: sha256 of the prompt's canonical JSON."""
+    """``answers.prompt_hash``: sha256 of the prompt's canonical JSON. The one hash of a
+    prompt (or of a prompt's history): the store records it, ``tuning.grouping`` keys
+    prompts and their contexts by it."""
     return hashlib.sha256(canonical_json(messages).encode()).hexdigest()
 
 

@@ -17,12 +17,13 @@ this does not chain ("boil an egg" ~ "boil an egg long" ~ "fry an egg") and a gr
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from store.rows import hash_prompt
 
 from .embeddings import Embedder
 
@@ -41,22 +42,18 @@ def _sha(text: str) -> str:
 
 @dataclass(frozen=True)
 class Grouping:
-    group_of: dict[str, str]  # prompt key (see prompt_key) -> group id
+    group_of: dict[str, str]  # prompt hash (store.rows.hash_prompt, as answers.prompt_hash) -> group id
     groups: int
     merged_by_embedding: int  # distinct wordings that joined another wording's group
     texts_embedded: int
     embed_seconds: float
 
 
-def prompt_key(prompt: list[dict]) -> str:
-    return _sha(json.dumps(prompt, sort_keys=True, ensure_ascii=False))
-
-
 def _split(prompt: list[dict]) -> tuple[str, str]:
     """(hash of the context before the last user message, that message's text)."""
     if prompt and prompt[-1].get("role") == "user":
-        return _sha(json.dumps(prompt[:-1], sort_keys=True, ensure_ascii=False)), prompt[-1]["content"]
-    return prompt_key(prompt), ""
+        return hash_prompt(prompt[:-1]), prompt[-1]["content"]
+    return hash_prompt(prompt), ""
 
 
 def group_prompts(
@@ -67,10 +64,10 @@ def group_prompts(
     numbers_must_match: bool,
 ) -> Grouping:
     """Group prompts given oldest first (the order decides which wording leads a group)."""
-    # context hash -> normalized text -> (first original text, prompt keys)
+    # context hash -> normalized text -> (first original text, prompt hashes)
     buckets: dict[str, dict[str, tuple[str, list[str]]]] = {}
     for prompt in prompts:
-        key = prompt_key(prompt)
+        key = hash_prompt(prompt)
         context, text = _split(prompt)
         wordings = buckets.setdefault(context, {})
         wordings.setdefault(normalize(text), (text, []))[1].append(key)

@@ -33,7 +33,9 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 from .embeddings import Embedder, MiniLMEmbedder
-from .grouping import group_prompts, normalize, prompt_key
+from store.rows import hash_prompt
+
+from .grouping import group_prompts, normalize
 from .split import assign_splits
 
 SIGNALS = ("edit", "vote", "retry")  # also the precedence when duplicates collapse
@@ -127,7 +129,12 @@ class PreferenceData:
         return [u for u in self.unpaired if u.split == "eval"]
 
 
-def _hash(*parts) -> str:
+def _record_id(*parts) -> str:
+    """A pair's or unpaired example's id: a hash of its prompt and answer texts, so the same
+    record keeps its id across rebuilds. Not ``store.rows.hash_prompt``'s form (this one
+    has json.dumps' default separators and keeps 20 hex digits) because versions record
+    the ids of the pairs they trained on (``adapters.pair_ids_json``): a new form would
+    silently give every recorded pair another id. tests/test_rows.py pins it."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
@@ -148,7 +155,7 @@ def build_preferences(store, config: PairConfig = PairConfig(), embedder: Embedd
         config.numbers_must_match,
     )
     for a in answers:
-        a["group_id"] = grouping.group_of[prompt_key(a["prompt"])]
+        a["group_id"] = grouping.group_of[hash_prompt(a["prompt"])]
         # The store keeps canonical JSON (sorted keys); exports read better role-first.
         a["prompt"] = [{"role": m["role"], "content": m["content"], **m} for m in a["prompt"]]
         a["norm"] = normalize(a["content"])
@@ -322,7 +329,7 @@ def _filter_pairs(candidates: list[tuple], config: PairConfig) -> tuple[list[Pai
 
 def _pair(chosen: dict, rejected: dict, signal: str, created: str) -> Pair:
     return Pair(
-        id=_hash(chosen["prompt"], chosen["content"], rejected["content"]),
+        id=_record_id(chosen["prompt"], chosen["content"], rejected["content"]),
         prompt=chosen["prompt"],
         chosen=_assistant(chosen["content"]),
         rejected=_assistant(rejected["content"]),
@@ -361,7 +368,7 @@ def _unpaired(answers: list[dict], in_pairs: set[str], config: PairConfig) -> tu
         per_user[a["user_id"]] += 1
         out.append(
             Unpaired(
-                id=_hash(a["prompt"], a["content"], a["label"] == 1),
+                id=_record_id(a["prompt"], a["content"], a["label"] == 1),
                 prompt=a["prompt"],
                 completion=_assistant(a["content"]),
                 label=a["label"] == 1,
