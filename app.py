@@ -38,6 +38,7 @@ from pathlib import Path
 
 from assistant.config import ServeConfig
 from assistant.engine import Sampling
+from assistant.paths import DataPaths
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -373,7 +374,7 @@ def admin_command(a: argparse.Namespace, store) -> int:
     if a.command == "versions":
         print(commands.versions_table(store))
         return 0
-    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     c = commands.controller(store, a.data_dir, model_dir, ServeConfig().max_lora_rank)
     if a.command == "promote":
         c.promote(a.actor, commands.parse_version(a.version), a.reason, override=a.override)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
         export_main(["--data-dir", str(a.data_dir)] + (["--out", str(a.out)] if a.out else []))
         return 0
-    store = Store(Path(a.data_dir) / "assistant.db")
+    store = Store(DataPaths(a.data_dir).database)
     try:
         if a.command == "keys":
             return api_keys(a, store)

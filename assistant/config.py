@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .engine import Sampling
 from .limits import MAX_LORA_RANK
+from .paths import DataPaths
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,17 @@ class ServeConfig:
     models_path: Path | None = None
 
     @property
+    def paths(self) -> DataPaths:
+        return DataPaths(self.data_dir)
+
+    @property
     def db_path(self) -> Path:
-        return self.data_dir / "assistant.db"
+        return self.paths.database
 
     @property
     def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
+        return self.paths.adapters
 
     @property
     def models_dir(self) -> Path:
-        return self.models_path or self.data_dir / "models"
+        return self.models_path or self.paths.models

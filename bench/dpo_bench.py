@@ -66,6 +66,7 @@ def worker(args) -> None:
     """One measurement in this process; prints one JSON line."""
     import torch
 
+    from assistant.paths import DataPaths
     from assistant.precision import machine_format
     from store import Store
     from tuning.config import TrainConfig
@@ -77,7 +78,7 @@ def worker(args) -> None:
     eval_pairs = [json.loads(x) for x in open(args.eval_file)]
     if args.worker == "full":
         data = Path(tempfile.mkdtemp(prefix="bench-data-"))
-        store = Store(data / "assistant.db")
+        store = Store(DataPaths(data).database)
         t = time.monotonic()
         r = train_adapter(pairs, eval_pairs, store=store, data_dir=data, base_model_dir=Path(args.model_dir),
                           config=TrainConfig(dtype=args.dtype), gate_config=GateConfig(max_length_drift=0.75), created_by="bench")

@@ -76,7 +76,8 @@ def register_random_adapter(store, data_dir: Path, model_dir: Path, max_rank: in
 
     from assistant.adapters import base_weight_shapes, validate_adapter
     from tuning.config import TrainConfig
-    from tuning.trainer import TMP_PREFIX, adapters_dir, load_for_training, register_version
+    from assistant.paths import DataPaths
+    from tuning.trainer import TMP_PREFIX, load_for_training, register_version
 
     config = TrainConfig(seed=seed)
     model, _ = load_for_training(model_dir, config, store, data_dir)
@@ -85,7 +86,7 @@ def register_random_adapter(store, data_dir: Path, model_dir: Path, max_rank: in
         for name, param in model.named_parameters():
             if "lora_B" in name:  # peft starts B at zero: the adapter would add nothing
                 param.copy_(torch.randn(param.shape, generator=gen) * b_std)
-    root = adapters_dir(data_dir)
+    root = DataPaths(data_dir).adapters
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}load-test-", dir=root))
     try:
@@ -327,11 +328,12 @@ def main() -> int:
     from assistant.config import ServeConfig
     from assistant.model_files import prepare_embedded_model
     from servers import running_app
+    from assistant.paths import DataPaths
     from store import Store
 
     model = prepare_embedded_model(a.models_dir)
     data = a.data_dir or Path(tempfile.mkdtemp(prefix="load-test-"))
-    store = Store(data / "assistant.db")
+    store = Store(DataPaths(data).database)
     names = [f"load{i:02d}" for i in range(a.users)]
     for name in names:
         store.create_user(name, password(name))
@@ -377,7 +379,7 @@ def main() -> int:
         load_after = os.getloadavg()
         for c in clients + [admin]:
             c.close()
-    db = check_database(data / "assistant.db", chats, ratings)
+    db = check_database(DataPaths(data).database, chats, ratings)
     if a.data_dir is None:
         shutil.rmtree(data, ignore_errors=True)
     else:

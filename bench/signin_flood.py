@@ -47,12 +47,13 @@ def serve(port: int, mode: str, data: Path) -> None:
     """The server process: the chat page over the fake engine, launched as ``mode`` says."""
     from assistant.chat import ChatService
     from assistant.engine import Sampling
+    from assistant.paths import DataPaths
     from fakes import FakeEngine
     from store import Store
     from ui.chat_page import ChatPage
     from ui.page import build_app
 
-    store = Store(data / "assistant.db")
+    store = Store(DataPaths(data).database)
     demo = build_app(ChatPage(ChatService(store=store, engine=FakeEngine(), sampling=Sampling(max_new_tokens=16))))
     if mode == "before":  # what app.py did before issue 13
         demo.queue(default_concurrency_limit=32).launch(
@@ -76,11 +77,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(mode: str, clients: int, rate: float, seconds: float) -> dict:
+    from assistant.paths import DataPaths
     from servers import free_port, wait_http
     from store import Store
 
     data = Path(tempfile.mkdtemp(prefix="signin-flood-"))
-    store = Store(data / "assistant.db")
+    store = Store(DataPaths(data).database)
     store.create_user("user", "user-password")
     for n in range(50):
         store.create_user(f"target{n}", f"target-password-{n}")

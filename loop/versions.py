@@ -12,18 +12,7 @@ from typing import Any
 
 from assistant.adapters import InvalidAdapter, check_name, validate_adapter
 from assistant.engine import Adapter
-
-
-def adapters_root(data_dir: Path) -> Path:
-    return (Path(data_dir) / "adapters").resolve()
-
-
-def version_folder(data_dir: Path, row: dict) -> Path:
-    root = adapters_root(data_dir)
-    folder = (Path(data_dir) / row["path"]).resolve()
-    if folder.parent != root:
-        raise InvalidAdapter("path", f"version {row['version']} points outside {root}")
-    return folder
+from assistant.paths import DataPaths
 
 
 def resolve_version(
@@ -40,6 +29,6 @@ def resolve_version(
     check_name(row["name"])
     if row["base_model"] != base_model:
         raise InvalidAdapter("base model", f"v{version} was trained on {row['base_model']}, this server runs {base_model}")
-    folder = version_folder(data_dir, row)
+    folder = DataPaths(data_dir).version_folder(row)
     validate_adapter(folder, base_shapes=base_shapes, max_rank=max_rank, expected_hash=row["content_hash"])
     return Adapter(row["name"], str(folder), version)

@@ -82,3 +82,13 @@ def test_the_cli_refuses_a_path_as_a_version_and_a_tampered_folder(store, regist
     assert app.main(args[:3] + ["v1"] + args[3:]) == app.EXIT_REFUSED
     assert "adapter refused (weights)" in capsys.readouterr().err
     assert store.promotions() == [] and store.live_version() is None
+
+
+def test_the_data_folder_keeps_the_layout_existing_installs_have(tmp_path):
+    from assistant.config import ServeConfig
+    from assistant.paths import DataPaths
+
+    paths = DataPaths(str(tmp_path))
+    assert (paths.database, paths.adapters, paths.models) == (tmp_path / "assistant.db", tmp_path / "adapters", tmp_path / "models")
+    config = ServeConfig(data_dir=tmp_path)
+    assert (config.db_path, config.adapters_dir, config.models_dir) == (paths.database, paths.adapters, paths.models)

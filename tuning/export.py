@@ -26,6 +26,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from assistant.paths import DataPaths
+
 from .embeddings import Embedder
 from .pairs import PairConfig, PreferenceData, build_preferences, format_summary
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Pat
 
     datasets.disable_progress_bars()  # the summary is the output; bars would bury it
 
-    db = a.data_dir / "assistant.db"
+    db = DataPaths(a.data_dir).database
     if not db.exists():
         p.error(f"no database at {db}")
     if a.out is not None and a.out.exists() and any(a.out.iterdir()):

@@ -22,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from assistant.paths import DataPaths
 from store.rows import utc_now
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import TrainConfig
     from .trainer import recover_stale_jobs, train_adapter
 
-    store = Store(a.data_dir / "assistant.db")
+    store = Store(DataPaths(a.data_dir).database)
     for job_id in recover_stale_jobs(store, a.data_dir):
         print(f"job {job_id}: marked failed (its process died)", flush=True)
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     pairs, eval_pairs = read_pairs(a.pairs), read_pairs(a.eval_pairs)
     # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -157,7 +158,7 @@ def run_from_app(a) -> int:
 
     from .config import TrainConfig
 
-    store = Store(a.data_dir / "assistant.db")
+    store = Store(DataPaths(a.data_dir).database)
     refusal = _refusal(store, a.actor, a.job)
     if refusal:  # before torch is imported: a refusal takes a moment, not seconds
         print(f"error: {refusal}", file=sys.stderr)
@@ -244,7 +245,7 @@ def _train_job(a, store, config, job_id: str, beating):
         store.update_job(job_id, status="failed", error=reason)
         print(f"error: {reason}", file=sys.stderr)
         return None
-    model_dir = resolve_model(a.model, a.models_dir or a.data_dir / "models")
+    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
     beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from assistant.adapters import AdapterInfo, adapter_name, base_model_identity, base_weight_shapes, validate_adapter
+from assistant.paths import DataPaths
 from store.rows import utc_now
 
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import GateConfig, GateResult, decide, measure, pair_logratios
-from loop.versions import version_folder
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -45,10 +45,6 @@ class TrainResult:
     error: str | None = None
 
 
-def adapters_dir(data_dir: Path) -> Path:
-    return Path(data_dir) / "adapters"
-
-
 def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, data_dir: Path):
     """(peft model with a trainable adapter named 'default', tokenizer)."""
     import torch
@@ -61,7 +57,7 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
     if config.continue_from is not None:
         parent = store.adapter(config.continue_from)
-        folder = version_folder(data_dir, parent)  # never outside <data_dir>/adapters/
+        folder = DataPaths(data_dir).version_folder(parent)  # never outside <data_dir>/adapters/
         validate_adapter(folder, base_shapes=base_weight_shapes(base_model_dir), max_rank=config.max_rank,
                          expected_hash=parent["content_hash"])
         model = PeftModel.from_pretrained(base, folder, is_trainable=True)
@@ -125,7 +121,7 @@ def train_adapter(
     def should_stop() -> bool:
         return bool((cancel is not None and cancel.is_set()) or store.job(job_id).get("cancel_requested"))
 
-    root = adapters_dir(data_dir)
+    root = DataPaths(data_dir).adapters
     root.mkdir(parents=True, exist_ok=True)
     # Same file system as the final folder, so the move into place is one atomic rename;
     # the dot keeps it out of any listing of versions.
@@ -214,7 +210,7 @@ def register_version(store: Any, data_dir: Path, folder: Path, info: AdapterInfo
     data_dir = Path(data_dir)
     version = store.next_adapter_version()
     name = adapter_name(version, info.content_hash)
-    final = adapters_dir(data_dir) / name
+    final = DataPaths(data_dir).adapters / name
     os.replace(folder, final)
     try:
         store.add_adapter({
@@ -252,7 +248,7 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
         live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=True, **kw)
     else:
         row = store.adapter(live_version)
-        folder = version_folder(data_dir, row)
+        folder = DataPaths(data_dir).version_folder(row)
         validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
         model.load_adapter(folder, adapter_name="live")
         model.set_adapter("live")
@@ -304,7 +300,7 @@ def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], boo
                    f"the pid now belongs to another process; last heartbeat {job.get('heartbeat_utc')})")
         jobs.end_job(store, job, "failed", why + "; nothing was registered", process)
         failed.append(job["id"])
-    root = adapters_dir(data_dir)
+    root = DataPaths(data_dir).adapters
     if root.is_dir():
         running = {j["id"] for j in store.jobs("running")}
         registered = {a["name"] for a in store.adapters()}
