@@ -55,14 +55,11 @@ class FeedbackMixin:
             votes.setdefault(answer_id, []).append(
                 {"user_id": user_id, "value": value, "created_utc": created}
             )
-        cursor = self.db.execute(_ANSWERS)
-        columns = [d[0] for d in cursor.description]
         answers: list[dict] = []
         newest: dict[str, dict] = {}
         opted_out = {"conversations": set(), "answers": 0, "votes": 0}
         withdrawn = {"answers": 0, "votes": 0}
-        for values in cursor:
-            row = dict(zip(columns, values))
+        for row in self.db.query(_ANSWERS):
             row_votes = votes.get(row["id"], [])
             if row.pop("exclude_from_training"):
                 opted_out["conversations"].add(row["conversation_id"])

@@ -17,42 +17,37 @@ _VOTES = """
 class StatsMixin:
     db: Any
 
-    def _all(self, sql: str, params: list | None = None) -> list[dict]:
-        cur = self.db.execute(sql, params or [])
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, row)) for row in cur.fetchall()]
-
     def ratings_per_day(self, days: int = 30) -> list[dict]:
         """[{day, up, down}] for the last ``days`` days that had votes, oldest first."""
-        return self._all(
+        return list(self.db.query(
             f"""SELECT substr(created_utc, 1, 10) AS day,
                        SUM(value = 1) AS up, SUM(value = -1) AS down
                 FROM ({_VOTES}) GROUP BY day ORDER BY day DESC LIMIT ?""",
             [days],
-        )[::-1]
+        ))[::-1]
 
     def thumbs_up_by_version(self, since_utc: str | None = None) -> list[dict]:
         """[{version, up, down, rate}] per adapter version (None: base), votes since a time."""
         where, params = ("WHERE created_utc >= ?", [since_utc]) if since_utc else ("", [])
-        rows = self._all(
+        rows = list(self.db.query(
             f"""SELECT version, SUM(value = 1) AS up, SUM(value = -1) AS down
                 FROM ({_VOTES}) {where} GROUP BY version ORDER BY version""",
             params,
-        )
+        ))
         for r in rows:
             total = r["up"] + r["down"]
             r["rate"] = r["up"] / total if total else None
         return rows
 
     def latest_downvotes(self, limit: int = 20) -> list[dict]:
-        return self._all(
+        return list(self.db.query(
             """SELECT r.created_utc, r.user_id, r.comment, a.adapter_version AS version,
                       m.content AS prompt, a.content AS answer, a.id AS answer_id
                FROM current_ratings r
                JOIN answers a ON a.id = r.answer_id JOIN messages m ON m.id = a.message_id
                WHERE r.value = -1 ORDER BY r.created_utc DESC LIMIT ?""",
             [limit],
-        )
+        ))
 
     def feedback_count_since(self, since_utc: str | None) -> int:
         """Feedback training would read, newer than a time: what scheduled retraining counts.
