@@ -217,7 +217,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.adapters import base_model_identity, base_weight_shapes
     from assistant.chat import ChatService
     from assistant.model_files import resolve_model
-    from assistant.serving import AdapterRouter, record_from_row
+    from assistant.serving import AdapterRouter
     from store import Store
     from loop.control import Controller, LoopConfig
     from tuning.export import export_for_admin
@@ -246,10 +246,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         engine = HFEngine(model_path, config.context_tokens, dtype=fmt.torch_dtype())
     closers.append(engine.close)
     shapes, base = base_weight_shapes(model_path), base_model_identity(model_path)
-    router = AdapterRouter(
-        engine, lambda version: record_from_row(store.adapter(version), config.data_dir),
-        base_shapes=shapes, max_rank=config.max_lora_rank,
-    )
+    router = AdapterRouter(engine)
 
     def adapter_of(version: int):
         return resolve_version(store, config.data_dir, version, base_shapes=shapes, base_model=base,

@@ -1,18 +1,22 @@
-"""Which adapter version answers: the live-version pointer, promotion and rollback.
+"""Which adapter answers whom: the live-version pointer and the canary.
 
-``AdapterRouter.adapter_for(user)`` returns the live ``Adapter`` (None: the base model).
-``ChatService`` calls it once at the start of a request and passes that adapter to the
-engine, so a request that started on version N finishes on N whatever happens meanwhile.
+``AdapterRouter.adapter_for(user)`` returns the adapter that answers ``user`` now (None: the
+base model): the canary for its share of users (``in_canary``), else the live version.
+``ChatService`` and the OpenAI-compatible API call it once at the start of a request and
+pass that adapter to the engine, so a request that started on version N finishes on N
+whatever happens meanwhile.
 
-``promote(version)`` validates and loads the version if the engine does not hold it yet,
-then moves the pointer in one assignment: every request that starts after the call
-returns gets the new version, and none waits for the load. The previous live version
-stays loaded (a rollback is one pointer move, no load); older ones are unloaded, and the
-engine defers each unload until that version's last request has finished.
-
-``set_canary(adapter, share, key)`` serves a candidate to a sticky share of users.
-Promotions recorded by another process reach the router through
-``loop.control.Controller.sync`` (the app's control loop).
+The router validates and records nothing. Its one caller that changes it is
+``loop.control.Controller``: ``promote`` and ``rollback`` (from the admin page, or recorded
+by ``app.py promote|rollback`` and applied by ``Controller.sync``) validate the version with
+``loop.versions.resolve_version``, record the promotion in the store, then call
+``set_live``; ``start_canary``/``stop_canary`` call ``set_canary``; ``restore`` calls both at
+start. ``set_live(adapter)`` loads the adapter if the engine does not hold it yet, then
+moves the pointer in one assignment: every request that starts after the call returns gets
+the new version, and none waits for the load. The previous live version stays loaded (a
+rollback is one pointer move, no load); older ones are unloaded, which ``VLLMEngine``
+defers until that version's last streaming request has ended. A running canary's adapter
+stays loaded whatever the live version does.
 """
 
 from __future__ import annotations
@@ -20,11 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
-from .adapters import validate_adapter
 from .engine import Adapter, Engine
 
 log = logging.getLogger(__name__)
@@ -41,35 +41,9 @@ def in_canary(user_id: str, canary_key: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
-@dataclass(frozen=True)
-class AdapterRecord:
-    """What the registry knows of a version: where it is and what its content must hash to."""
-
-    adapter: Adapter
-    content_hash: str
-
-
-def record_from_row(row: dict, data_dir: Path) -> AdapterRecord:
-    """An ``adapters`` table row (store.Store.adapter) -> AdapterRecord; paths are data-dir relative."""
-    path = Path(row["path"])
-    path = path if path.is_absolute() else Path(data_dir) / path
-    return AdapterRecord(Adapter(row["name"], str(path.resolve()), row["version"]), row["content_hash"])
-
-
 class AdapterRouter:
-    def __init__(
-        self,
-        engine: Engine,
-        lookup: Callable[[int], AdapterRecord],
-        *,
-        base_shapes: dict[str, tuple[int, ...]],
-        max_rank: int,
-        keep: int = 2,  # live + previous: a rollback needs no load
-    ):
+    def __init__(self, engine: Engine, *, keep: int = 2):  # keep live + previous: a rollback needs no load
         self.engine = engine
-        self.lookup = lookup
-        self.base_shapes = base_shapes
-        self.max_rank = max_rank
         self.keep = keep
         self._live: Adapter | None = None
         self._recent: list[Adapter | None] = [None]  # newest first; None is the base model
@@ -87,34 +61,7 @@ class AdapterRouter:
             return canary
         return self._live
 
-    @property
-    def live(self) -> Adapter | None:
-        return self._live
-
-    @property
-    def canary(self) -> tuple[Adapter | None, float, str]:
-        return self._canary
-
-    def loaded_versions(self) -> list[int]:
-        held = set(self._recent) | {self._canary[0]}
-        return sorted(a.version for a in held if a is not None)
-
-    # -- promotion -----------------------------------------------------------------
-
-    def promote(self, version: int | None) -> Adapter | None:
-        """Make ``version`` (None: the base model) live; returns the adapter now serving."""
-        adapter = None
-        if version is not None:
-            record = self.lookup(version)
-            adapter = record.adapter
-            if adapter not in self._recent and adapter != self._canary[0]:
-                # Check the folder is what the registry recorded before any engine sees it.
-                validate_adapter(
-                    Path(adapter.path), base_shapes=self.base_shapes, max_rank=self.max_rank,
-                    expected_hash=record.content_hash,
-                )
-        self.set_live(adapter)
-        return adapter
+    # -- changing (loop.control.Controller only) ----------------------------------
 
     def _ensure_loaded(self, adapter: Adapter | None) -> None:
         if adapter is not None and adapter not in self._recent and adapter != self._canary[0]:
@@ -129,7 +76,7 @@ class AdapterRouter:
             self._recent = [adapter] + [a for a in self._recent if a != adapter]
             for old in self._recent[self.keep:]:
                 if old is not None and old != self._canary[0]:
-                    self.engine.unload_adapter(old.name)  # deferred until its requests finish
+                    self.engine.unload_adapter(old.name)  # VLLMEngine: once its last request ends
             self._recent = self._recent[: self.keep]
             log.info("live version is now %s", "base" if adapter is None else adapter.name)
 
@@ -145,6 +92,3 @@ class AdapterRouter:
             if old is not None and old != adapter and old not in self._recent:
                 self.engine.unload_adapter(old.name)
             log.info("canary is now %s", "off" if adapter is None else f"{adapter.name} for {share:.0%}")
-
-    def close(self) -> None:
-        pass

@@ -6,8 +6,9 @@
 Prints one table, all figures from the same run (the machine is shared: compare ratios
 within a run, not figures across runs). Throughput is completion tokens / wall time of
 N chats sent at once; time to first token is the median of single requests; swap latency
-is from ``AdapterRouter.promote(new version)`` (validate + load + pointer flip) to the
-first token of a request answered by the new version. Not a test: nothing is asserted.
+is from ``Controller.promote(new version)``, the path an admin's promotion takes (validate,
+record in the store, load, pointer flip), to the first token of a request answered by the
+new version. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.adapters import base_weight_shapes, content_hash  # noqa: E402
+from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, content_hash  # noqa: E402
 from assistant.base_adapter import base_adapter, write_lora  # noqa: E402
 from assistant.engine import Adapter, Sampling  # noqa: E402
-from assistant.serving import AdapterRecord, AdapterRouter  # noqa: E402
+from assistant.serving import AdapterRouter  # noqa: E402
+from loop.control import Controller  # noqa: E402
+from loop.versions import resolve_version  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -43,12 +46,15 @@ RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all-linear, as DPO trains
 
 
-def make_versions(model: Path, root: Path, n: int) -> dict[int, AdapterRecord]:
+def make_versions(model: Path, data: Path, store, n: int) -> dict[int, Adapter]:
+    """n versions registered in ``store`` as training registers them, in ``data``/adapters."""
     out = {}
     for v in range(1, n + 1):
-        folder = write_lora(root / f"v{v}", model, rank=RANK, targets=TARGETS, b_scale=0.02, seed=v)
+        folder = write_lora(data / "adapters" / f"v{v}", model, rank=RANK, targets=TARGETS, b_scale=0.02, seed=v)
         digest = content_hash(folder)
-        out[v] = AdapterRecord(Adapter(f"v{v}-{digest[:12]}", str(folder), v), digest)
+        store.add_adapter({"version": v, "name": adapter_name(v, digest), "content_hash": digest,
+                           "base_model": base_model_identity(model), "path": f"adapters/v{v}", "gate_passed": 1})
+        out[v] = Adapter(adapter_name(v, digest), str(folder.resolve()), v)
     return out
 
 
@@ -77,13 +83,13 @@ def ttft_ms(engine, sampling: Sampling, adapter, n: int = 5) -> float:
     return statistics.median(chat(engine, PROMPTS[i % 8], short, adapter)[0] for i in range(n)) * 1000
 
 
-def swap_ms(router: AdapterRouter, engine, versions: list[int]) -> list[float]:
+def swap_ms(control: Controller, router: AdapterRouter, engine, versions: list[int]) -> list[float]:
     """promote(v) -> first token answered by v, for each new version in turn."""
     short = Sampling(temperature=0.0, max_new_tokens=4)
     out = []
     for v in versions:
         start = time.perf_counter()
-        router.promote(v)
+        control.promote("bench", v)
         adapter = router.adapter_for("bench")
         assert adapter.version == v
         asked = time.perf_counter()
@@ -92,7 +98,7 @@ def swap_ms(router: AdapterRouter, engine, versions: list[int]) -> list[float]:
     return out
 
 
-def measure(name, engine, chats, sampling, adapter, router=None, swap_versions=()):
+def measure(name, engine, chats, sampling, adapter, control=None, router=None, swap_versions=()):
     row = {"engine": name}
     throughput(engine, chats, Sampling(temperature=0.0, max_new_tokens=8), adapter)  # warm-up: first batches allocate
     row["tok/s base"] = throughput(engine, chats, sampling, None)
@@ -100,8 +106,8 @@ def measure(name, engine, chats, sampling, adapter, router=None, swap_versions=(
     row["tok/s 1 chat"] = throughput(engine, 1, sampling, None)
     row["TTFT base ms"] = ttft_ms(engine, sampling, None)
     row["TTFT adapter ms"] = ttft_ms(engine, sampling, adapter)
-    if router is not None and swap_versions:
-        swaps = swap_ms(router, engine, swap_versions)
+    if control is not None and swap_versions:
+        swaps = swap_ms(control, router, engine, swap_versions)
         row["swap ms (median)"] = statistics.median(swaps)
         row["swap ms (max)"] = max(swaps)
     return row
@@ -123,13 +129,16 @@ def main() -> None:
     from assistant.precision import choose_format
     from assistant.vllm_engine import VLLMEngine
     from assistant.vllm_server import VLLMServer, VLLMServerConfig
+    from store import Store
 
     fmt = choose_format(a.dtype)
     print(fmt.describe())
     model = prepare_embedded_model(a.models_dir)
     sampling = Sampling(temperature=0.0, max_new_tokens=a.new_tokens)
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
-    versions = make_versions(model, work, 1 + a.swaps)
+    store = Store(work / "assistant.db")
+    store.create_user("bench", "bench-password", is_admin=True)
+    versions = make_versions(model, work, store, 1 + a.swaps)
     rows = []
 
     server = VLLMServer(VLLMServerConfig(
@@ -145,10 +154,14 @@ def main() -> None:
                             base=None if server.fixed_lora_ops else base_adapter(model, work, RANK),
                             served_name=model.name)
         print(f"vLLM base requests: {'no adapter (our LoRA ops)' if engine.plain_base else 'zero adapter'}")
-        router = AdapterRouter(engine, versions.__getitem__, base_shapes=base_weight_shapes(model), max_rank=RANK)
-        router.promote(1)
-        row = measure(f"vLLM ({fmt.dtype})", engine, a.chats, sampling, versions[1].adapter,
-                      router, list(range(2, 2 + a.swaps)))
+        router = AdapterRouter(engine)
+        shapes, identity = base_weight_shapes(model), base_model_identity(model)
+        control = Controller(store, router, lambda v: resolve_version(store, work, v, base_shapes=shapes,
+                                                                      base_model=identity, max_rank=RANK),
+                             launcher=lambda job: None)
+        control.promote("bench", 1)
+        row = measure(f"vLLM ({fmt.dtype})", engine, a.chats, sampling, versions[1],
+                      control, router, list(range(2, 2 + a.swaps)))
         if engine.plain_base:  # what the base costs where the app must use the zero adapter
             zero = base_adapter(model, work, RANK)
             engine.load_adapter(zero)
@@ -162,8 +175,8 @@ def main() -> None:
         from assistant.hf_engine import HFEngine
 
         hf = HFEngine(model, 2048, dtype=fmt.torch_dtype())
-        hf.load_adapter(versions[1].adapter)
-        rows.append(measure(f"transformers ({fmt.dtype})", hf, a.chats, sampling, versions[1].adapter))
+        hf.load_adapter(versions[1])
+        rows.append(measure(f"transformers ({fmt.dtype})", hf, a.chats, sampling, versions[1]))
 
     print(f"\n{a.chats} concurrent chats x {a.new_tokens} new tokens, greedy, {model.name}, "
           f"adapter rank {RANK} all-linear; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "

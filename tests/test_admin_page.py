@@ -143,7 +143,7 @@ def test_a_version_damaged_after_registration_is_refused_and_v1_keeps_serving(ti
         store.add_adapter({"version": v, "name": adapter_name(v, digest), "content_hash": digest, "base_model": base,
                            "path": f"adapters/v{v}", "gate_passed": 1})
     store.create_user("root", "root-password", is_admin=True)
-    router = AdapterRouter(engine, lambda v: None, base_shapes=shapes, max_rank=16)
+    router = AdapterRouter(engine)
     c = Controller(store, router, lambda v: resolve_version(store, data, v, base_shapes=shapes, base_model=base, max_rank=16),
                    launcher=lambda job: None)
     page = AdminPage(c)
@@ -155,8 +155,10 @@ def test_a_version_damaged_after_registration_is_refused_and_v1_keeps_serving(ti
                     lambda: page.canary("v2", 10, req("root"))):
         with pytest.raises(gr.Error, match=rf"adapter refused \({check}\)"):
             attempt()
-    assert router.live.version == 1 and store.live_version() == 1 and len(store.promotions()) == 1
-    assert router.canary == (None, 0.0, "") and set(engine.loaded) == {router.live.name}
+    live = router.adapter_for("alice")
+    assert live.version == 1 and store.live_version() == 1 and len(store.promotions()) == 1
+    # No canary started: every user gets v1, the only adapter the engine holds.
+    assert {router.adapter_for(f"user{i}") for i in range(100)} == {live} and set(engine.loaded) == {live.name}
     service = ChatService(store=store, engine=engine, adapter_for=router.adapter_for)
     final = list(service.send(service.new_conversation("alice"), "alice", "still there?"))[-1]
     assert final.answer_id and final.model_label.startswith("fake-model · v1 ")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from store.store import utc_now
+from store.rows import utc_now
 
 # A week: people sign in once a working week; a stolen cookie works for at most that long.
 SESSION_MAX_AGE_S = 7 * 86400

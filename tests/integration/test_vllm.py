@@ -15,10 +15,12 @@ import httpx
 import pytest
 import torch
 
-from assistant.adapters import base_weight_shapes, content_hash
+from assistant.adapters import adapter_name, base_model_identity, base_weight_shapes, content_hash
 from assistant.base_adapter import base_adapter, write_lora
 from assistant.engine import Adapter, EngineError, Sampling
-from assistant.serving import AdapterRecord, AdapterRouter
+from assistant.serving import AdapterRouter
+from loop.control import Controller
+from loop.versions import resolve_version
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -33,16 +35,29 @@ def ask(engine, prompt, adapter=None, sampling=GREEDY):
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory, embedded_model):
-    """Three versions that answer visibly differently (random B of noticeable scale)."""
-    root = tmp_path_factory.mktemp("adapters")
+def registry(tmp_path_factory, embedded_model):
+    """Three versions that answer visibly differently (random B of noticeable scale),
+    registered as training registers them: (data folder, store, {version: Adapter})."""
+    from store import Store
+
+    data = tmp_path_factory.mktemp("data")
+    store = Store(data / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    base = base_model_identity(embedded_model)
     out = {}
     for v in (1, 2, 3):
-        folder = write_lora(root / f"v{v}", embedded_model, rank=8,
+        folder = write_lora(data / "adapters" / f"v{v}", embedded_model, rank=8,
                             targets=("q_proj", "v_proj", "o_proj", "down_proj"), b_scale=0.08, seed=v)
         digest = content_hash(folder)
-        out[v] = AdapterRecord(Adapter(f"v{v}-{digest[:12]}", str(folder), v), digest)
-    return out
+        store.add_adapter({"version": v, "name": adapter_name(v, digest), "content_hash": digest, "base_model": base,
+                           "path": f"adapters/v{v}", "gate_passed": 1})
+        out[v] = Adapter(adapter_name(v, digest), str(folder.resolve()), v)
+    return data, store, out
+
+
+@pytest.fixture(scope="module")
+def versions(registry):
+    return registry[2]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +85,18 @@ def vllm(tmp_path_factory, embedded_model):
 
 
 @pytest.fixture(scope="module")
-def router(vllm, versions, embedded_model):
-    return AdapterRouter(vllm, versions.__getitem__, base_shapes=base_weight_shapes(embedded_model), max_rank=RANK)
+def router(vllm):
+    return AdapterRouter(vllm)
+
+
+@pytest.fixture(scope="module")
+def control(registry, router, embedded_model):
+    """Promotions as the app makes them (app.build): validated, recorded, then served."""
+    data, store, _ = registry
+    shapes, base = base_weight_shapes(embedded_model), base_model_identity(embedded_model)
+    return Controller(store, router, lambda v: resolve_version(store, data, v, base_shapes=shapes, base_model=base,
+                                                               max_rank=RANK),
+                      launcher=lambda job: None)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +107,8 @@ def alone(vllm, versions, router):
     adapter in a mixed batch.
     """
     for v in (1, 2, 3):
-        vllm.load_adapter(versions[v].adapter)
-    models = {None: None, **{v: versions[v].adapter for v in (1, 2, 3)}}
+        vllm.load_adapter(versions[v])
+    models = {None: None, **{v: versions[v] for v in (1, 2, 3)}}
     return {(m, p): ask(vllm, p, a) for m, a in models.items() for p in PROMPTS}
 
 
@@ -98,9 +123,9 @@ def test_greedy_answers_match_transformers_peft(alone, versions, embedded_model)
 
     hf = HFEngine(embedded_model, 1024, dtype=torch.float32)
     for v in (1, 2):
-        hf.load_adapter(versions[v].adapter)
+        hf.load_adapter(versions[v])
     for m in (None, 1, 2):
-        adapter = versions[m].adapter if m else None
+        adapter = versions[m] if m else None
         for p in PROMPTS[:2]:
             assert ask(hf, p, adapter) == alone[(m, p)], (m, p)
 
@@ -116,7 +141,7 @@ def test_mixed_batch_of_base_and_three_adapters_answers_each_as_alone(vllm, vers
     """Base requests carry no adapter at all. vLLM's own CPU ops answer some of them from
     another adapter (upstream #48421; shown at the op level in tests/test_vllm_lora_ops.py);
     the app's plugin (assistant/vllm_lora_ops.py) gives those tokens no LoRA."""
-    adapters = {None: None, **{v: versions[v].adapter for v in (1, 2, 3)}}
+    adapters = {None: None, **{v: versions[v] for v in (1, 2, 3)}}
     results = _mixed_batch(vllm, adapters)
     wrong = [(j, a) for j, a in results if a != alone[j]]
     assert not wrong, f"{len(wrong)} of {len(results)} answers came from the wrong model: {wrong[:3]}"
@@ -129,7 +154,7 @@ def test_the_zero_adapter_for_servers_without_our_ops_answers_as_the_base_model(
     zero = base_adapter(embedded_model, tmp_path_factory.mktemp("zero"), RANK)
     vllm.load_adapter(zero)
     try:
-        results = _mixed_batch(vllm, {None: zero, 2: versions[2].adapter, 3: versions[3].adapter}, rounds=1)
+        results = _mixed_batch(vllm, {None: zero, 2: versions[2], 3: versions[3]}, rounds=1)
     finally:
         vllm.unload_adapter(zero.name)
     wrong = [(j, a) for j, a in results if a != alone[j]]
@@ -142,8 +167,8 @@ def _wait_for(condition, timeout_s=180):
         time.sleep(0.2)
 
 
-def test_swap_under_concurrent_requests_fails_none_and_mixes_no_versions(vllm, router, versions, alone):
-    router.promote(1)
+def test_swap_under_concurrent_requests_fails_none_and_mixes_no_versions(vllm, router, control, versions, alone):
+    control.promote("root", 1)
     stop = threading.Event()
     results, failures = [], []
 
@@ -164,7 +189,7 @@ def test_swap_under_concurrent_requests_fails_none_and_mixes_no_versions(vllm, r
         t.start()
     _wait_for(lambda: len(results) >= 6)
     swapped_at = time.monotonic()
-    router.promote(2)
+    control.promote("root", 2)
     _wait_for(lambda: sum(r[3] > swapped_at for r in results) >= 6)
     stop.set()
     for t in threads:
@@ -178,16 +203,16 @@ def test_swap_under_concurrent_requests_fails_none_and_mixes_no_versions(vllm, r
     assert not wrong, f"{len(wrong)} of {len(results)} answers not from their version: {wrong[:2]}"
 
 
-def test_older_versions_are_unloaded_and_rollback_needs_no_load(vllm, router, versions):
-    router.promote(1)
-    router.promote(2)
-    router.promote(3)  # v1 is neither live nor previous now
+def test_older_versions_are_unloaded_and_rollback_needs_no_load(vllm, router, control, versions):
+    control.promote("root", 1)
+    control.promote("root", 2)
+    control.promote("root", 3)  # v1 is neither live nor previous now
     served = {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}
-    assert versions[1].adapter.name not in served
-    assert {versions[2].adapter.name, versions[3].adapter.name, vllm.base.name} <= served
+    assert versions[1].name not in served
+    assert {versions[2].name, versions[3].name, vllm.base.name} <= served
     started = time.perf_counter()
-    router.promote(2)  # rollback: a pointer move
-    assert time.perf_counter() - started < 5 and router.live == versions[2].adapter
+    control.rollback("root", 2)  # a pointer move
+    assert time.perf_counter() - started < 5 and router.adapter_for("anyone") == versions[2]
 
 
 def test_the_server_wants_its_key_on_every_route(vllm):
@@ -198,12 +223,12 @@ def test_the_server_wants_its_key_on_every_route(vllm):
 
 
 def test_openai_compatible_api_serves_the_live_version_to_key_holders_and_logs_each_answer(
-        vllm, router, versions, alone, tmp_path):
+        vllm, router, control, versions, alone, tmp_path):
     from assistant.openai_api import build_api, serve_api
     from assistant.vllm_server import free_port
     from store import Store
 
-    router.promote(2)
+    control.promote("root", 2)
     store = Store(tmp_path / "assistant.db")
     port = free_port()
     api = serve_api(build_api(vllm, router.adapter_for, {"k" * 20: "alice"}.get, store=store), "127.0.0.1", port)
@@ -243,10 +268,10 @@ def test_openai_compatible_api_serves_the_live_version_to_key_holders_and_logs_e
         assert turn.message["content"] == PROMPTS[0]
         answers.append(turn.answer)
     assert sorted(a["content"] for a in answers) == sorted([plain, plain])  # greedy: the same answer twice
-    v2 = "".join(c.text for c in vllm.stream(body["messages"], GREEDY, versions[2].adapter))
+    v2 = "".join(c.text for c in vllm.stream(body["messages"], GREEDY, versions[2]))
     assert plain == v2  # the live version answered
     for a in answers:
-        assert a["adapter_version"] == 2 and a["adapter_name"] == versions[2].adapter.name
+        assert a["adapter_version"] == 2 and a["adapter_name"] == versions[2].name
         assert a["finish_reason"] == "length"
         assert json.loads(a["prompt_json"]) == body["messages"]
         assert json.loads(a["sampling_json"])["via"] == "openai-api"
@@ -255,11 +280,12 @@ def test_openai_compatible_api_serves_the_live_version_to_key_holders_and_logs_e
     assert store.rate(answers[0]["id"], "alice", -1)  # rated like any answer
 
 
-def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, versions, alone, tmp_path):
+def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, router, control, versions, alone,
+                                                                        tmp_path):
     from assistant.chat import ChatService
     from store import Store
 
-    router.promote(1)
+    control.promote("root", 1)
     server = vllm.server
     store = Store(tmp_path / "assistant.db")
     service = ChatService(store=store, engine=vllm, sampling=Sampling(temperature=0.0, max_new_tokens=400),
@@ -289,7 +315,7 @@ def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, ro
         time.sleep(1)
     assert server.ready() and server.restarts == 1
     for _ in range(30):  # on_restart reloads adapters just after ready
-        if {versions[1].adapter.name} <= {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}:
+        if {versions[1].name} <= {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}:
             break
         time.sleep(0.5)
     assert ask(vllm, PROMPTS[0], router.adapter_for("alice")) == alone[(1, PROMPTS[0])]
