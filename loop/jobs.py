@@ -1,7 +1,8 @@
 """Is a training job still alive, and is its pid still our process? Recovery and cancel ask here.
 
 A job row records the pid of its process, when it started (``started_utc``) and its last
-heartbeat (``heartbeat_utc``, written after every step and by a timer in the trainer). A pid
+heartbeat (``heartbeat_utc``, written after every step and by a timer in the trainer,
+``tuning.heartbeat``). A pid
 alone proves nothing: after a reboot or a container restart it may belong to any process.
 So a process counts as the job's only when it exists, was created no later than the job
 started (a reused pid belongs to a process created after the job's own died) and its
@@ -12,18 +13,16 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
-import threading
 from typing import Any
 
 import psutil
 
-# The trainer beats at least this often, in every phase (a timer, not only after steps),
-# so a long model load or gate evaluation never looks silent.
-HEARTBEAT_S = 60.0
+from tuning.heartbeat import HEARTBEAT_S
+
 # A job silent for this long has a process that is gone, frozen or not ours: ten missed
-# beats, so a database busy for a few minutes (each beat gives up after the 15 s busy
-# timeout) does not fail a healthy job.
-STALE_AFTER = dt.timedelta(minutes=10)
+# beats (10 min), so a database busy for a few minutes (each beat gives up after the 15 s
+# busy timeout) does not fail a healthy job.
+STALE_AFTER = dt.timedelta(seconds=10 * HEARTBEAT_S)
 # psutil derives start times from the boot time, which Linux gives in whole seconds.
 _CLOCK_SLACK_S = 1.0
 
@@ -83,20 +82,3 @@ def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Proc
 def silence(job: dict) -> str:
     return (f"no heartbeat for more than {int(STALE_AFTER.total_seconds() // 60)} min "
             f"(last {job.get('heartbeat_utc') or 'never'})")
-
-
-def start_heartbeat(store: Any, job_id: str) -> threading.Event:
-    """Write the job's heartbeat every HEARTBEAT_S until the returned event is set."""
-    from store.store import utc_now
-
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                store.update_job(job_id, heartbeat_utc=utc_now())
-            except Exception:  # a busy database skips a beat; staleness needs ten
-                pass
-
-    threading.Thread(target=beat, daemon=True, name=f"heartbeat-{job_id}").start()
-    return stop

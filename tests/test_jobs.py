@@ -106,7 +106,7 @@ def test_the_trainer_beats_in_phases_without_steps(store, tmp_path, monkeypatch)
     from tiny import toy_pairs
     from tuning.trainer import train_adapter
 
-    monkeypatch.setattr("loop.jobs.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("tuning.heartbeat.HEARTBEAT_S", 0.05)
     beats = []
 
     def progress(row):  # called as the job enters its first phase, before any step

@@ -181,7 +181,7 @@ def run_from_app(a) -> int:
             return 3
     from store.store import utc_now
 
-    from loop.jobs import start_heartbeat
+    from .heartbeat import start_heartbeat
 
     # At work from here on, pairs first (minutes on a big store): an app starting meanwhile
     # must see a running job with a live process and a heartbeat, not a queued one to fail.

@@ -123,7 +123,7 @@ def train_adapter(
         if progress is not None:
             progress(dict(last))
 
-    from loop.jobs import start_heartbeat
+    from .heartbeat import start_heartbeat
 
     beating = start_heartbeat(store, job_id)  # also in phases without steps (loading, the gate)
 
