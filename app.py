@@ -119,14 +119,9 @@ def parser() -> argparse.ArgumentParser:
     can.add_argument("--percent", type=float, default=10.0)
     can.add_argument("--as", dest="actor", required=True)
     _model_options(can)
-    tr = sub.add_parser("train", help="build pairs from feedback, train a version, run the gate")
-    tr.add_argument("--as", dest="actor", required=True,
-                    help="the admin account starting the job (recorded); the app's launcher names its own actor")
-    tr.add_argument("--job", default=None, help="run this queued job (the console's launcher uses it)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
-    tr.add_argument("--priority", choices=["background", "normal"], default="background",
-                    help="background (default): use only CPU time that serving leaves (chats stay fast)")
-    _model_options(tr)
+    from tuning.train import add_options as train_options
+
+    train_options(sub.add_parser("train", help="build pairs from feedback, train a version, run the gate"))
     ex = sub.add_parser("export", help="export preference data (JSONL and datasets folders)")
     ex.add_argument("--out", type=Path, default=None, help="folder to write (default DATA_DIR/exports/<time>/)")
     return p
@@ -410,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     from loop.control import Conflict, Refused
 
     if a.command == "train":
-        from tuning.train import run_from_app
+        from tuning.train import run
 
-        return run_from_app(a)
+        return run(a)
     if a.command == "export":
         from tuning.export import main as export_main
 
