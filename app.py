@@ -32,7 +32,6 @@ import getpass
 import os
 import secrets
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from assistant.engine import Sampling
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3  # the command was understood but refused (bad name, not an admin, gate...)
-ROOT = Path(__file__).resolve().parent
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -155,54 +153,6 @@ def ensure_first_admin(store) -> None:
         )
 
 
-def training_launcher(config: ServeConfig, train_set: list[str], store, streaming=lambda: 0,
-                      closers: list | None = None):
-    """Start ``app.py train --job J`` as its own process: a crash or a cancel there never
-    touches the chat, and its progress reaches the console through the job's row. A
-    watcher thread reaps the process and fails the job if it died without saying so.
-
-    The job yields the CPU to chats: it runs at background priority (tuning.priority), and
-    while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
-    stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
-    is asked for, and when the app stops (``closers``)."""
-    import threading
-
-    from store.actors import LAUNCHER
-    from tuning.priority import PauseWhileBusy
-    from tuning.trainer import recover_stale_jobs
-
-    def launch(job_id: str) -> subprocess.Popen:
-        cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(config.data_dir), "train",
-               "--as", LAUNCHER, "--job", job_id, "--models-dir", str(config.models_dir)]
-        if config.model:
-            cmd += ["--model", config.model]
-        for item in train_set:
-            cmd += ["--set", item]
-        with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        pauser = None
-        if config.pause_training_at > 0:
-            pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,
-                                    must_run=lambda: bool(store.job(job_id).get("cancel_requested"))).start()
-            if closers is not None:
-                closers.append(pauser.stop)  # never leave a job stopped behind the app
-
-        def watch() -> None:
-            code = proc.wait()
-            if pauser is not None:
-                pauser.stop()
-                if closers is not None and pauser.stop in closers:
-                    closers.remove(pauser.stop)  # ended: nothing to continue at exit (its pid may be reused)
-            if store.job(job_id)["status"] in ("queued", "running"):
-                store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
-                recover_stale_jobs(store, config.data_dir)  # removes what it left half-written
-
-        threading.Thread(target=watch, daemon=True, name=f"train-{job_id}").start()
-        return proc
-
-    return launch
-
-
 def build(config: ServeConfig, closers: list | None = None, loop_config=None, train_set: list[str] | None = None):
     """Open the store, start the engine and the control loop; return (Gradio app, store).
 
@@ -213,6 +163,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.model_files import resolve_model
     from assistant.serving import AdapterRouter, record_from_row
     from store import Store
+    from loop import jobs
     from loop.control import Controller, LoopConfig
     from tuning.export import export_for_admin
     from tuning.pairs import format_summary
@@ -252,15 +203,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.chat import GenerationSlots
 
     slots = GenerationSlots()  # the chat page's and the API's answers in progress
-    launcher = training_launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
-    controller = Controller(store, router, adapter_of, launcher,
+    launch = jobs.launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
+    controller = Controller(store, router, adapter_of, launch,
                             loop_config or LoopConfig())
-    from tuning.trainer import recover_stale_jobs
-
-    for job_id in recover_stale_jobs(store, config.data_dir):  # left running by a dead process
+    for job_id in jobs.recover_at_start(store, config.data_dir):
         print(f"training job {job_id} was left running by a process that died: marked failed", flush=True)
-    for job in store.jobs("queued"):  # queued by an app that stopped before launching it
-        store.update_job(job["id"], status="failed", error="the app stopped before this job started")
     for warning in controller.start():  # a live folder damaged while the app was stopped
         print(f"warning: {warning}", flush=True)
     controller.run_forever()
@@ -405,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     from loop.control import Conflict, Refused
 
     if a.command == "train":
+        from loop.jobs import recover_stale_jobs
         from tuning.train import run
 
+        for job_id in recover_stale_jobs(Store(Path(a.data_dir) / "assistant.db"), a.data_dir):
+            print(f"job {job_id}: marked failed (its process died)", flush=True)
         return run(a)
     if a.command == "export":
         from tuning.export import main as export_main

@@ -9,7 +9,10 @@ The pairs are built from the feedback in the store (``tuning.pairs.build_prefere
 read from ``--pairs`` and ``--eval-pairs`` (one JSON preference pair per line, TRL
 conversational form with an id). ``--as`` names an admin account; the app's launcher names
 ``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
-no ``--job`` the job row is queued here, refused while another job is queued or running.
+no ``--job`` the job row is queued here, refused while another job is queued or running. A
+job left running by a process that died counts until it is recovered
+(``loop.jobs.recover_stale_jobs``): ``app.py train`` does that first, the app at its start
+and before each launch.
 
 Prints one progress line per step (loss, reward accuracy and margin, seconds) and the
 gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
@@ -108,10 +111,6 @@ def run(a: argparse.Namespace) -> int:
     if refusal:  # before torch is imported: a refusal takes a moment, not seconds
         print(f"error: {refusal}", file=sys.stderr)
         return 3
-    from .trainer import recover_stale_jobs
-
-    for job_id in recover_stale_jobs(store, a.data_dir):
-        print(f"job {job_id}: marked failed (its process died)", flush=True)
     overrides = _overrides(store, a)
     try:
         config = TrainConfig().replace(**overrides)
