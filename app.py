@@ -33,6 +33,7 @@ import os
 import secrets
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 from assistant.config import ServeConfig
@@ -165,8 +166,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from store import Store
     from loop import jobs
     from loop.control import Controller, LoopConfig
-    from tuning.export import export_for_admin
-    from tuning.pairs import format_summary
+    from tuning.export import export_files_for_admin, summary_for_admin
     from loop.versions import resolve_version
     from ui.admin_page import AdminPage
     from ui.chat_page import ChatPage
@@ -226,16 +226,8 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
 
-    def summary() -> dict:
-        from tuning.pairs import build_preferences
-
-        return {"summary": format_summary(build_preferences(store).summary)}
-
-    def export() -> list[str]:
-        folder, _ = export_for_admin(store, config.data_dir)
-        return [str(p) for p in sorted(Path(folder).glob("*.jsonl"))] + [str(Path(folder) / "summary.json")]
-
-    admin = AdminPage(controller, pair_summary=summary, exporter=export)
+    admin = AdminPage(controller, pair_summary=partial(summary_for_admin, store),
+                      exporter=partial(export_files_for_admin, store, config.data_dir))
     return build_app(ChatPage(service), admin), store
 
 
