@@ -347,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         from loop.jobs import recover_stale_jobs
         from tuning.train import run
 
-        for job_id in recover_stale_jobs(Store(Path(a.data_dir) / "assistant.db"), a.data_dir):
-            print(f"job {job_id}: marked failed (its process died)", flush=True)
-        return run(a)
+        return run(a, recover=recover_stale_jobs)
     if a.command == "export":
         from tuning.export import main as export_main
 

@@ -11,8 +11,8 @@ conversational form with an id). ``--as`` names an admin account; the app's laun
 ``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
 no ``--job`` the job row is queued here, refused while another job is queued or running. A
 job left running by a process that died counts until it is recovered
-(``loop.jobs.recover_stale_jobs``): ``app.py train`` does that first, the app at its start
-and before each launch.
+(``loop.jobs.recover_stale_jobs``): by ``app.py train`` before it queues, by the app at its
+start and before each launch.
 
 Prints one progress line per step (loss, reward accuracy and margin, seconds) and the
 gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 def _value(text: str):
@@ -95,9 +96,11 @@ def read_pairs(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None = None) -> int:
     """One job: check who asks and the settings, take the job row, build or read the pairs,
-    train (``tuning.trainer.train_adapter``); returns the exit status."""
+    train (``tuning.trainer.train_adapter``); returns the exit status. ``recover(store,
+    data_dir)`` (``app.py train`` passes ``loop.jobs.recover_stale_jobs``) fails jobs that
+    died before this one is queued, once the caller is known to be allowed."""
     if (a.pairs is None) != (a.eval_pairs is None):
         print("error: --pairs and --eval-pairs go together", file=sys.stderr)
         return 2
@@ -111,6 +114,8 @@ def run(a: argparse.Namespace) -> int:
     if refusal:  # before torch is imported: a refusal takes a moment, not seconds
         print(f"error: {refusal}", file=sys.stderr)
         return 3
+    for job_id in recover(store, a.data_dir) if recover else ():
+        print(f"job {job_id}: marked failed (its process died)", flush=True)
     overrides = _overrides(store, a)
     try:
         config = TrainConfig().replace(**overrides)
