@@ -85,10 +85,6 @@ def is_training_command(cmdline: list[str]) -> bool:
     return False
 
 
-def is_ours(job: dict) -> bool:
-    return job_process(job) is not None
-
-
 def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Process | None) -> None:
     """Mark the job ended and raise its cancel flag (a frozen trainer that wakes up stops at
     its next step); SIGTERM ``process`` only when ``job_process`` proved it ours."""
