@@ -32,8 +32,8 @@ import getpass
 import os
 import secrets
 import signal
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from assistant.config import ServeConfig
@@ -43,7 +43,6 @@ from assistant.paths import DataPaths
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3  # the command was understood but refused (bad name, not an admin, gate...)
-ROOT = Path(__file__).resolve().parent
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -120,14 +119,9 @@ def parser() -> argparse.ArgumentParser:
     can.add_argument("--percent", type=float, default=10.0)
     can.add_argument("--as", dest="actor", required=True)
     _model_options(can)
-    tr = sub.add_parser("train", help="build pairs from feedback, train a version, run the gate")
-    tr.add_argument("--as", dest="actor", required=True,
-                    help="the admin account starting the job (recorded); the app's launcher names its own actor")
-    tr.add_argument("--job", default=None, help="run this queued job (the console's launcher uses it)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
-    tr.add_argument("--priority", choices=["background", "normal"], default="background",
-                    help="background (default): use only CPU time that serving leaves (chats stay fast)")
-    _model_options(tr)
+    from tuning.train import add_options as train_options
+
+    train_options(sub.add_parser("train", help="build pairs from feedback, train a version, run the gate"))
     ex = sub.add_parser("export", help="export preference data (JSONL and datasets folders)")
     ex.add_argument("--out", type=Path, default=None, help="folder to write (default DATA_DIR/exports/<time>/)")
     return p
@@ -161,54 +155,6 @@ def ensure_first_admin(store) -> None:
         )
 
 
-def training_launcher(config: ServeConfig, train_set: list[str], store, streaming=lambda: 0,
-                      closers: list | None = None):
-    """Start ``app.py train --job J`` as its own process: a crash or a cancel there never
-    touches the chat, and its progress reaches the console through the job's row. A
-    watcher thread reaps the process and fails the job if it died without saying so.
-
-    The job yields the CPU to chats: it runs at background priority (tuning.priority), and
-    while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
-    stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
-    is asked for, and when the app stops (``closers``)."""
-    import threading
-
-    from store.actors import LAUNCHER
-    from tuning.priority import PauseWhileBusy
-    from tuning.trainer import recover_stale_jobs
-
-    def launch(job_id: str) -> subprocess.Popen:
-        cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(config.data_dir), "train",
-               "--as", LAUNCHER, "--job", job_id, "--models-dir", str(config.models_dir)]
-        if config.model:
-            cmd += ["--model", config.model]
-        for item in train_set:
-            cmd += ["--set", item]
-        with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        pauser = None
-        if config.pause_training_at > 0:
-            pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,
-                                    must_run=lambda: bool(store.job(job_id).get("cancel_requested"))).start()
-            if closers is not None:
-                closers.append(pauser.stop)  # never leave a job stopped behind the app
-
-        def watch() -> None:
-            code = proc.wait()
-            if pauser is not None:
-                pauser.stop()
-                if closers is not None and pauser.stop in closers:
-                    closers.remove(pauser.stop)  # ended: nothing to continue at exit (its pid may be reused)
-            if store.job(job_id)["status"] in ("queued", "running"):
-                store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
-                recover_stale_jobs(store, config.data_dir)  # removes what it left half-written
-
-        threading.Thread(target=watch, daemon=True, name=f"train-{job_id}").start()
-        return proc
-
-    return launch
-
-
 def build(config: ServeConfig, closers: list | None = None, loop_config=None, train_set: list[str] | None = None):
     """Open the store, start the engine and the control loop; return (Gradio app, store).
 
@@ -219,9 +165,9 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.model_files import resolve_model
     from assistant.serving import AdapterRouter
     from store import Store
+    from loop import jobs
     from loop.control import Controller, LoopConfig
-    from tuning.export import export_for_admin
-    from tuning.pairs import format_summary
+    from tuning.export import export_files_for_admin, summary_for_admin
     from loop.versions import resolve_version
     from ui.admin_page import AdminPage
     from ui.chat_page import ChatPage
@@ -255,15 +201,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
     from assistant.chat import GenerationSlots
 
     slots = GenerationSlots()  # the chat page's and the API's answers in progress
-    launcher = training_launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
-    controller = Controller(store, router, adapter_of, launcher,
+    launch = jobs.launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
+    controller = Controller(store, router, adapter_of, launch,
                             loop_config or LoopConfig())
-    from tuning.trainer import recover_stale_jobs
-
-    for job_id in recover_stale_jobs(store, config.data_dir):  # left running by a dead process
+    for job_id in jobs.recover_at_start(store, config.data_dir):
         print(f"training job {job_id} was left running by a process that died: marked failed", flush=True)
-    for job in store.jobs("queued"):  # queued by an app that stopped before launching it
-        store.update_job(job["id"], status="failed", error="the app stopped before this job started")
     for warning in controller.start():  # a live folder damaged while the app was stopped
         print(f"warning: {warning}", flush=True)
     controller.run_forever()
@@ -282,16 +224,8 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
 
-    def summary() -> dict:
-        from tuning.pairs import build_preferences
-
-        return {"summary": format_summary(build_preferences(store).summary)}
-
-    def export() -> list[str]:
-        folder, _ = export_for_admin(store, config.data_dir)
-        return [str(p) for p in sorted(Path(folder).glob("*.jsonl"))] + [str(Path(folder) / "summary.json")]
-
-    admin = AdminPage(controller, pair_summary=summary, exporter=export)
+    admin = AdminPage(controller, pair_summary=partial(summary_for_admin, store),
+                      exporter=partial(export_files_for_admin, store, config.data_dir))
     return build_app(ChatPage(service), admin), store
 
 
@@ -408,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     from loop.control import Conflict, Refused
 
     if a.command == "train":
-        from tuning.train import run_from_app
+        from loop.jobs import recover_stale_jobs
+        from tuning.train import run
 
-        return run_from_app(a)
+        return run(a, recover=recover_stale_jobs)
     if a.command == "export":
         from tuning.export import main as export_main
 

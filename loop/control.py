@@ -124,13 +124,7 @@ class Controller:
         job = self.store.job(job_id)
         if job["status"] not in ACTIVE:
             raise Conflict(f"Job {job_id} is {job['status']}; there is nothing to cancel.")
-        # The trainer polls this flag between steps and stops, leaving nothing behind.
-        self.store.update_job(job_id, cancel_requested=1)
-        if job["status"] == "running" and jobs.is_stale(job):
-            # Nobody is left to read the flag (the process is gone, frozen, or its pid is
-            # another process's now): end the job here, signalling only a proven trainer.
-            jobs.end_job(self.store, job, "cancelled", f"cancelled by {actor}: its process sent {jobs.silence(job)}",
-                         jobs.job_process(job))
+        jobs.cancel(self.store, job, actor)
 
     # -- serving ---------------------------------------------------------------------
 

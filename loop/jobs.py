@@ -1,31 +1,42 @@
-"""Is a training job still alive, and is its pid still our process? Recovery and cancel ask here.
+"""Training jobs seen from the app: launch one, watch it, recover those that died, cancel.
 
-A job row records the pid of its process, when it started (``started_utc``) and its last
-heartbeat (``heartbeat_utc``, written after every step and by a timer in the trainer). A pid
-alone proves nothing: after a reboot or a container restart it may belong to any process.
-So a process counts as the job's only when it exists, was created no later than the job
-started (a reused pid belongs to a process created after the job's own died) and its
-command line is a training command. Only such a process is ever signalled.
+``launcher`` starts a queued job as its own process, ``python -m tuning.train --as
+system:launcher --job J`` (a crash or a cancel there never touches the chat; its progress
+reaches the console through the job's row), and a watcher thread reaps it and fails the job
+if it died without saying so. ``recover_stale_jobs`` fails jobs left running by a process
+that is gone or silent and removes what they left; ``cancel`` asks a job to stop.
+
+Is a job alive? A job row records the pid of its process, when it started
+(``started_utc``) and its last heartbeat (``heartbeat_utc``, written after every step and
+by a timer in the training process, ``tuning.heartbeat``). A pid alone proves nothing:
+after a reboot or a container restart it may belong to any process. So a process counts as
+the job's only when it exists, was created no later than the job started (a reused pid
+belongs to a process created after the job's own died) and its command line is a training
+command (``is_training_command``). Only such a process is ever signalled.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
+import subprocess
+import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import psutil
 
 from store.rows import utc_now
+from tuning.heartbeat import HEARTBEAT_S
 
-# The trainer beats at least this often, in every phase (a timer, not only after steps),
-# so a long model load or gate evaluation never looks silent.
-HEARTBEAT_S = 60.0
+ROOT = Path(__file__).resolve().parent.parent  # where ``python -m tuning.train`` resolves
+
 # A job silent for this long has a process that is gone, frozen or not ours: ten missed
-# beats, so a database busy for a few minutes (each beat gives up after the 15 s busy
-# timeout) does not fail a healthy job.
-STALE_AFTER = dt.timedelta(minutes=10)
+# beats (10 min), so a database busy for a few minutes (each beat gives up after the 15 s
+# busy timeout) does not fail a healthy job.
+STALE_AFTER = dt.timedelta(seconds=10 * HEARTBEAT_S)
 # psutil derives start times from the boot time, which Linux gives in whole seconds.
 _CLOCK_SLACK_S = 1.0
 
@@ -59,13 +70,20 @@ def job_process(job: dict) -> psutil.Process | None:
         return None
     if created > started.timestamp() + _CLOCK_SLACK_S:
         return None  # created after the job started: the pid was reused
-    if not any("train" in part for part in cmdline):
-        return None  # `app.py train` or `python -m tuning.train`; anything else is not a job
+    if not is_training_command(cmdline):
+        return None
     return proc
 
 
-def is_ours(job: dict) -> bool:
-    return job_process(job) is not None
+def is_training_command(cmdline: list[str]) -> bool:
+    """``python -m tuning.train ...`` (what the launcher runs), or ``python .../app.py ...
+    train ...`` (what an admin types, and what the launcher ran before)."""
+    for i, part in enumerate(cmdline):
+        if part == "-m" and cmdline[i + 1 : i + 2] == ["tuning.train"]:
+            return True
+        if Path(part).name == "app.py":
+            return "train" in cmdline[i + 1 :]
+    return False
 
 
 def end_job(store: Any, job: dict, status: str, error: str, process: psutil.Process | None) -> None:
@@ -85,16 +103,108 @@ def silence(job: dict) -> str:
             f"(last {job.get('heartbeat_utc') or 'never'})")
 
 
-def start_heartbeat(store: Any, job_id: str) -> threading.Event:
-    """Write the job's heartbeat every HEARTBEAT_S until the returned event is set."""
-    stop = threading.Event()
+def cancel(store: Any, job: dict, actor: str) -> None:
+    """Ask an active job to stop: raise its flag, which the trainer polls between steps and
+    stops, leaving nothing behind. A running job whose process is silent has nobody left to
+    read the flag (gone, frozen, or its pid another process's now): it is ended here, and
+    only a proven trainer is signalled."""
+    store.update_job(job["id"], cancel_requested=1)
+    if job["status"] == "running" and is_stale(job):
+        end_job(store, job, "cancelled", f"cancelled by {actor}: its process sent {silence(job)}", job_process(job))
 
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                store.update_job(job_id, heartbeat_utc=utc_now())
-            except Exception:  # a busy database skips a beat; staleness needs ten
-                pass
 
-    threading.Thread(target=beat, daemon=True, name=f"heartbeat-{job_id}").start()
-    return stop
+# -- recovery ------------------------------------------------------------------------------
+
+
+def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], bool] | None = None) -> list[str]:
+    """Fail jobs left 'running' by a process that is gone, not ours, or silent, and remove
+    what they left in adapters/.
+
+    Run at app start, before each launch, when a launched process ends without finishing
+    its job, and by ``app.py train``. A running job is failed when its pid is not provably
+    its training process (``job_process``: dead, or reused by a process created after the
+    job started) or when it sent no heartbeat for ``STALE_AFTER``; a silent process that is
+    provably ours is sent SIGTERM, any other process is left alone. Then
+    ``tuning.trainer.remove_leftovers``. Returns the ids of the jobs marked failed.
+    """
+    from tuning.trainer import remove_leftovers
+
+    failed = []
+    for job in store.jobs("running"):
+        process = job_process(job) if is_ours is None else None
+        ours = process is not None if is_ours is None else is_ours(job)
+        stale = is_stale(job)
+        if (job.get("pid") == os.getpid() or ours) and not stale:
+            continue
+        if stale and ours:
+            why = f"the training process (pid {job.get('pid')}) sent {silence(job)}; it was stopped"
+        else:
+            why = (f"the training process (pid {job.get('pid')}) ended without finishing (killed or crashed, or "
+                   f"the pid now belongs to another process; last heartbeat {job.get('heartbeat_utc')})")
+        end_job(store, job, "failed", why + "; nothing was registered", process)
+        failed.append(job["id"])
+    remove_leftovers(store, data_dir)
+    return failed
+
+
+def recover_at_start(store: Any, data_dir: Path) -> list[str]:
+    """What the app does with jobs as it starts: fail those left running by a process that
+    died (``recover_stale_jobs``, whose ids it returns) and those queued by an app that
+    stopped before launching them."""
+    failed = recover_stale_jobs(store, data_dir)
+    for job in store.jobs("queued"):
+        store.update_job(job["id"], status="failed", error="the app stopped before this job started")
+    return failed
+
+
+# -- launch and watch ----------------------------------------------------------------------
+
+
+def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[[], int] = lambda: 0,
+             closers: list | None = None) -> Callable[[str], subprocess.Popen]:
+    """``launch(job_id)``: start ``python -m tuning.train --as system:launcher --job J`` for a
+    queued job, with the app's model options (``config``: an ``assistant.config.ServeConfig``)
+    and ``train_set`` (``--set KEY=VALUE`` items), its output in ``DATA_DIR/train-J.log``.
+
+    The job yields the CPU to chats: it runs at background priority (tuning.priority), and
+    while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
+    stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
+    is asked for, and when the app stops (``closers``, which it leaves once the job ended)."""
+    from store.actors import LAUNCHER
+    from tuning.priority import PauseWhileBusy
+
+    def launch(job_id: str) -> subprocess.Popen:
+        # A job that died since the app started (an admin's, say) must not leave its folders behind.
+        for failed in recover_stale_jobs(store, config.data_dir):
+            print(f"training job {failed} was left running by a process that died: marked failed", flush=True)
+        cmd = [sys.executable, "-m", "tuning.train", "--data-dir", str(config.data_dir),
+               "--as", LAUNCHER, "--job", job_id, "--models-dir", str(config.models_dir)]
+        if config.model:
+            cmd += ["--model", config.model]
+        for item in train_set:
+            cmd += ["--set", item]
+        with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        pauser = None
+        if config.pause_training_at > 0:
+            pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,
+                                    must_run=lambda: bool(store.job(job_id).get("cancel_requested"))).start()
+            if closers is not None:
+                closers.append(pauser.stop)  # never leave a job stopped behind the app
+        threading.Thread(target=_watch, args=(proc, job_id, store, config.data_dir, pauser, closers),
+                         daemon=True, name=f"train-{job_id}").start()
+        return proc
+
+    return launch
+
+
+def _watch(proc: subprocess.Popen, job_id: str, store: Any, data_dir: Path, pauser, closers: list | None) -> None:
+    """Reap the job's process; fail the job if it ended without saying so."""
+    code = proc.wait()
+    if pauser is not None:
+        pauser.stop()
+        if closers is not None and pauser.stop in closers:
+            closers.remove(pauser.stop)  # ended: nothing to continue at exit (its pid may be reused)
+    if store.job(job_id)["status"] in ("queued", "running"):
+        store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
+        recover_stale_jobs(store, data_dir)  # removes what it left half-written

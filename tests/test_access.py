@@ -11,7 +11,7 @@ import pytest
 
 from feedback_scenario import SAME, TopicEmbedder, build_scenario
 from live_app import click, live_app, signed_in
-from tuning.export import export_for_admin
+from tuning.export import export_files_for_admin, export_for_admin
 from tuning.pairs import PairConfig
 
 
@@ -31,9 +31,9 @@ def test_export_files_are_not_served_to_non_admins_or_anyone(accounts, engine, t
     assert any(p.name == "pairs_train.jsonl" for p in paths)
     made = []
 
-    def exporter():
-        made.append(export_for_admin(accounts, data_dir, PairConfig(), TopicEmbedder(SAME))[0])
-        return sorted(made[-1].glob("*.jsonl")) + [made[-1] / "summary.json"]  # as app.py's exporter
+    def exporter():  # what app.py wires, with the test's embedder
+        made.append(export_files_for_admin(accounts, data_dir, PairConfig(), TopicEmbedder(SAME)))
+        return made[-1]
 
     with live_app(accounts, engine, exporter=exporter) as url:
         mallory = signed_in(url, "mallory", "mallory-password")
@@ -52,7 +52,8 @@ def test_export_files_are_not_served_to_non_admins_or_anyone(accounts, engine, t
         urls = {Path(f["path"]).name: f["url"] for f in done["output"]["data"][0]}
         assert {"pairs_train.jsonl", "summary.json"} <= set(urls)
         got = root.get(urls["pairs_train.jsonl"])
-        assert got.status_code == 200 and got.text == (made[-1] / "pairs_train.jsonl").read_text()
+        written = next(Path(f) for f in made[-1] if Path(f).name == "pairs_train.jsonl")
+        assert got.status_code == 200 and got.text == written.read_text()
         # The address is Gradio's cache: a secret-seeded 64-hex hash, nothing under the data folder.
         assert str(data_dir) not in urls["pairs_train.jsonl"]
         assert re.search(r"/[0-9a-f]{64}/pairs_train.jsonl$", urls["pairs_train.jsonl"])

@@ -148,3 +148,15 @@ def test_users_disable_and_enable(tmp_path):
     assert cli(tmp_path, "users", "enable", "erin").returncode == 0
     assert store.verify_password("erin", "erin-password")
     assert cli(tmp_path, "users", "disable", "nobody").returncode == 3
+
+
+def test_train_from_the_command_line_first_fails_a_job_whose_process_died(tmp_path):
+    store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
+    dead = store.create_job("root", {}, status="running")  # its process was SIGKILLed
+    store.update_job(dead, pid=999_999_999, started_utc="2026-01-01T00:00:00+00:00")
+    r = cli(tmp_path, "train", "--as", "root", "--priority", "normal")
+    assert f"job {dead}: marked failed (its process died)" in r.stdout
+    assert store.job(dead)["status"] == "failed" and "ended without finishing" in store.job(dead)["error"]
+    (new,) = [j for j in store.jobs() if j["id"] != dead]
+    assert r.returncode == 1 and new["error"].startswith("not enough preference data")  # not refused: it ran

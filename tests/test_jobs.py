@@ -11,8 +11,7 @@ import pytest
 
 from assistant.engine import Adapter
 from loop.control import Controller
-from loop.jobs import STALE_AFTER, job_process
-from tuning.trainer import recover_stale_jobs
+from loop.jobs import STALE_AFTER, is_training_command, job_process, recover_stale_jobs
 
 
 def ago(**kw) -> str:
@@ -59,8 +58,24 @@ def test_a_job_whose_pid_now_belongs_to_another_process_is_failed_and_that_proce
     assert unrelated.poll() is None  # never signalled
 
 
+def test_only_a_training_command_counts_as_a_jobs_process(store, processes):
+    # What the launcher runs now, and what it ran before (a job of an app started before the
+    # change, still running) and admins type: both are ours once older than their job.
+    launched = processes("-m", "tuning.train", "--data-dir", "d", "--as", "system:launcher", "--job", "J1")
+    old_form = processes("/srv/assistant/app.py", "--data-dir", "d", "train", "--as", "system:launcher", "--job", "J2")
+    # Older than the job too, and "train" is in their command lines, but they train nothing.
+    station = processes("an unrelated service, also a 'train' station")
+    tests = processes("-m", "pytest", "tests/test_trainer.py")
+    other_app_command = processes("app.py", "--data-dir", "d", "versions")
+    started = ago(seconds=0)
+    assert [job_process(store.job(running_job(store, p.pid, started, started))) is not None
+            for p in (launched, old_form, station, tests, other_app_command)] == [True, True, False, False, False]
+    assert not is_training_command(["python", "-m", "tuning.trainer"])
+    assert not is_training_command(["python", "-m"])
+
+
 def test_a_silent_job_of_ours_is_failed_and_stopped_and_a_live_one_kept(store, tmp_path, processes):
-    silent = processes("app.py", "train", "--job", "J1")
+    silent = processes("-m", "tuning.train", "--job", "J1")
     busy = processes("app.py", "train", "--job", "J2")
     before = ago(seconds=0)  # a job starts after its process does
     stale = running_job(store, silent.pid, before, ago(minutes=STALE_AFTER.total_seconds() / 60 + 1))
@@ -106,7 +121,7 @@ def test_the_trainer_beats_in_phases_without_steps(store, tmp_path, monkeypatch)
     from tiny import toy_pairs
     from tuning.trainer import train_adapter
 
-    monkeypatch.setattr("loop.jobs.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("tuning.heartbeat.HEARTBEAT_S", 0.05)
     beats = []
 
     def progress(row):  # called as the job enters its first phase, before any step

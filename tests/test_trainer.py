@@ -15,7 +15,8 @@ import pytest
 from tiny import save_tiny_checkpoint, toy_pairs
 from tuning.config import TrainConfig
 from tuning.gate import GateConfig, Golden
-from tuning.trainer import TMP_PREFIX, recover_stale_jobs, train_adapter
+from loop.jobs import recover_stale_jobs
+from tuning.trainer import TMP_PREFIX, train_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, dtype="float32")
@@ -148,9 +149,10 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(8, 1000, "e")))
     cmd = [sys.executable, "-m", "tuning.train", "--data-dir", str(tmp_path), "--model", str(checkpoint),
            "--pairs", str(tmp_path / "train.jsonl"), "--eval-pairs", str(tmp_path / "eval.jsonl"),
-           "--set", "rank=4", "--set", "dtype=float32", "--set", "batch_size=1", "--set", "epochs=50"]
+           "--set", "rank=4", "--set", "dtype=float32", "--set", "batch_size=1", "--set", "epochs=50", "--as", "root"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     store = Store(tmp_path / "assistant.db")
+    store.create_user("root", "root-password", is_admin=True)
 
     def start_and_wait_for_steps():
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -222,29 +224,48 @@ def test_continuing_from_a_version_whose_folder_leads_outside_is_refused(store, 
 
 def test_a_training_process_killed_under_the_running_app_is_failed_and_cleaned_up(store, tmp_path, monkeypatch):
     """The app's launcher watches its training child; SIGKILL there is noticed without a restart."""
-    import app
     from assistant.config import ServeConfig
+    from loop import jobs
 
     real_popen = subprocess.Popen
     started = []
 
-    def sleeper(cmd, **kw):  # stands in for `app.py train --job J` stuck halfway
+    def sleeper(cmd, **kw):  # stands in for `python -m tuning.train --job J` stuck halfway
         started.append(cmd)
         return real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kw)
 
-    monkeypatch.setattr(app.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(jobs.subprocess, "Popen", sleeper)
     job = store.create_job("root", {}, status="queued")
-    proc = app.training_launcher(ServeConfig(data_dir=tmp_path), [], store)(job)
+    proc = jobs.launcher(ServeConfig(data_dir=tmp_path), [], store)(job)
     store.update_job(job, status="running", pid=proc.pid)
     (tmp_path / "adapters" / f"{TMP_PREFIX}{job}-half").mkdir(parents=True)  # what it had written so far
     proc.kill()
     deadline = time.monotonic() + 10
     while (store.job(job)["status"] == "running" or adapter_dirs(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "--job" in started[0] and job in started[0]
+    assert started[0][1:3] == ["-m", "tuning.train"] and jobs.is_training_command(started[0])
+    assert started[0][started[0].index("--as") + 1] == "system:launcher" and job in started[0]
     assert store.job(job)["status"] == "failed"
     assert store.job(job)["error"] == f"the training process exited with code {-signal.SIGKILL}"
     assert adapter_dirs(tmp_path) == [] and store.adapters() == []
+
+
+def test_the_apps_launcher_runs_the_training_module_on_the_queued_job(store, tmp_path):
+    """The real command, no stand-in: ``python -m tuning.train --as system:launcher --job J``
+    takes the job the console queued (here with no feedback to train on)."""
+    from assistant.config import ServeConfig
+    from loop import jobs
+
+    job = store.create_job("root", {}, status="queued")
+    proc = jobs.launcher(ServeConfig(data_dir=tmp_path, pause_training_at=0), [], store)(job)
+    assert proc.wait(timeout=120) == 1
+    deadline = time.monotonic() + 10  # the watcher thread reaps it
+    while store.job(job)["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    row = store.job(job)
+    assert row["status"] == "failed" and row["error"].startswith("not enough preference data")
+    assert row["pid"] == proc.pid and row["started_utc"]  # the launched process ran it
+    assert "not enough preference data" in (tmp_path / f"train-{job}.log").read_text()
 
 
 def test_the_apps_launcher_stops_a_job_while_many_answers_stream_and_never_leaves_it_stopped(store, tmp_path, monkeypatch):
@@ -252,17 +273,17 @@ def test_the_apps_launcher_stops_a_job_while_many_answers_stream_and_never_leave
     when a cancel is asked for, and when the app stops."""
     import psutil
 
-    import app
     from assistant.config import ServeConfig
+    from loop import jobs
     from test_precision import _wait_for
 
     real_popen = subprocess.Popen
-    monkeypatch.setattr(app.subprocess, "Popen", lambda cmd, **kw: real_popen(
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda cmd, **kw: real_popen(
         [sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"], **kw))
     streaming, closers = [0], []
     job = store.create_job("root", {}, status="queued")
-    launch = app.training_launcher(ServeConfig(data_dir=tmp_path, pause_training_at=3), [], store,
-                                   streaming=lambda: streaming[0], closers=closers)
+    launch = jobs.launcher(ServeConfig(data_dir=tmp_path, pause_training_at=3), [], store,
+                           streaming=lambda: streaming[0], closers=closers)
     proc = launch(job)
     stopped = lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED  # noqa: E731
     try:
@@ -281,3 +302,6 @@ def test_the_apps_launcher_stops_a_job_while_many_answers_stream_and_never_leave
     finally:
         proc.kill()
         proc.wait()
+    # Ended: its pauser leaves the closers, so they do not grow with every retrain and the
+    # app never signals the job's process group (whose id may be reused) at exit.
+    assert _wait_for(lambda: closers == []), "an ended job's pauser stayed in the app's closers"

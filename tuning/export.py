@@ -131,6 +131,20 @@ def export_for_admin(
     return out, data
 
 
+def export_files_for_admin(
+    store, data_dir: Path, config: PairConfig = PairConfig(), embedder: Embedder | None = None
+) -> list[str]:
+    """``export_for_admin`` as the admin page offers it: the paths of the files written, the
+    JSON lines files first and ``summary.json`` last."""
+    folder, _ = export_for_admin(store, data_dir, config, embedder)
+    return [str(p) for p in sorted(folder.glob("*.jsonl"))] + [str(folder / "summary.json")]
+
+
+def summary_for_admin(store) -> dict:
+    """The pair builder's summary of the feedback as it stands, for the admin page."""
+    return {"summary": format_summary(build_preferences(store).summary)}
+
+
 def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Path:
     d = PairConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

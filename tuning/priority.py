@@ -60,7 +60,7 @@ class PauseWhileBusy:
     ``pgid``: the job's process group (the launcher starts it in a session of its own).
     The job is continued once ``busy()`` has been false for ``calm_s``; and however busy
     serving stays, after ``max_pause_s`` stopped it runs for ``run_s``, so its heartbeat
-    (loop.jobs) goes on and the job is never taken for dead. ``must_run()`` (checked
+    (tuning.heartbeat) goes on and the job is never taken for dead. ``must_run()`` (checked
     about once a second; e.g. "a cancel was asked for") continues it for good, so it can
     see the request and stop. ``stop()`` always leaves the job running.
     """

@@ -1,16 +1,23 @@
-"""Train a LoRA adapter version from preference pairs, from the command line.
+"""A training job's process: preference pairs in, one gated adapter version out.
 
-    python -m tuning.train --data-dir data --pairs train.jsonl --eval-pairs heldout.jsonl
-    python -m tuning.train --data-dir data --pairs train.jsonl --eval-pairs heldout.jsonl \\
-        --set learning_rate=1e-4 --set epochs=1 --price-per-hour 0.2
-    python -m tuning.train --data-dir data --job JOB_ID ...   # run a job queued by the admin page
+    python app.py train --as ADMIN [--set epochs=1]                  # what an admin types
+    python -m tuning.train --data-dir data --as system:launcher --job J   # what the app's launcher runs
+    python -m tuning.train --data-dir data --as ADMIN --pairs train.jsonl --eval-pairs heldout.jsonl \\
+        --set learning_rate=1e-4 --price-per-hour 0.2
+
+The pairs are built from the feedback in the store (``tuning.pairs.build_preferences``), or
+read from ``--pairs`` and ``--eval-pairs`` (one JSON preference pair per line, TRL
+conversational form with an id). ``--as`` names an admin account; the app's launcher names
+``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
+no ``--job`` the job row is queued here, refused while another job is queued or running. A
+job left running by a process that died counts until it is recovered
+(``loop.jobs.recover_stale_jobs``): by ``app.py train`` before it queues, by the app at its
+start and before each launch.
 
 Prints one progress line per step (loss, reward accuracy and margin, seconds) and the
 gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
-adapter is kept. Jobs left 'running' by a process that died are marked failed first.
-Pairs files hold one JSON preference pair per line (TRL conversational form with an id).
-Exit status: 0 when a version was registered (whatever the gate said), 1 failed, 130
-cancelled.
+adapter is kept. Exit status: 0 when a version was registered (whatever the gate said), 1
+failed, 2 a setting refused, 3 refused (who, or another job active), 130 cancelled.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from assistant.paths import DataPaths
 from store.rows import utc_now
@@ -33,26 +41,33 @@ def _value(text: str):
         return text
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True, help="the assistant's data folder (database, adapters)")
-    p.add_argument("--model", default=None, help="base checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--models-dir", type=Path, default=None, help="prepared models (default DATA_DIR/models)")
-    p.add_argument("--pairs", type=Path, required=True, help="training pairs, JSON lines")
-    p.add_argument("--eval-pairs", type=Path, required=True, help="held-out pairs for the gate, JSON lines")
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The job's options, also those of ``app.py train`` (which adds ``--data-dir`` itself)."""
+    p.add_argument("--as", dest="actor", required=True,
+                   help="the admin account starting the job (recorded); the app's launcher names its own actor")
     p.add_argument("--job", default=None, help="run this queued job (its config_json holds setting overrides)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig setting (repeatable), e.g. --set epochs=1")
-    p.add_argument("--price-per-hour", type=float, default=None, help="hardware price for the cost estimate (USD/h)")
-    p.add_argument("--trainer", choices=["loop", "trl"], default=None, help="our own loop (default) or TRL's DPOTrainer")
-    p.add_argument("--by", default=os.environ.get("USER", "cli"), help="who started the job (recorded)")
     p.add_argument("--priority", choices=["background", "normal"], default="background",
                    help="background (default): use only CPU time that serving leaves (chats stay fast)")
-    return p.parse_args(argv)
+    p.add_argument("--model", default=None, help="base checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--models-dir", type=Path, default=None, help="prepared models (default DATA_DIR/models)")
+    p.add_argument("--pairs", type=Path, default=None, help="train on these pairs (JSON lines) instead of the feedback")
+    p.add_argument("--eval-pairs", type=Path, default=None, help="held-out pairs for the gate, with --pairs")
+    p.add_argument("--price-per-hour", type=float, default=None, help="hardware price for the cost estimate (USD/h)")
+    p.add_argument("--trainer", choices=["loop", "trl"], default=None, help="our own loop (default) or TRL's DPOTrainer")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, required=True, help="the assistant's data folder (database, adapters)")
+    add_options(p)
+    return p
 
 
 def _overrides(store, a: argparse.Namespace) -> dict:
-    """Setting overrides: those of the queued job (``--job``), then ``--set KEY=VALUE``."""
+    """Setting overrides: those of the queued job (``--job``), then ``--set KEY=VALUE``,
+    ``--price-per-hour`` and ``--trainer``."""
     from .config import TrainConfig
 
     overrides: dict = {}
@@ -64,6 +79,10 @@ def _overrides(store, a: argparse.Namespace) -> dict:
         if not sep:
             raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
         overrides[key.strip()] = _value(value.strip())
+    if a.price_per_hour is not None:
+        overrides["price_per_hour"] = a.price_per_hour
+    if a.trainer:
+        overrides["trainer"] = a.trainer
     return overrides
 
 
@@ -80,79 +99,14 @@ def read_pairs(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    a = parse_args(argv)
-    from store.actors import is_system
-
-    if is_system(a.by):
-        raise SystemExit(f"--by {a.by!r}: that is one of the app's own actors; name yourself")
-    _yield_cpu(a.priority)
-    from assistant.model_files import resolve_model
-    from store import Store
-
-    from .config import TrainConfig
-    from .trainer import recover_stale_jobs, train_adapter
-
-    store = Store(DataPaths(a.data_dir).database)
-    for job_id in recover_stale_jobs(store, a.data_dir):
-        print(f"job {job_id}: marked failed (its process died)", flush=True)
-
-    overrides = _overrides(store, a)
-    if a.price_per_hour is not None:
-        overrides["price_per_hour"] = a.price_per_hour
-    if a.trainer:
-        overrides["trainer"] = a.trainer
-    try:
-        config = TrainConfig().replace(**overrides)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-
-    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
-    pairs, eval_pairs = read_pairs(a.pairs), read_pairs(a.eval_pairs)
-    # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"training on {len(pairs)} pairs, gate on {len(eval_pairs)} held-out pairs; Ctrl-C cancels", flush=True)
-    from store import JobConflict
-
-    try:
-        result = train_adapter(pairs, eval_pairs, store=store, data_dir=a.data_dir, base_model_dir=model_dir,
-                               config=config, job_id=a.job, created_by=a.by, progress=print_progress)
-    except JobConflict as e:
-        raise SystemExit(f"error: {e}") from None
-    if result.status == "succeeded":
-        verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
-        print(f"version {result.version} ({result.name}) registered; gate {verdict}")
-        for c in result.gate.checks:
-            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['check']}: {c['detail']}")
-        return 0
-    print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
-    return 130 if result.status == "cancelled" else 1
-
-
-def print_progress(row: dict) -> None:
-    if "loss" in row and row.get("phase") == "training":
-        print(
-            f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
-            f"reward acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:+.3f}  {row['seconds']:.0f}s",
-            flush=True,
-        )
-    elif row.get("phase") not in (None, "training"):
-        print(f"[{row['phase']}] {row['job_seconds']:.0f}s", flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def run_from_app(a) -> int:
-    """``app.py train``: build pairs from the feedback in the store, then one job.
-
-    Used by an admin at the command line (``--as NAME``) and by the app's launcher
-    (``--as system:launcher --job J``: the job the console or the schedule queued, whose row
-    holds its setting overrides; ``_refusal`` says who may do what). Started here, the job
-    row is queued first and refused (exit 3) while another job is queued or running.
-    """
+def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None = None) -> int:
+    """One job: check who asks and the settings, take the job row, build or read the pairs,
+    train (``tuning.trainer.train_adapter``); returns the exit status. ``recover(store,
+    data_dir)`` (``app.py train`` passes ``loop.jobs.recover_stale_jobs``) fails jobs that
+    died before this one is queued, once the caller is known to be allowed."""
+    if (a.pairs is None) != (a.eval_pairs is None):
+        print("error: --pairs and --eval-pairs go together", file=sys.stderr)
+        return 2
     _yield_cpu(a.priority)
     from store import JobConflict, Store
 
@@ -163,9 +117,7 @@ def run_from_app(a) -> int:
     if refusal:  # before torch is imported: a refusal takes a moment, not seconds
         print(f"error: {refusal}", file=sys.stderr)
         return 3
-    from .trainer import recover_stale_jobs
-
-    for job_id in recover_stale_jobs(store, a.data_dir):
+    for job_id in recover(store, a.data_dir) if recover else ():
         print(f"job {job_id}: marked failed (its process died)", flush=True)
     overrides = _overrides(store, a)
     try:
@@ -182,7 +134,8 @@ def run_from_app(a) -> int:
         except JobConflict as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-    from loop.jobs import start_heartbeat
+
+    from .heartbeat import start_heartbeat
 
     # At work from here on, pairs first (minutes on a big store): an app starting meanwhile
     # must see a running job with a live process and a heartbeat, not a queued one to fail.
@@ -201,6 +154,8 @@ def run_from_app(a) -> int:
     if result.status == "succeeded":
         verdict = "PASSED" if result.gate.passed else "FAILED (promotion needs an admin override)"
         print(f"version {result.version} ({result.name}) registered; gate {verdict}")
+        for c in result.gate.checks:
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['check']}: {c['detail']}")
         return 0
     print(f"job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
     return 130 if result.status == "cancelled" else 1
@@ -227,8 +182,9 @@ def _refusal(store, actor: str, job_id: str | None) -> str | None:
 
 
 def _train_job(a, store, config, job_id: str, beating):
-    """Pairs from the store, then the job; None when there is not enough data (job failed).
-    ``beating`` is the heartbeat that covers building pairs; train_adapter beats on its own."""
+    """The pairs (files, or built from the store), then the job; None when the store holds
+    not enough data (job failed). ``beating`` is the heartbeat that covers building pairs;
+    train_adapter beats on its own."""
     from dataclasses import asdict
 
     from assistant.model_files import resolve_model
@@ -236,17 +192,42 @@ def _train_job(a, store, config, job_id: str, beating):
     from .pairs import build_preferences, format_summary
     from .trainer import train_adapter
 
+    # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    data = build_preferences(store)
-    print(format_summary(data.summary), flush=True)
-    if not data.train_pairs or not data.eval_pairs:
-        reason = (f"not enough preference data: {len(data.train_pairs)} training and "
-                  f"{len(data.eval_pairs)} held-out pairs (both are needed)")
-        store.update_job(job_id, status="failed", error=reason)
-        print(f"error: {reason}", file=sys.stderr)
-        return None
+    if a.pairs is not None:
+        train, held = read_pairs(a.pairs), read_pairs(a.eval_pairs)
+    else:
+        data = build_preferences(store)
+        print(format_summary(data.summary), flush=True)
+        if not data.train_pairs or not data.eval_pairs:
+            reason = (f"not enough preference data: {len(data.train_pairs)} training and "
+                      f"{len(data.eval_pairs)} held-out pairs (both are needed)")
+            store.update_job(job_id, status="failed", error=reason)
+            print(f"error: {reason}", file=sys.stderr)
+            return None
+        train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+    print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs; Ctrl-C cancels", flush=True)
     model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
-    train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
     beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
                          job_id=job_id, created_by=a.actor, progress=print_progress)
+
+
+def print_progress(row: dict) -> None:
+    if "loss" in row and row.get("phase") == "training":
+        print(
+            f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
+            f"reward acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:+.3f}  {row['seconds']:.0f}s",
+            flush=True,
+        )
+    elif row.get("phase") not in (None, "training"):
+        print(f"[{row['phase']}] {row['job_seconds']:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    return run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,8 @@ folder beside ``<data_dir>/adapters/``, validated, evaluated by the gate, and on
 moved into place with one atomic rename and registered. A run that fails or is cancelled
 (``cancel`` event, the job's ``cancel_requested`` flag, Ctrl-C) removes its temporary
 folder, marks the job with the reason and changes nothing users see. A process killed
-outright (SIGKILL) cannot clean up: ``recover_stale_jobs`` does it on the next start.
+outright (SIGKILL) cannot clean up: ``loop.jobs.recover_stale_jobs`` does it (the app, at
+start and when its job process ends; ``app.py train``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def train_adapter(
         if progress is not None:
             progress(dict(last))
 
-    from loop.jobs import start_heartbeat
+    from .heartbeat import start_heartbeat
 
     beating = start_heartbeat(store, job_id)  # also in phases without steps (loading, the gate)
 
@@ -272,34 +273,10 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
 # -- recovery ------------------------------------------------------------------------------
 
 
-def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], bool] | None = None) -> list[str]:
-    """Fail jobs left 'running' by a process that is gone, not ours, or silent, and remove
-    what they left in adapters/.
-
-    Run at app start and before every ``train``. A running job is failed when its pid is
-    not provably its training process (``loop.jobs.job_process``: dead, or reused by a
-    process created after the job started) or when it sent no heartbeat for
-    ``loop.jobs.STALE_AFTER``; a silent process that is provably ours is sent SIGTERM,
-    any other process is left alone. Then removes temporary folders of jobs no longer
-    running and version-named folders that no registry row claims (a process killed
-    between the rename and the insert). Returns the ids of the jobs marked failed.
-    """
-    from loop import jobs
-
-    failed = []
-    for job in store.jobs("running"):
-        process = jobs.job_process(job) if is_ours is None else None
-        ours = process is not None if is_ours is None else is_ours(job)
-        stale = jobs.is_stale(job)
-        if (job.get("pid") == os.getpid() or ours) and not stale:
-            continue
-        if stale and ours:
-            why = f"the training process (pid {job.get('pid')}) sent {jobs.silence(job)}; it was stopped"
-        else:
-            why = (f"the training process (pid {job.get('pid')}) ended without finishing (killed or crashed, or "
-                   f"the pid now belongs to another process; last heartbeat {job.get('heartbeat_utc')})")
-        jobs.end_job(store, job, "failed", why + "; nothing was registered", process)
-        failed.append(job["id"])
+def remove_leftovers(store: Any, data_dir: Path) -> None:
+    """Remove what jobs no longer running left in adapters/: their temporary folders, and
+    version-named folders that no registry row claims (a process killed between the rename
+    and the insert). Jobs that died are failed first by ``loop.jobs.recover_stale_jobs``."""
     root = DataPaths(data_dir).adapters
     if root.is_dir():
         running = {j["id"] for j in store.jobs("running")}
@@ -311,4 +288,3 @@ def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], boo
                     shutil.rmtree(entry, ignore_errors=True)
             elif entry.is_dir() and _NAME.fullmatch(entry.name) and entry.name not in registered:
                 shutil.rmtree(entry, ignore_errors=True)
-    return failed
