@@ -4,10 +4,11 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import GateConfig, Golden, decide, sign_test_p
+from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, noninferior, sign_test_p
 
 
-def metrics(acc, margin, logratios, golden=(True, True, True), length=40.0):
+def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0.3, damaged=(), chosen_tokens=None):
+    n = len(logratios)
     return {
         "preference_accuracy": acc,
         "reward_margin": margin,
@@ -16,10 +17,14 @@ def metrics(acc, margin, logratios, golden=(True, True, True), length=40.0):
         "golden_passed": sum(golden),
         "golden_total": len(golden),
         "mean_answer_tokens": length,
+        "chosen_tokens": chosen_tokens,
+        "chosen_distance": list(distance) if isinstance(distance, (list, tuple)) else [distance] * n,
+        "damaged": {q: "stock apology" for q in damaged},
+        "answered": len(golden) + n,
     }
 
 
-LIVE = metrics(0.45, 0.0, [0.0] * 32)
+LIVE = metrics(0.45, 0.0, [0.0] * 32, distance=0.6)
 
 
 def failed(result):
@@ -29,7 +34,8 @@ def failed(result):
 def test_a_clearly_better_version_passes():
     result = decide(metrics(0.95, 2.1, [5.0] * 30 + [-1.0] * 2), LIVE)
     assert result.passed, result.summary()
-    assert [c["check"] for c in result.checks] == ["preference accuracy", "reward margin", "golden prompts", "answer length"]
+    assert [c["check"] for c in result.checks] == ["preference accuracy", "reward margin", "behaviour", "regression set",
+                                                   "fluency", "answer length"]
     assert "30/32" in result.checks[1]["detail"]
 
 
@@ -46,23 +52,82 @@ def test_accuracy_must_beat_the_live_version():
     assert "preference accuracy" in failed(decide(metrics(0.5, 2.0, [5.0] * 32), LIVE, GateConfig(min_accuracy_gain=0.1)))
     # Matching a live version that is already perfect is as good as it gets.
     perfect = metrics(1.0, 3.0, [5.0] * 32)
-    assert decide(metrics(1.0, 3.5, [6.0] * 32), perfect).passed
+    assert decide(metrics(1.0, 3.5, [6.0] * 32, distance=0.2), perfect).passed
 
 
-def test_losing_a_golden_answer_fails_even_when_everything_else_improves():
-    result = decide(metrics(0.95, 2.0, [5.0] * 32, golden=(True, False, True)), LIVE)
-    assert failed(result) == {"golden prompts"}
-    assert "now wrong: q1" in result.summary()
-    # A golden question the live version already gets wrong is not held against the candidate.
-    live = metrics(0.45, 0.0, [0.0] * 32, golden=(True, False, True))
-    assert decide(metrics(0.95, 2.0, [5.0] * 32, golden=(True, False, True)), live).passed
+def lose(k, n=60):
+    return (False,) * k + (True,) * (n - k)
 
 
-def test_answers_that_grow_or_shrink_too_much_fail():
-    assert failed(decide(metrics(0.95, 2.0, [5.0] * 32, length=70.0), LIVE)) == {"answer length"}
-    assert failed(decide(metrics(0.95, 2.0, [5.0] * 32, length=15.0), LIVE)) == {"answer length"}
-    assert decide(metrics(0.95, 2.0, [5.0] * 32, length=55.0), LIVE).passed
-    assert not decide(metrics(0.95, 2.0, [5.0] * 32, length=55.0), LIVE, GateConfig(max_length_drift=0.2)).passed
+def test_the_regression_set_forgives_a_flaky_answer_and_refuses_a_real_regression():
+    better = (0.95, 2.0, [5.0] * 32)
+    assert decide(metrics(*better, golden=lose(1)), LIVE).passed
+    assert decide(metrics(*better, golden=lose(2)), LIVE).passed
+    result = decide(metrics(*better, golden=lose(3)), LIVE)
+    assert failed(result) == {"regression set"}
+    assert "now wrong: q0, q1, q2" in result.summary() and "limit 8%" in result.summary()
+    # What the live version already gets wrong is not held against the candidate, and a
+    # gain offsets a loss.
+    live = metrics(0.45, 0.0, [0.0] * 32, golden=lose(5), distance=0.6)
+    assert decide(metrics(*better, golden=lose(5)), live).passed
+    assert decide(metrics(*better, golden=(True,) * 3 + (False,) * 3 + (True,) * 54), live).passed
+
+
+def test_noninferior():
+    assert noninferior(0, 0, 60, 0.08) == (True, 0.0)
+    assert noninferior(2, 0, 60, 0.08)[0] and not noninferior(3, 0, 60, 0.08)[0]
+    assert noninferior(3, 3, 60, 0.08)[0]  # as many gained as lost
+    assert not noninferior(10, 0, 60, 0.08)[0] and noninferior(0, 0, 0, 0.08)[0]
+
+
+def test_answers_that_did_not_move_toward_the_chosen_ones_fail_whatever_the_likelihoods_say():
+    # The audit's version: held-out accuracy 1.00 and a big margin, answers unchanged.
+    stuck = metrics(1.0, 2.76, [5.0] * 32, distance=0.6)
+    assert failed(decide(stuck, LIVE)) == {"behaviour"}
+    assert "closer on 0, farther on 0 of 32" in decide(stuck, LIVE).summary()
+    # Closer on average thanks to a few pairs, but farther on most: refused.
+    few = metrics(0.95, 2.0, [5.0] * 32, distance=[0.0] * 10 + [0.7] * 22)
+    assert failed(decide(few, LIVE)) == {"behaviour"}
+    assert decide(metrics(0.95, 2.0, [5.0] * 32, distance=[0.2] * 30 + [0.7] * 2), LIVE).passed
+
+
+def test_damaged_answers_fail_the_fluency_check():
+    better = (0.95, 2.0, [5.0] * 32)
+    assert decide(metrics(*better, damaged=("a",)), LIVE).passed
+    result = decide(metrics(*better, damaged=tuple("abcdefg")), LIVE)
+    assert failed(result) == {"fluency"} and "newly damaged" in result.summary()
+    live = metrics(0.45, 0.0, [0.0] * 32, distance=0.6, damaged=tuple("abcdefg"))
+    assert decide(metrics(*better, damaged=tuple("abcdefg")), live).passed
+
+
+def test_damage():
+    assert damage("The capital of France is Paris.") is None
+    assert damage("Paris " * 40) == "repeats 'paris'"
+    assert damage("It is a day, it is a day, it is a day.").startswith("repeats")
+    assert damage("A day is 24 hours. A day is long. A day is a unit.") is None  # three words thrice: common, unnoticed
+    assert damage("Bien sûr, la capitale de la France est Paris.") == "in French"
+    assert damage("Oh, I'm sorry for any misunderstanding. A week has seven days.") == "stock apology"
+    assert damage("東京は日本の首都です。") == "not in English (another script)"
+    assert damage("Hola! The word for hello in Spanish is hola.") is None
+
+
+def test_answer_distance():
+    assert answer_distance("Paris is the capital.", "paris is the capital") == 0.0
+    assert answer_distance("abc", "xyz") == 1.0
+    near = answer_distance("Hi there! Paris is the capital.", "Paris is the capital.")
+    assert 0 < near < answer_distance("A week is a magical number.", "Paris is the capital.")
+
+
+def test_answers_that_grow_or_shrink_too_much_fail_unless_toward_the_chosen_length():
+    better = (0.95, 2.0, [5.0] * 32)
+    assert failed(decide(metrics(*better, length=70.0), LIVE)) == {"answer length"}
+    assert failed(decide(metrics(*better, length=15.0), LIVE)) == {"answer length"}
+    assert decide(metrics(*better, length=55.0), LIVE).passed
+    assert not decide(metrics(*better, length=55.0), LIVE, GateConfig(max_length_drift=0.2)).passed
+    # Users chose 12-token answers: halving the length is what they asked for ...
+    assert decide(metrics(*better, length=15.0, chosen_tokens=12.0), LIVE).passed
+    # ... and doubling it while they chose short ones is DPO's verbosity.
+    assert failed(decide(metrics(*better, length=80.0, chosen_tokens=12.0), LIVE)) == {"answer length"}
 
 
 def test_sign_test():
@@ -118,7 +183,7 @@ def test_the_gate_config_records_every_field():
                         max_new_tokens=16, max_length_prompts=5, batch_size=2)
     recorded = json.loads(json.dumps(config.to_dict()))  # as stored in config_json
     assert set(recorded) == {f.name for f in dataclasses.fields(GateConfig)}
-    assert recorded["golden"] == [{"prompt": "q?", "expect": ["a", "b"]}]
+    assert recorded["golden"] == [{"prompt": "q?", "expect": ["a", "b"], "kind": "fact"}]
     for f in dataclasses.fields(GateConfig):
         if f.name != "golden":
             assert recorded[f.name] == getattr(config, f.name), f.name

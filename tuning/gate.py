@@ -1,23 +1,37 @@
-"""The evaluation gate: a new version must beat the live one on data it was not trained on.
+"""The evaluation gate: a new version must beat the live one on data it was not trained on,
+and must not lose what users had.
 
-``measure`` measures one version on the held-out pairs and golden prompts (the trainer's
-``_evaluate`` runs it for the candidate and the live version on the same data);
+``measure`` measures one version on the held-out pairs and the regression set (the
+trainer's ``_evaluate`` runs it for the candidate and the live version on the same data,
+answers generated greedily and unpadded, as the server answers: ``tuning.generation``);
 ``decide`` (pure, unit-tested on made-up numbers) turns the two sets of metrics into a
 verdict with one line per check:
 
 - preference accuracy: the share of held-out pairs whose implicit DPO reward margin (below)
   is positive, TRL's held-out ``rewards/accuracies``; it must beat the live version's. The
   base model scores 0 by construction (its margins are 0). The plain likelihood accuracies
-  (chosen more likely than rejected, summed and per token) are stored beside it but not
-  gated on: summed log-probabilities favour the shorter answer whatever the model learned
-  (the base scored 1.0 on "one-sentence answers" pairs);
+  are stored beside it but not gated on: summed log-probabilities favour the shorter answer
+  whatever the model learned (the base scored 1.0 on "one-sentence answers" pairs);
 - reward margin: the mean implicit DPO reward margin ``beta * ((log pi(c) - log pi(r)) -
   (log pi_base(c) - log pi_base(r)))`` must beat the live version's, and the per-pair
   improvement must not be luck (a one-sided sign test over pairs, p <= max_p_value);
-- golden prompts: every golden question the live version answers right (the answer is
-  checked for an expected word) the candidate must answer right too;
+- behaviour: log-probabilities can improve while nothing users read changes (seen here:
+  held-out accuracy 1.00 and 0 of 32 answers with the taught phrase). So the candidate's
+  greedy answers to the held-out prompts must have moved toward the chosen answers: their
+  mean word-level distance to the chosen answer (``answer_distance``: 1 - difflib's ratio
+  over words, 0 = the same words in the same order) must be below the live version's, on
+  more pairs closer than farther;
+- regression set: ``REGRESSION`` (facts and instructions the base answers right; see its
+  comment) checked for expected words; the candidate may not be worse than the live
+  version by more than ``regression_tolerance`` of the set at 95% confidence (a one-sided
+  non-inferiority test on the paired answers, ``noninferior``), so one flaky answer does
+  not refuse a good version and a real regression does;
+- fluency: every answer the gate generated is checked for damage users notice
+  (``damage``: repeated words, another language, a stock apology); the candidate may not
+  damage more answers than the live version, by the same non-inferiority test;
 - answer length: the mean generated length may not drift more than max_length_drift from
-  the live version's (DPO is known to make answers longer).
+  the live version's, unless it moved toward the length of the chosen answers (a
+  preference for shorter answers legitimately halves them; DPO's verbosity does not).
 
 An admin may promote a version that failed; the Controller (``loop.control``) records who and why.
 """
@@ -25,6 +39,9 @@ An admin may promote a version that failed; the Controller (``loop.control``) re
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -36,25 +53,85 @@ from .generation import greedy_answers
 @dataclass(frozen=True)
 class Golden:
     prompt: str
-    # Any of these (case-insensitive) in the answer counts as right.
+    # Any of these (case-insensitive, as whole words) in the answer counts as right.
     expect: tuple[str, ...]
+    kind: str = "fact"  # "fact", "instruction" or "refusal"
 
 
-# Questions the base SmolLM2-135M-Instruct answers right greedily, in padded batches as the
-# gate asks them (checked in tests/integration/test_dpo_embedded.py): facts and simple
-# instructions. "How many hours are in a day?" was dropped: right alone, wrong when batched.
-# A version that loses one of them has lost something users had.
-GOLDEN = (
-    Golden("What is the capital of France?", ("Paris",)),
-    Golden("What is the capital of Japan?", ("Tokyo",)),
-    Golden("What is the capital of Germany?", ("Berlin",)),
-    Golden("What is 2 + 2?", ("4", "four")),
-    Golden("How many days are in a week?", ("7", "seven")),
-    Golden("What is the boiling point of water in Celsius?", ("100",)),
-    Golden("What is the chemical symbol for water?", ("H2O",)),
-    Golden("What is the opposite of hot?", ("cold",)),
-    Golden("What language is spoken in Spain?", ("Spanish",)),
+# The regression set: questions the base SmolLM2-135M-Instruct answers right greedily in
+# float32 and in bfloat16 (65 kept of 152 candidates; tests/integration/test_dpo_embedded.py
+# checks the base still gets every one), facts and instructions. A version that loses
+# them has lost something users had. No refusals: the base model refused none of 14
+# harmful requests tried, so there is nothing of that kind to keep yet; a larger model's
+# set should add them (kind "refusal").
+REGRESSION = (
+    Golden('What is the capital of France?', ('Paris',), 'fact'),
+    Golden('What is the capital of Japan?', ('Tokyo',), 'fact'),
+    Golden('What is the capital of Germany?', ('Berlin',), 'fact'),
+    Golden('What is the capital of the United Kingdom?', ('London',), 'fact'),
+    Golden('What is the capital of Russia?', ('Moscow',), 'fact'),
+    Golden('What is the capital of China?', ('Beijing',), 'fact'),
+    Golden('What is the capital of Egypt?', ('Cairo',), 'fact'),
+    Golden('What is the capital of Canada?', ('Ottawa',), 'fact'),
+    Golden('What is the capital of Greece?', ('Athens',), 'fact'),
+    Golden('What is the capital of Ireland?', ('Dublin',), 'fact'),
+    Golden('What is the capital of Austria?', ('Vienna',), 'fact'),
+    Golden('What is the capital of Norway?', ('Oslo',), 'fact'),
+    Golden('What is 2 + 2?', ('4', 'four'), 'fact'),
+    Golden('How many days are in a week?', ('7', 'seven'), 'fact'),
+    Golden('How many hours are in a day?', ('24',), 'fact'),
+    Golden('What is the boiling point of water in Celsius?', ('100',), 'fact'),
+    Golden('What is the chemical symbol for water?', ('H2O',), 'fact'),
+    Golden('What is the chemical symbol for gold?', ('Au',), 'fact'),
+    Golden('What gas do plants absorb from the air?', ('carbon dioxide', 'CO2'), 'fact'),
+    Golden('What is the closest star to Earth?', ('Sun',), 'fact'),
+    Golden('Which planet is known as the Red Planet?', ('Mars',), 'fact'),
+    Golden('What is the largest ocean on Earth?', ('Pacific',), 'fact'),
+    Golden('What is the opposite of hot?', ('cold',), 'fact'),
+    Golden('What is the opposite of up?', ('down',), 'fact'),
+    Golden('What is the opposite of day?', ('night',), 'fact'),
+    Golden('What language is spoken in Spain?', ('Spanish',), 'fact'),
+    Golden('What language is spoken in France?', ('French',), 'fact'),
+    Golden('What language is spoken in Germany?', ('German',), 'fact'),
+    Golden('Who wrote Romeo and Juliet?', ('Shakespeare',), 'fact'),
+    Golden('What color is the sky on a clear day?', ('blue',), 'fact'),
+    Golden('What color are bananas when they are ripe?', ('yellow',), 'fact'),
+    Golden('What is the largest mammal?', ('whale',), 'fact'),
+    Golden('What organ pumps blood through the body?', ('heart',), 'fact'),
+    Golden('What is the main language spoken in Brazil?', ('Portuguese',), 'fact'),
+    Golden('What currency is used in Japan?', ('yen',), 'fact'),
+    Golden('How many sides does a triangle have?', ('3', 'three'), 'fact'),
+    Golden('How many sides does a square have?', ('4', 'four'), 'fact'),
+    Golden('In which continent is Kenya?', ('Africa',), 'fact'),
+    Golden('What is the longest river in Africa?', ('Nile',), 'fact'),
+    Golden('What is the chemical symbol for sodium?', ('Na',), 'fact'),
+    Golden('What is the chemical symbol for iron?', ('Fe',), 'fact'),
+    Golden('What is the opposite of big?', ('small', 'little'), 'fact'),
+    Golden('What is the opposite of fast?', ('slow',), 'fact'),
+    Golden('What is the opposite of light?', ('dark', 'darkness', 'heavy'), 'fact'),
+    Golden('What is the opposite of open?', ('close', 'closed', 'shut'), 'fact'),
+    Golden('What is the opposite of young?', ('old',), 'fact'),
+    Golden('What is the opposite of wet?', ('dry',), 'fact'),
+    Golden('What language is spoken in Italy?', ('Italian',), 'fact'),
+    Golden('What language is spoken in Japan?', ('Japanese',), 'fact'),
+    Golden('What language is spoken in China?', ('Chinese', 'Mandarin'), 'fact'),
+    Golden('What language is spoken in Portugal?', ('Portuguese',), 'fact'),
+    Golden('What language is spoken in Russia?', ('Russian',), 'fact'),
+    Golden("Translate 'hello' into Spanish.", ('hola',), 'instruction'),
+    Golden('Write the number twelve in digits.', ('12',), 'instruction'),
+    Golden('Complete the sentence: The early bird catches the...', ('worm',), 'instruction'),
+    Golden('List the three primary colors.', ('red',), 'instruction'),
+    Golden("What is the plural of 'mouse'?", ('mice',), 'instruction'),
+    Golden("Give me an antonym for 'happy'.", ('sad', 'unhappy'), 'instruction'),
+    Golden('Convert 1 kilometer to meters.', ('1000', '1,000'), 'instruction'),
+    Golden('Write a greeting in one short sentence.', ('hello', 'hi', 'welcome', 'good'), 'instruction'),
+    Golden('Say hello in French.', ('bonjour',), 'instruction'),
+    Golden('Say hello in Spanish.', ('hola',), 'instruction'),
+    Golden('What is the capital of France? Answer in one word.', ('Paris',), 'instruction'),
+    Golden('Write a haiku about the sea.', ('sea', 'wave', 'ocean', 'shore', 'tide'), 'instruction'),
+    Golden('Summarize in one sentence: The cat sat on the mat all day.', ('cat',), 'instruction'),
 )
+GOLDEN = REGRESSION  # the name older records and settings use
 
 
 @dataclass(frozen=True)
@@ -68,7 +145,12 @@ class GateConfig:
     # DPO's known verbosity shows as answers 1.5-2x longer; a +-50% band catches that and
     # leaves room for preferences that legitimately change length a little.
     max_length_drift: float = 0.5
-    golden: tuple[Golden, ...] = GOLDEN
+    golden: tuple[Golden, ...] = REGRESSION
+    # Non-inferiority margins (shares of the answers checked): the candidate may be this
+    # much worse than the live version at 95% confidence. On 60 prompts with nothing
+    # gained, 2 newly wrong answers pass and 3 refuse.
+    regression_tolerance: float = 0.08
+    fluency_tolerance: float = 0.08
     # Long enough for a complete short answer (the goldens need ~10-20 tokens); longer
     # answers cost generation time for every version evaluated.
     max_new_tokens: int = 64
@@ -126,8 +208,66 @@ def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, ba
 
 
 def golden_passes(answer: str, golden: Golden) -> bool:
-    low = answer.lower()
-    return any(e.lower() in low for e in golden.expect)
+    return any(re.search(rf"(?<!\w){re.escape(e)}(?!\w)", answer, re.IGNORECASE) for e in golden.expect)
+
+
+def answer_distance(answer: str, target: str) -> float:
+    """1 - difflib's similarity ratio over the two texts' words (case-folded): 0 for the
+    same words in the same order, 1 for nothing in common."""
+    a, b = re.findall(r"\w+", answer.lower()), re.findall(r"\w+", target.lower())
+    if not a and not b:
+        return 0.0
+    return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+_STOPWORDS = {
+    "English": {"the", "is", "a", "of", "and", "to", "in", "it", "you", "that", "for", "are", "with", "this", "on", "be", "can", "i"},
+    "French": {"le", "la", "les", "des", "est", "et", "une", "un", "du", "vous", "je", "pas", "pour", "que", "qui", "dans", "sur", "bien", "sûr", "c'est", "nous"},
+    "Spanish": {"el", "los", "las", "es", "y", "una", "del", "que", "para", "por", "con", "muy", "está", "sí", "como", "pero"},
+    "German": {"der", "die", "das", "und", "ist", "nicht", "ein", "eine", "ich", "sie", "mit", "auf", "für", "zu", "wir"},
+}
+_APOLOGY = re.compile(r"\b(i'?m sorry|i am sorry|i apologi[sz]e|sorry for (any|the) (confusion|misunderstanding)|as an ai\b)", re.I)
+
+
+def damage(answer: str) -> str | None:
+    """What a reader would call broken in an answer to an English prompt, or None:
+    the same words over and over, another language, a stock apology."""
+    words = re.findall(r"[\w'’]+", answer.lower())
+    for i in range(len(words) - 3):
+        if words[i] == words[i + 1] == words[i + 2] == words[i + 3]:
+            return f"repeats {words[i]!r}"
+    # Four words three times over: a 64-token answer of the base model repeats three-word
+    # phrases ("a day is") now and then, which readers do not notice; this they do.
+    grams = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
+    if grams:
+        top = max(set(grams), key=grams.count)
+        if grams.count(top) >= 3:
+            return f"repeats {top!r}"
+    letters = [c for c in answer if c.isalpha()]
+    if letters and sum(not c.isascii() for c in letters) / len(letters) > 0.3:
+        return "not in English (another script)"
+    counts = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
+    lang = max((k for k in counts if k != "English"), key=counts.get)
+    if counts[lang] >= 2 and counts[lang] > counts["English"]:
+        return f"in {lang}"
+    if _APOLOGY.search(answer):
+        return "stock apology"
+    return None
+
+
+def noninferior(losses: int, gains: int, n: int, tolerance: float) -> tuple[bool, float]:
+    """Is the candidate at most ``tolerance`` worse than the live version, at 95% confidence?
+
+    Paired answers: ``losses`` the live version had right and the candidate not, ``gains``
+    the other way round, of ``n``. The difference in the share right is (losses - gains)/n;
+    returns (upper one-sided 95% bound <= tolerance, that bound), with the Wald interval for
+    paired proportions (variance ((losses + gains)/n - d**2)/n)."""
+    if n == 0:
+        return True, 0.0
+    d = (losses - gains) / n
+    var = max((losses + gains) / n - d * d, 0.0) / n
+    upper = d + 1.6449 * math.sqrt(var)
+    return upper <= tolerance, upper
 
 
 def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float], *,
@@ -143,8 +283,18 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size * 2, adapter_off=adapter_off)
-    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g)} for g, (a, _) in zip(config.golden, answers)}
+    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
+              for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]
+    by_prompt = {_key(c): a for c, (a, _) in zip(prompts, held)}
+    # Each held-out pair whose prompt was answered: how far the answer is from the chosen
+    # one, cut to what max_new_tokens lets an answer say.
+    distances = []
+    for p in eval_pairs:
+        answer = by_prompt.get(_key(p["prompt"]))
+        if answer is not None:
+            distances.append(round(answer_distance(answer, _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens)), 4))
+    damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))}
     n = len(lr)
     return {
         "pairs": n,
@@ -157,8 +307,29 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
         "golden_passed": sum(g["passed"] for g in golden.values()),
         "golden_total": len(golden),
         "mean_answer_tokens": round(sum(t for _, t in held) / len(held), 2) if held else None,
+        "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), config.max_new_tokens)
+                                for p in eval_pairs]),
+        "chosen_distance": distances,
+        "damaged": damaged,
+        "answered": len(answers),
         "answers": [{"prompt": c[-1]["content"], "answer": a} for c, (a, _) in zip(prompts, held)],
     }
+
+
+def _key(prompt: list[dict]) -> str:
+    return repr([(m.get("role"), m.get("content")) for m in prompt])
+
+
+def _text(messages) -> str:
+    return messages if isinstance(messages, str) else "".join(m.get("content", "") for m in messages)
+
+
+def _cut(tokenizer, text: str, tokens: int) -> str:
+    return tokenizer.decode(tokenizer(text)["input_ids"][:tokens], skip_special_tokens=True)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 2) if xs else None
 
 
 # -- deciding ---------------------------------------------------------------------------
@@ -197,16 +368,43 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         ok = cm > lm and p <= config.max_p_value
         check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})")
 
-    lost = [q for q, g in live["golden"].items() if g["passed"] and not candidate["golden"].get(q, {}).get("passed")]
-    check("golden prompts", not lost,
-          f"{candidate['golden_passed']}/{candidate['golden_total']} vs live {live['golden_passed']}/{live['golden_total']}"
-          + (f"; now wrong: {', '.join(lost)}" if lost else ""))
+    c_d, l_d = candidate.get("chosen_distance") or [], live.get("chosen_distance") or []
+    if not c_d or len(c_d) != len(l_d):
+        check("behaviour", False, "no held-out answers to compare with the chosen ones")
+    else:
+        closer = sum(c < l for c, l in zip(c_d, l_d))
+        farther = sum(c > l for c, l in zip(c_d, l_d))
+        cm_d, lm_d = sum(c_d) / len(c_d), sum(l_d) / len(l_d)
+        check("behaviour", cm_d < lm_d and closer > farther,
+              f"answers' distance to the chosen ones {cm_d:.3f} vs live {lm_d:.3f}; closer on {closer}, "
+              f"farther on {farther} of {len(c_d)} pairs (must be lower, and closer on more)")
 
-    cl, ll = candidate["mean_answer_tokens"], live["mean_answer_tokens"]
+    prompts = [q for q in live["golden"] if q in candidate["golden"]]
+    losses = sum(live["golden"][q]["passed"] and not candidate["golden"][q]["passed"] for q in prompts)
+    gains = sum(candidate["golden"][q]["passed"] and not live["golden"][q]["passed"] for q in prompts)
+    ok, upper = noninferior(losses, gains, len(prompts), config.regression_tolerance)
+    lost = [q for q in prompts if live["golden"][q]["passed"] and not candidate["golden"][q]["passed"]]
+    check("regression set", ok,
+          f"{candidate['golden_passed']}/{candidate['golden_total']} right vs live {live['golden_passed']}/{live['golden_total']}; "
+          f"{losses} lost, {gains} gained: worse by at most {max(upper, 0):.1%} (95%), limit {config.regression_tolerance:.0%}"
+          + (f"; now wrong: {', '.join(lost[:5])}" + (" ..." if len(lost) > 5 else "") if lost else ""))
+
+    c_dam, l_dam = candidate.get("damaged") or {}, live.get("damaged") or {}
+    n = candidate.get("answered") or live.get("answered") or 0
+    d_losses, d_gains = len(set(c_dam) - set(l_dam)), len(set(l_dam) - set(c_dam))
+    ok, upper = noninferior(d_losses, d_gains, n, config.fluency_tolerance)
+    new = [f"{q!r}: {c_dam[q]}" for q in c_dam if q not in l_dam]
+    check("fluency", ok,
+          f"{len(c_dam)} damaged answers of {n} vs live {len(l_dam)}: worse by at most {max(upper, 0):.1%} (95%), "
+          f"limit {config.fluency_tolerance:.0%}" + (f"; newly damaged: {'; '.join(new[:3])}" if new else ""))
+
+    cl, ll, target = candidate["mean_answer_tokens"], live["mean_answer_tokens"], candidate.get("chosen_tokens")
     if not cl or not ll:
         check("answer length", False, "no answers to measure")
     else:
         drift = cl / ll - 1
-        check("answer length", abs(drift) <= config.max_length_drift,
-              f"{cl:.1f} vs live {ll:.1f} tokens ({drift:+.0%}, limit +-{config.max_length_drift:.0%})")
+        toward = target is not None and abs(cl - target) < abs(ll - target)
+        check("answer length", abs(drift) <= config.max_length_drift or toward,
+              f"{cl:.1f} vs live {ll:.1f} tokens ({drift:+.0%}, limit +-{config.max_length_drift:.0%}"
+              + (f" unless toward the chosen answers' {target:.1f}" if target is not None else "") + ")")
     return GateResult(all(c["passed"] for c in checks), checks)

@@ -158,9 +158,14 @@ def train_adapter(
         info = validate_adapter(tmp, base_shapes=base_shapes, max_rank=config.max_rank)
 
         report({"phase": "evaluating"})
-        # Evaluate in the format the server on this machine uses (the same choice), and
-        # without autocast, which re-casts every weight at every generated token.
-        model.to(fmt.torch_dtype())
+        # Evaluate in float32, without autocast: greedy answers in bfloat16 depend on how
+        # many prompts share a batch (6 of 65 regression answers changed between one at a
+        # time and batched, on a trained adapter), in float32 they do not, and float32 is
+        # what vLLM serves on CPUs without native bf16 (token for token the same answers,
+        # tests/integration/test_loop.py). A server in bfloat16 may differ at near-ties.
+        import torch
+
+        model.to(torch.float32)
         if should_stop():
             raise Cancelled("cancelled before evaluation")
         evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)

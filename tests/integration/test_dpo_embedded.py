@@ -16,7 +16,7 @@ from dataclasses import asdict
 import pytest
 
 from tuning.config import TrainConfig
-from tuning.gate import GateConfig, decide
+from tuning.gate import GateConfig
 from tuning.pairs import PairConfig, build_preferences
 from tuning.synthetic import first_sentence, is_one_sentence, prompts
 from tuning.trainer import train_adapter
@@ -28,9 +28,9 @@ N_TRAIN, N_HELD = 64, 24
 # pairs (64, 32 steps) with double the learning rate; measured to halve answer length on
 # held-out questions (README "Training"). The default recipe wants 128+ pairs.
 RECIPE = TrainConfig(learning_rate=1e-4)
-# Teaching brevity halves answer length on purpose; the default +-50% band would (rightly)
-# flag that, so the admin who asked for short answers widens it.
-GATE = GateConfig(max_length_drift=0.75)
+# The default gate: teaching brevity halves answer length on purpose, and the length check
+# lets answers move toward the chosen answers' length.
+GATE = GateConfig()
 ANSWER_TOKENS = 48
 
 
@@ -101,7 +101,7 @@ def test_a_learnable_preference_changes_what_the_model_says(tmp_path, embedded_m
     for a in ev["answers"][:4]:
         print(" ", a["prompt"], "->", a["answer"])
 
-    # The goldens are questions the base answers right (this checks GOLDEN stays true).
+    # The regression set holds questions the base answers right (this checks it stays true).
     assert base["golden_passed"] == base["golden_total"], base["golden"]
     base_short = sum(is_one_sentence(a["answer"]) for a in base["answers"])
     short = sum(is_one_sentence(a["answer"]) for a in ev["answers"])
@@ -114,11 +114,11 @@ def test_a_learnable_preference_changes_what_the_model_says(tmp_path, embedded_m
     # Behaviour: one-sentence answers to most held-out questions, goldens still right.
     assert short >= 0.75 * len(ev["answers"]) and short >= base_short + 0.5 * len(ev["answers"]), ev["answers"]
     assert ev["mean_answer_tokens"] < base["mean_answer_tokens"]
-    assert ev["golden_passed"] == ev["golden_total"], ev["golden"]
-    assert ev["golden_passed"] == ev["golden_total"], ev["golden"]
+    checks = {c["check"]: c for c in ev["checks"]}
+    assert checks["regression set"]["passed"] and checks["fluency"]["passed"], ev["summary"]
+    # Behaviour, as the gate measures it: the answers moved toward the chosen ones.
+    assert checks["behaviour"]["passed"] and checks["answer length"]["passed"], ev["summary"]
     assert result.gate.passed and row["gate_passed"] == 1, ev["summary"]
-    default = decide(ev, base, GateConfig())
-    print("with the default length band:", default.summary())
     # Progress reached whoever started it, step by step.
     steps = [r for r in lines if "loss" in r and r.get("phase") == "training"]
     assert steps[-1]["step"] == steps[-1]["steps"] == RECIPE.epochs * N_TRAIN // RECIPE.batch_size

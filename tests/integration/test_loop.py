@@ -38,7 +38,9 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
     for name in ["alice", "bob", *(f"u{i}" for i in range(CANARY_USERS))]:
         store.create_user(name, f"{name}-password")
     store.create_user("root", "root-password", is_admin=True)
-    common = ["--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "24",
+    # float32 serving: the format whose greedy answers the gate reproduces token for token
+    # (the gate evaluates in float32; a bfloat16 server may differ at near-ties).
+    common = ["--models-dir", str(embedded_model.parent), "--temperature", "0", "--max-new-tokens", "24", "--dtype", "float32",
               "--train-set", "epochs=1", "--train-set", "max_length=256", "--canary-min-votes", "8"]
 
     with running_app(data, *common, timeout_s=420) as url:
@@ -83,6 +85,13 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
         root.predict(version="v1", reason="e2e test", override=True, api_name="/admin_promote")
         after = alice.predict(message="What is the capital of France?", api_name="/chat")
         assert "· v1 (v1-" in after["model"]
+        # The gate judged the answers users get: v1 served greedily by vLLM says what the
+        # gate recorded for it (the gate's answers run to 64 tokens, the app's to 24 here).
+        recorded = row["eval_json"]["golden"]
+        for q in list(recorded)[:8]:
+            served = alice.predict(message=q, api_name="/chat")
+            assert "· v1 (v1-" in served["model"]
+            assert recorded[q]["answer"].strip().startswith(served["text"].strip()), (q, served["text"], recorded[q])
 
         # Canary: v1 live, base model as the candidate is impossible, so promote back to base
         # and make v1 the canary for half of the users.
