@@ -31,6 +31,12 @@ def test_a_clearly_better_version_passes():
     assert result.passed, result.summary()
     assert [c["check"] for c in result.checks] == ["preference accuracy", "reward margin", "golden prompts", "answer length"]
     assert "30/32" in result.checks[1]["detail"]
+    # What the console's verdict card shows for each check: the value, the live version's, the bar.
+    acc, margin, golden, length = result.checks
+    assert (acc["value"], acc["live"], acc["threshold"]) == (0.95, 0.45, "above 0.450")
+    assert (margin["value"], margin["live"]) == (2.1, 0.0) and "p=" in margin["threshold"]
+    assert (golden["value"], golden["live"]) == ("3/3", "3/3")
+    assert (length["value"], length["live"], length["threshold"]) == (40.0, 40.0, "20.0-60.0 tokens (+-50% of live)")
 
 
 def test_noise_that_happens_to_raise_the_mean_is_refused_by_the_sign_test():

@@ -177,15 +177,17 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     """The verdict on ``candidate`` against ``live``; both are ``measure`` results on the same data."""
     checks = []
 
-    def check(name: str, ok: bool, detail: str) -> None:
-        checks.append({"check": name, "passed": bool(ok), "detail": detail})
+    def check(name: str, ok: bool, detail: str, **shown) -> None:
+        # shown: value, live, threshold, for the console's verdict card (missing when not measured)
+        checks.append({"check": name, "passed": bool(ok), "detail": detail, **shown})
 
     ca, la = candidate["preference_accuracy"], live["preference_accuracy"]
     if ca is None or la is None:
         check("preference accuracy", False, "no held-out pairs to measure on")
     else:
         ok = ca > la + config.min_accuracy_gain or (la >= 1.0 and ca >= 1.0)
-        check("preference accuracy", ok, f"{ca:.3f} vs live {la:.3f}")
+        check("preference accuracy", ok, f"{ca:.3f} vs live {la:.3f}", value=ca, live=la,
+              threshold=f"above {la + config.min_accuracy_gain:.3f}" + (" (or both 1.0)" if la >= 1.0 else ""))
 
     cm, lm = candidate["reward_margin"], live["reward_margin"]
     c_lr, l_lr = candidate.get("logratios") or [], live.get("logratios") or []
@@ -195,12 +197,16 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         check("reward margin", False, "no held-out pairs to measure on")
     else:
         ok = cm > lm and p <= config.max_p_value
-        check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})")
+        check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})",
+              value=cm, live=lm, threshold=f"above {lm:.3f}, and better on enough pairs: p={p:.3g} <= {config.max_p_value}")
 
     lost = [q for q, g in live["golden"].items() if g["passed"] and not candidate["golden"].get(q, {}).get("passed")]
     check("golden prompts", not lost,
           f"{candidate['golden_passed']}/{candidate['golden_total']} vs live {live['golden_passed']}/{live['golden_total']}"
-          + (f"; now wrong: {', '.join(lost)}" if lost else ""))
+          + (f"; now wrong: {', '.join(lost)}" if lost else ""),
+          value=f"{candidate['golden_passed']}/{candidate['golden_total']}",
+          live=f"{live['golden_passed']}/{live['golden_total']}",
+          threshold="every golden prompt the live version answers right")
 
     cl, ll = candidate["mean_answer_tokens"], live["mean_answer_tokens"]
     if not cl or not ll:
@@ -208,5 +214,7 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     else:
         drift = cl / ll - 1
         check("answer length", abs(drift) <= config.max_length_drift,
-              f"{cl:.1f} vs live {ll:.1f} tokens ({drift:+.0%}, limit +-{config.max_length_drift:.0%})")
+              f"{cl:.1f} vs live {ll:.1f} tokens ({drift:+.0%}, limit +-{config.max_length_drift:.0%})",
+              value=cl, live=ll, threshold=f"{ll * (1 - config.max_length_drift):.1f}-{ll * (1 + config.max_length_drift):.1f} tokens "
+              f"(+-{config.max_length_drift:.0%} of live)")
     return GateResult(all(c["passed"] for c in checks), checks)
