@@ -65,6 +65,11 @@ def stage_of(job: dict) -> str:
         return "queued"
     if job["status"] != "running":
         return job["status"]
+    return _reached(job)
+
+
+def _reached(job: dict) -> str:
+    """The named step a job's progress reached (where a failed job stopped)."""
     phase = (job.get("progress_json") or {}).get("phase")
     # app.py train marks the job running, then builds pairs before the trainer reports a phase.
     return _STAGE_OF.get(phase, "building pairs" if phase is None else "gate")
@@ -93,22 +98,20 @@ def job_view(job: dict, adapter: dict | None = None, now: dt.datetime | None = N
         "pairs": (job.get("config_json") or {}).get("pairs"),
         "version": job.get("adapter_version"), "error": job.get("error"),
     }
-    view["stages"] = [
-        {"name": s, "state": _stage_state(s, stage, job["status"])} for s in STAGES
-    ]
+    view["reached"] = reached = _reached(job) if job["status"] != "queued" else None
+    view["stages"] = [{"name": s, "state": _stage_state(s, reached, job["status"])} for s in STAGES]
     view["sentence"] = job_sentence(view, adapter)
     return view
 
 
-def _stage_state(name: str, stage: str, status: str) -> str:
+def _stage_state(name: str, reached: str | None, status: str) -> str:
     """done, now, todo, or failed (the stage a failed or cancelled job stopped in)."""
     if status == "succeeded":
         return "done"
-    order = list(STAGES)
-    if stage in order:
-        i, j = order.index(name), order.index(stage)
-        return "done" if i < j else "now" if i == j else "todo"
-    return "todo"
+    if reached not in STAGES:
+        return "todo"
+    i, j = STAGES.index(name), STAGES.index(reached)
+    return "done" if i < j else "todo" if i > j else "now" if status == "running" else "failed"
 
 
 def job_sentence(view: dict, adapter: dict | None = None) -> str:
@@ -133,7 +136,8 @@ def job_sentence(view: dict, adapter: dict | None = None) -> str:
         why = "; ".join(f"{c['check']}: {c['detail']}" for c in failed) or "no check recorded"
         return f"{head}; the gate refused it because {why}" + ("" if why[-1] in ".?!" else ".")
     word = {"failed": "failed", "cancelled": "was cancelled"}.get(view["status"], view["status"])
-    return f"The job {word} after {took}" + (f": {view['error']}" if view["error"] else ".")
+    return (f"The job {word} after {took} while {view['reached'] or 'queued'}"
+            + (f": {view['error']}" if view["error"] else "."))
 
 
 def verdict(eval_json: dict) -> list[dict]:

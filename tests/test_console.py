@@ -59,7 +59,8 @@ def test_a_finished_job_says_in_one_sentence_what_it_made_and_why_the_gate_refus
     assert "How many days are in a week?" in sentence
     assert "passed it (5 of 5 checks)" in reports.job_view({**job, "adapter_version": 1}, store.adapter(1))["sentence"]
     failed = {**job, "status": "failed", "adapter_version": None, "error": "ValueError: there are no training pairs"}
-    assert reports.job_view(failed)["sentence"] == "The job failed after 6 min: ValueError: there are no training pairs"
+    assert reports.job_view(failed)["sentence"] == "The job failed after 6 min while training: ValueError: there are no training pairs"
+    assert [s["state"] for s in reports.job_view(failed)["stages"]] == ["done", "failed", "todo", "todo"]
     assert "<script>" not in console_html.job_panel(reports.job_view({**failed, "error": "<script>x</script>"}))
 
 

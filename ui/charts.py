@@ -205,6 +205,7 @@ CSS = """
 .ac-stages { display: flex; gap: 6px; flex-wrap: wrap; margin: 6px 0; }
 .ac-stage { padding: 3px 10px; border-radius: 999px; font-size: 13px; border: 1px solid var(--border-color-primary); color: var(--body-text-color-subdued); }
 .ac-stage.done { background: #d3f9d8; color: #2b8a3e; border-color: #8ce99a; }
+.ac-stage.failed { background: #ffe3e3; color: #c92a2a; border-color: #ffa8a8; font-weight: 600; }
 .ac-stage.now { background: #d0ebff; color: #1864ab; border-color: #74c0fc; font-weight: 600; }
 .ac-sentence { font-size: 16px; margin: 8px 0; }
 .ac-sentence.bad { color: #c92a2a; }
