@@ -97,6 +97,7 @@ def job_view(job: dict, adapter: dict | None = None, now: dt.datetime | None = N
         "last": {label: p.get(key) for key, label in CURVES},
         "pairs": (job.get("config_json") or {}).get("pairs"),
         "version": job.get("adapter_version"), "error": job.get("error"),
+        "gate_passed": None if adapter is None else bool(adapter.get("gate_passed")),
     }
     view["reached"] = reached = _reached(job) if job["status"] != "queued" else None
     view["stages"] = [{"name": s, "state": _stage_state(s, reached, job["status"])} for s in STAGES]
@@ -205,7 +206,9 @@ def comparison(eval_json: dict) -> list[dict]:
     for r in rows:
         r["changed"] = (r["live"] or "").strip() != (r["candidate"] or "").strip()
         r["diff"] = word_diff(r["live"] or "", r["candidate"] or "")
-    return rows
+    # What changed first, a golden answer lost before all: the admin reads from the top.
+    lost = lambda r: r["kind"] == "golden" and r["live_passed"] and not r["candidate_passed"]  # noqa: E731
+    return sorted(rows, key=lambda r: (not lost(r), not r["changed"]))
 
 
 def comparison_counts(rows: list[dict]) -> dict:
@@ -248,11 +251,12 @@ def feedback_sentences(summary: dict | None) -> list[str]:
         return ["No summary of the preference data yet."]
     read, pairs, cand = summary["read"], summary["pairs"], summary.get("candidates") or {}
     left, unp = summary.get("left_out") or {}, summary.get("unpaired") or {}
-    signals = ", ".join(f"{cand.get(s, 0)} {s}{'s' if cand.get(s, 0) != 1 else ''}" for s in ("vote", "edit", "retry"))
-    by = ", ".join(f"{n} from {s}s" for s, n in (pairs.get("by_signal") or {}).items() if n) or "none"
+    plural = {"vote": "votes", "edit": "edits", "retry": "retries"}
+    signals = ", ".join(f"{cand.get(s, 0)} from {plural[s]}" for s in ("vote", "edit", "retry"))
+    by = ", ".join(f"{n} from {plural.get(s, s)}" for s, n in (pairs.get("by_signal") or {}).items() if n) or "none"
     lines = [
         f"{read['answers']} answers with feedback ({read['votes']} votes) from {read['users']} "
-        f"user{'s' if read['users'] != 1 else ''} gave {signals} as candidate pairs.",
+        f"user{'s' if read['users'] != 1 else ''}; candidate pairs: {signals}.",
         f"They became {pairs['total']} pairs ({by}): {pairs['train']} to train on, {pairs['eval']} held out for the gate.",
     ]
     dropped = {k: v for k, v in (summary.get("dropped_pairs") or {}).items() if v}

@@ -42,7 +42,7 @@ def gate_record(live_version: int | None, passed: bool) -> dict:
         {"check": "preference accuracy", "passed": True, "detail": "0.875 vs live 0.000", "value": 0.875, "live": 0.0,
          "threshold": "above 0.000"},
         {"check": "reward margin", "passed": True, "detail": "1.620 vs live 0.000; better on 8/8 pairs (p=0.0039)",
-         "value": 1.62, "live": 0.0, "threshold": "above 0.000, and better on enough pairs: p=0.0039 <= 0.05"},
+         "value": 1.62, "live": 0.0, "threshold": "above 0.000, better on enough pairs to rule out luck (sign test p <= 0.05)"},
         {"check": "golden prompts", "passed": passed,
          "detail": "3/3 vs live 3/3" if passed else "2/3 vs live 3/3; now wrong: How many days are in a week?",
          "value": f"{cand['golden_passed']}/3", "live": "3/3", "threshold": "every golden prompt the live version answers right"},

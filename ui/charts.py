@@ -210,6 +210,7 @@ CSS = """
 .ac-sentence { font-size: 16px; margin: 8px 0; }
 .ac-sentence.bad { color: #c92a2a; }
 .ac-sentence.good { color: #2b8a3e; }
+.ac-sentence.warn { color: #d9480f; }
 .ac-meta { color: var(--body-text-color-subdued); font-size: 13px; }
 .ac-cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(230px, 1fr)); gap: 10px; margin: 8px 0; }
 .ac-card { border-radius: 8px; padding: 10px 12px; border: 2px solid; }

@@ -17,7 +17,8 @@ def job_panel(view: dict | None) -> str:
     """Stages, a progress bar with steps, elapsed and time left, the curves, one sentence."""
     if view is None:
         return '<div class="ac-job" data-status="none"><div class="ac-sentence">No training job yet.</div></div>'
-    state = {"succeeded": "good", "failed": "bad", "cancelled": "bad"}.get(view["status"], "")
+    state = {"succeeded": "good" if view["gate_passed"] is not False else "warn", "failed": "bad",
+             "cancelled": "bad"}.get(view["status"], "")
     stages = "".join(f'<span class="ac-stage {s["state"]}">{esc(s["name"])}</span>' for s in view["stages"])
     if view["steps"]:
         label = f"step {view['step']} of {view['steps']}"
