@@ -34,7 +34,7 @@ def test_a_clearly_better_version_passes():
     # What the console's verdict card shows for each check: the value, the live version's, the bar.
     acc, margin, golden, length = result.checks
     assert (acc["value"], acc["live"], acc["threshold"]) == (0.95, 0.45, "above 0.450")
-    assert (margin["value"], margin["live"]) == (2.1, 0.0) and "p=" in margin["threshold"]
+    assert (margin["value"], margin["live"]) == (2.1, 0.0) and "p <= 0.05" in margin["threshold"]
     assert (golden["value"], golden["live"]) == ("3/3", "3/3")
     assert (length["value"], length["live"], length["threshold"]) == (40.0, 40.0, "20.0-60.0 tokens (+-50% of live)")
 

@@ -198,7 +198,7 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     else:
         ok = cm > lm and p <= config.max_p_value
         check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})",
-              value=cm, live=lm, threshold=f"above {lm:.3f}, and better on enough pairs: p={p:.3g} <= {config.max_p_value}")
+              value=cm, live=lm, threshold=f"above {lm:.3f}, better on enough pairs to rule out luck (sign test p <= {config.max_p_value})")
 
     lost = [q for q, g in live["golden"].items() if g["passed"] and not candidate["golden"].get(q, {}).get("passed")]
     check("golden prompts", not lost,
