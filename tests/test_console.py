@@ -227,3 +227,17 @@ def test_the_command_line_prints_jobs_feedback_and_the_comparison_to_admins_only
     versions = cli(tmp_path, "versions").stdout
     assert re.search(r"v2\s+-\s+failed\s+24\s+0.93\s+2.4\s+2/3", versions)
     assert cli(tmp_path, "compare", "base", "--as", "root").returncode == 3
+
+
+def test_over_http_the_comparison_endpoint_answers_admins_only(store, engine):
+    from gradio_client import Client
+
+    from live_app import live_app
+
+    seed(store)
+    with live_app(store, engine) as url:
+        with pytest.raises(Exception, match="needs an admin"):
+            Client(url, verbose=False, auth=("alice", "alice-password")).predict(version="v2", api_name="/admin_compare")
+        got = Client(url, verbose=False, auth=("root", "root-password")).predict(version="v2", api_name="/admin_compare")
+    assert got["version"] == "v2" and got["answers"][0]["prompt"] == "How many days are in a week?"
+    assert HOSTILE in {a["prompt"] for a in got["answers"]}  # data for scripts, as stored
