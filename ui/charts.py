@@ -95,7 +95,7 @@ def bars(chart: str, title: str, categories: list[str], series: dict[str, list[f
     colors = colors or {n: COLORS.get(n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(series)}
     y = _range([v for vals in series.values() for v in vals], None, zero=True)
     xs = _x_positions(len(categories))
-    group = (W - LEFT - RIGHT) / len(categories) * 0.8
+    group = min((W - LEFT - RIGHT) / len(categories) * 0.8, 40.0 * len(series))  # one day is not a wall of colour
     width = group / len(series)
     sy = lambda v: TOP + (H - TOP - BOTTOM) * (1 - (v - y[0]) / (y[1] - y[0]))  # noqa: E731
     body = []
@@ -106,6 +106,8 @@ def bars(chart: str, title: str, categories: list[str], series: dict[str, list[f
             body.append(f'<rect class="ac-bar" data-series="{esc(name)}" data-x="{esc(cat)}" data-value="{v:g}" '
                         f'x="{x0:.1f}" y="{top:.1f}" width="{max(width - 1, 1):.1f}" height="{max(base - top, 0.5):.1f}" '
                         f'fill="{colors[name]}"><title>{esc(cat)}: {v:g} {esc(name)}</title></rect>')
+            if len(categories) * len(series) <= 16 and v:
+                body.append(f'<text x="{x0 + width / 2:.1f}" y="{top - 4:.1f}" text-anchor="middle" class="ac-tick">{v:g}</text>')
     body.append(_x_labels(categories, xs))
     return _frame(chart, title, y, y_label, "".join(body), _legend(list(series), colors))
 
@@ -132,6 +134,8 @@ def lines(chart: str, title: str, series: dict[str, list[tuple[float, float]]], 
         body += [f'<circle class="ac-point" data-series="{esc(name)}" data-x="{a:g}" data-value="{b:g}" cx="{sx(a):.1f}" '
                  f'cy="{sy(b):.1f}" r="3" fill="{colors[name]}"><title>{esc(name)} at {a:g}: {b:.4g}</title></circle>' for a, b in dots]
     ticks = _ticks(x0, x1, 5)
+    if all(float(x).is_integer() for x, _ in points):  # steps: no step 1.5 on the axis
+        ticks = [t for t in ticks if float(t).is_integer()]
     body += [f'<text x="{sx(t):.1f}" y="{H - BOTTOM + 16}" text-anchor="middle" class="ac-tick">{esc(_fmt(t))}</text>'
              for t in ticks if x0 <= t <= x1]
     body.append(f'<text x="{(LEFT + W - RIGHT) / 2:.0f}" y="{H - 4}" text-anchor="middle" class="ac-axis">{esc(x_label)}</text>')
