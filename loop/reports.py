@@ -220,15 +220,19 @@ def comparison_counts(rows: list[dict]) -> dict:
     }
 
 
-def gate_series(adapters: list[dict]) -> dict[str, list[tuple[str, float]]]:
-    """Per gate metric (``GATE_METRICS`` labels), [(version label, value)] across versions."""
+def gate_series(adapters: list[dict], side: str = "candidate") -> dict[str, list[tuple[str, float]]]:
+    """Per gate metric (``GATE_METRICS`` labels), [(version label, value)] across versions:
+    each version's own (``side="candidate"``) or the live version's it was gated against
+    (``side="live"``, measured on the same held-out data)."""
     out: dict[str, list[tuple[str, float]]] = {label: [] for _, label, _ in GATE_METRICS}
     for a in adapters:
         ev = dict(a.get("eval_json") or {})
+        if side == "live":
+            ev = dict(ev.get("live") or {})
         if ev.get("golden_total"):
             ev["golden_share"] = ev.get("golden_passed", 0) / ev["golden_total"]
         for key, label, _ in GATE_METRICS:
-            if isinstance(ev.get(key), int | float):
+            if isinstance(ev.get(key), int | float) and not isinstance(ev.get(key), bool):
                 out[label].append((f"v{a['version']}", float(ev[key])))
     return out
 

@@ -46,6 +46,9 @@ ACTIONS = [
     lambda a, r: a.api_stop_canary(r),
     lambda a, r: a.api_job(r),
     lambda a, r: a.review("v1", r),
+    lambda a, r: a.tick(None, r),
+    lambda a, r: a.overview_after_job(False, r),
+    lambda a, r: a.review_after_job(False, "v1", r),
     lambda a, r: a.api_compare("v1", r),
 ]
 

@@ -123,6 +123,9 @@ def test_charts_receive_their_data_and_say_so_when_there_is_none(store):
         chart = gate.split(f'data-chart="gate-{key}"')[1].split('data-chart="')[0]
         assert chart.count('class="ac-point"') == 2, key
     assert 'data-value="0.666667"' in gate  # golden prompts as a share: 2/3
+    # Beside each version, the live version's value it was gated against (same data): v1 vs base, v2 vs v1.
+    margin = gate.split('data-chart="gate-reward_margin"')[1].split('data-chart="')[0]
+    assert re.findall(r'class="ac-ref" data-x="(v\d)" data-value="([\d.]+)"', margin) == [("v1", "0"), ("v2", "0")]
 
 
 def test_an_empty_console_says_no_votes_yet_and_never_nan(tmp_path):
@@ -241,3 +244,19 @@ def test_over_http_the_comparison_endpoint_answers_admins_only(store, engine):
         got = Client(url, verbose=False, auth=("root", "root-password")).predict(version="v2", api_name="/admin_compare")
     assert got["version"] == "v2" and got["answers"][0]["prompt"] == "How many days are in a week?"
     assert HOSTILE in {a["prompt"] for a in got["answers"]}  # data for scripts, as stored
+
+
+def test_the_console_redraws_itself_once_when_a_job_ends(store):
+    store.create_user("root", "root-password", is_admin=True)
+    page = page_over(store)
+    running = job_row(store, version=None, status="running", done=2)
+    _, _, seen, ended = page.tick(None, req("root"))  # the page's first tick: nothing to redraw
+    assert (seen, ended) == ("", False)
+    _, _, seen, ended = page.tick(seen, req("root"))
+    assert (seen, ended) == ("", False)
+    store.update_job(running, status="succeeded", finished_utc=dt.datetime.now(dt.timezone.utc).isoformat())
+    _, _, seen, ended = page.tick(seen, req("root"))
+    assert (seen, ended) == (running, True)
+    assert page.overview_after_job(True, req("root"))[2] is not None
+    _, _, seen, ended = page.tick(seen, req("root"))  # once
+    assert (seen, ended) == (running, False) and page.overview_after_job(False, req("root")) == gr.skip()

@@ -163,9 +163,11 @@ class AdminPage:
         rates = charts.intervals("thumbs-up-rate", "Thumbs-up rate per version (95% interval)",
                                  reports.rates_with_intervals(self.store.thumbs_up_by_version()),
                                  "share of votes up", "No votes yet on any version.")
-        series = reports.gate_series(self.store.adapters())
+        adapters = self.store.adapters()
+        series, live = reports.gate_series(adapters), reports.gate_series(adapters, side="live")
         gate = "".join(
-            charts.categories_line(f"gate-{key}", label, series[label], "", "No versions yet.", y_range=rng)
+            charts.categories_line(f"gate-{key}", label, series[label], "", "No versions yet.", y_range=rng,
+                                   reference=live[label])
             for key, label, rng in reports.GATE_METRICS
         )
         return f'<div class="ac-grid-2">{votes}{rates}</div>', f'<div class="ac-grid-2">{gate}</div>'
@@ -206,7 +208,7 @@ class AdminPage:
     def _promotions(self) -> pd.DataFrame:
         rows = self.store.promotions()
         return pd.DataFrame([
-            {"when": p["created_utc"], "kind": p["kind"], "version": _version_label(p["version"]),
+            {"when": p["created_utc"][:19].replace("T", " "), "kind": p["kind"], "version": _version_label(p["version"]),
              "share": p["share"], "who": p["actor"], "why": p["reason"], "gate override": bool(p["gate_override"])}
             for p in rows
         ], columns=PROMOTION_COLUMNS)
@@ -243,6 +245,25 @@ class AdminPage:
         j = jobs[0]
         adapter = self.store.adapter(j["adapter_version"]) if j.get("adapter_version") else None
         return console_html.job_panel(reports.job_view(j, adapter)), gr.update(interactive=j["status"] in ("queued", "running"))
+
+    def tick(self, seen: str | None, request: gr.Request):
+        """The timer's call: the job panel, and whether a job ended since the last tick (then
+        the versions, charts and review are redrawn: the new version's verdict appears by
+        itself). ``seen`` is the newest ended job this page knows of (None before the first tick)."""
+        html, cancel = self.job_status(request)
+        jobs = self.store.jobs()
+        ended = jobs[0]["id"] if jobs and jobs[0]["status"] not in ("queued", "running") else ""
+        if seen is None:
+            return html, cancel, ended, False
+        return html, cancel, ended or seen, bool(ended) and ended != seen
+
+    def overview_after_job(self, ended: bool, request: gr.Request):
+        self._admin(request)
+        return self.overview(request) if ended else gr.skip()
+
+    def review_after_job(self, ended: bool, label: str | None, request: gr.Request):
+        self._admin(request)
+        return self.review(label, request) if ended else gr.skip()
 
     # -- actions ---------------------------------------------------------------------
 
@@ -465,7 +486,10 @@ class AdminPage:
             review_v.input(self.review, [review_v], shown, **p)
             retrain.click(self.retrain, [settings], [job, cancel], **p)
             cancel.click(self.cancel, None, [job, cancel], **p)
-            timer.tick(self.job_status, None, [job, cancel], **p)
+            seen, ended = gr.State(None), gr.State(False)
+            (timer.tick(self.tick, [seen], [job, cancel, seen, ended], **p)
+             .then(self.overview_after_job, [ended], outs, **p)
+             .then(self.review_after_job, [ended, review_v], shown, **p))
             then_review(promote.click(self.promote, [promote_v, reason, override], outs, **p))
             then_review(rollback.click(self.rollback, [rollback_v, reason], outs, **p))
             then_review(canary.click(self.canary, [canary_v, share], outs, **p))

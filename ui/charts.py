@@ -144,21 +144,28 @@ def lines(chart: str, title: str, series: dict[str, list[tuple[float, float]]], 
 
 
 def categories_line(chart: str, title: str, points: list[tuple[str, float]], y_label: str, empty_message: str,
-                    y_range: tuple[float, float] | None = None) -> str:
-    """One metric across named categories (versions), on its own axis."""
+                    y_range: tuple[float, float] | None = None, reference: list[tuple[str, float]] | None = None,
+                    names: tuple[str, str] = ("version", "live version it was gated against")) -> str:
+    """One metric across named categories (versions), on its own axis; ``reference`` (grey,
+    hollow) is what each was compared with, e.g. the live version's value on the same data."""
     if not points:
         return empty(chart, title, empty_message)
-    y = _range([v for _, v in points], y_range)
+    ref = dict(reference or [])
+    y = _range([v for _, v in points] + [ref[lab] for lab, _ in points if lab in ref], y_range)
     xs = _x_positions(len(points))
     sy = lambda v: TOP + (H - TOP - BOTTOM) * (1 - (v - y[0]) / (y[1] - y[0]))  # noqa: E731
     path = " ".join(f"{x:.1f},{sy(v):.1f}" for x, (_, v) in zip(xs, points))
     body = [f'<polyline points="{path}" fill="none" stroke="{PALETTE[0]}" stroke-width="2"/>']
+    body += [f'<circle class="ac-ref" data-x="{esc(lab)}" data-value="{ref[lab]:g}" cx="{x:.1f}" cy="{sy(ref[lab]):.1f}" '
+             f'r="4" fill="white" stroke="{COLORS["live"]}" stroke-width="2"><title>{esc(names[1])} for {esc(lab)}: '
+             f'{ref[lab]:.4g}</title></circle>' for x, (lab, _) in zip(xs, points) if lab in ref]
     body += [f'<circle class="ac-point" data-x="{esc(lab)}" data-value="{v:g}" cx="{x:.1f}" cy="{sy(v):.1f}" r="4" '
              f'fill="{PALETTE[0]}"><title>{esc(lab)}: {v:.4g}</title></circle>'
              f'<text x="{x:.1f}" y="{sy(v) - 8:.1f}" text-anchor="middle" class="ac-label">{esc(_fmt(v))}</text>'
              for x, (lab, v) in zip(xs, points)]
     body.append(_x_labels([lab for lab, _ in points], xs))
-    return _frame(chart, title, y, y_label, "".join(body))
+    legend = _legend(list(names), {names[0]: PALETTE[0], names[1]: COLORS["live"]}) if ref else ""
+    return _frame(chart, title, y, y_label, "".join(body), legend)
 
 
 def intervals(chart: str, title: str, rows: list[dict], y_label: str, empty_message: str) -> str:
