@@ -228,7 +228,7 @@ CSS = """
 .ac-card.pass { border-color: #8ce99a; background: #ebfbee; }
 .ac-card.fail { border-color: #ffa8a8; background: #fff5f5; }
 .ac-card h4 { margin: 0 0 6px; font-size: 15px; }
-.ac-card .ac-badge { float: right; font-size: 12px; font-weight: 700; }
+.ac-card .ac-badge { float: right; font-size: 12px; font-weight: 700; letter-spacing: .06em; }
 .ac-card.pass .ac-badge { color: #2b8a3e; } .ac-card.fail .ac-badge { color: #c92a2a; }
 .ac-card dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 0; font-size: 13px; color: #212529; }
 .ac-card dt { color: #495057; } .ac-card dd { margin: 0; font-weight: 600; }
