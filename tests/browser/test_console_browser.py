@@ -70,6 +70,13 @@ def test_the_console_draws_weeks_of_use_readably(browser, store, engine, artifac
         shot(page, "#versions", artifacts / "console-versions.png")
         page.screenshot(path=str(artifacts / "console.png"), full_page=True)
 
+        # Choosing another version redraws the review: v1 passed against the base model.
+        page.locator("#review-version input").click()
+        page.get_by_role("option", name="v1", exact=True).click()
+        page.locator("#verdict").get_by_text("The gate passed v1 against base model").wait_for(timeout=20_000)
+        assert page.locator("#verdict .ac-card.fail").count() == 0
+        assert "base model (live)" in page.locator("#comparison thead").inner_text()
+
         job_row(store, version=None, status="running", done=9, phase="training", started_minutes_ago=3)
         job = page.locator("#job-status")
         job.get_by_text("step 9 of 16").first.wait_for(timeout=20_000)
