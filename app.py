@@ -11,6 +11,9 @@ commands admins use.
     python app.py users list | passwd NAME | admin NAME [--off] | disable NAME | enable NAME
     python app.py keys add NAME [--label L] | list [NAME] | revoke KEY_ID   # API keys, shown once
     python app.py versions                    # every adapter version, its gate and thumbs-up rate
+    python app.py jobs --as admin             # the training job: stages, progress, curves, its end in a sentence
+    python app.py compare v3 --as admin [--changed]   # the gate's verdict, old and new answers side by side
+    python app.py feedback --as admin         # votes per day, thumbs-up rate per version with its interval
     python app.py promote v3 --as admin --reason "..." [--override]
     python app.py rollback v2|base --as admin
     python app.py canary v3 --percent 10 --as admin | canary stop --as admin
@@ -106,6 +109,14 @@ def parser() -> argparse.ArgumentParser:
     keys.add_parser("revoke", help="revoke a key by its id").add_argument("key_id")
 
     sub.add_parser("versions", help="list adapter versions")
+    for name, text in (("jobs", "the newest training job drawn as the console does, then earlier ones"),
+                       ("feedback", "votes per day and thumbs-up rate per version with its interval"),
+                       ("compare", "a version's gate verdict and its greedy answers beside the live version's")):
+        c = sub.add_parser(name, help=text)
+        if name == "compare":
+            c.add_argument("version", help="v3 or 3")
+            c.add_argument("--changed", action="store_true", help="only the answers that changed")
+        c.add_argument("--as", dest="actor", required=True, help="your admin account (these show users' text)")
     for name, text in (("promote", "make a version live"), ("rollback", "go back to an earlier version or base")):
         c = sub.add_parser(name, help=text)
         c.add_argument("version", help="v3, 3, or base")
@@ -305,6 +316,16 @@ def admin_command(a: argparse.Namespace, store) -> int:
     if a.command == "versions":
         print(commands.versions_table(store))
         return 0
+    if a.command in ("jobs", "feedback", "compare"):
+        commands.require_admin(store, a.actor)
+        if a.command == "compare":
+            version = commands.parse_version(a.version)
+            if version is None:
+                raise ValueError("the base model has no gate record: give a trained version, e.g. v3")
+            print(commands.compare_text(store, version, changed_only=a.changed))
+        else:
+            print(commands.jobs_text(store) if a.command == "jobs" else commands.feedback_text(store))
+        return 0
     model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     c = commands.controller(store, a.data_dir, model_dir, ServeConfig().max_lora_rank)
     if a.command == "promote":
@@ -327,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "users", "keys", "versions", "promote", "rollback", "canary", "train", "export"}
+    commands = {"serve", "users", "keys", "versions", "jobs", "feedback", "compare", "promote", "rollback", "canary",
+                "train", "export"}
     # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []

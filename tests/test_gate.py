@@ -37,6 +37,14 @@ def test_a_clearly_better_version_passes():
     assert [c["check"] for c in result.checks] == ["preference accuracy", "reward margin", "behaviour", "regression set",
                                                    "fluency", "answer length"]
     assert "30/32" in result.checks[1]["detail"]
+    # What the console's verdict card shows for each check: the value, the live version's, the bar.
+    acc, margin, behaviour, golden, fluency, length = result.checks
+    assert (acc["value"], acc["live"], acc["threshold"]) == (0.95, 0.45, "above 0.450")
+    assert (margin["value"], margin["live"]) == (2.1, 0.0) and "p <= 0.05" in margin["threshold"]
+    assert (behaviour["value"], behaviour["live"]) == (0.3, 0.6) and "below 0.600" in behaviour["threshold"]
+    assert (golden["value"], golden["live"]) == ("60/60", "60/60") and "8%" in golden["threshold"]
+    assert (fluency["value"], fluency["live"]) == ("0/92 damaged", "0/92 damaged")
+    assert (length["value"], length["live"], length["threshold"]) == (40.0, 40.0, "20.0-60.0 tokens (+-50% of live)")
 
 
 def test_noise_that_happens_to_raise_the_mean_is_refused_by_the_sign_test():

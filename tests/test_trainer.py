@@ -72,6 +72,12 @@ def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_
     job = store.job(result.job_id)
     assert (job["status"], job["adapter_version"], job["created_by"]) == ("succeeded", result.version, "alice")
     assert job["progress_json"]["phase"] == "done" and job["pid"] == os.getpid()
+    # The console's curves: every step's figures, and when each phase began.
+    assert [h["step"] for h in job["progress_json"]["history"]] == list(range(1, 9))
+    assert all({"loss", "reward_accuracy", "reward_margin", "seconds"} <= set(h) for h in job["progress_json"]["history"])
+    phases = job["progress_json"]["phases"]
+    assert [p for p, _ in phases] == ["loading", "training", "saving", "validating", "evaluating", "registering", "done"]
+    assert [t for _, t in phases] == sorted(t for _, t in phases)
     assert job["config_json"]["format"]["dtype"] == job["config_json"]["train"]["dtype"] == "float32"
     steps = [r for r in seen if r.get("phase") == "training" and "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
@@ -307,3 +313,14 @@ def test_the_apps_launcher_stops_a_job_while_many_answers_stream_and_never_leave
     # Ended: its pauser leaves the closers, so they do not grow with every retrain and the
     # app never signals the job's process group (whose id may be reused) at exit.
     assert _wait_for(lambda: closers == []), "an ended job's pauser stayed in the app's closers"
+
+
+def test_a_long_run_keeps_a_bounded_history_with_its_whole_shape():
+    from tuning.trainer import record_step
+
+    history: list[dict] = []
+    for step in range(1, 1001):
+        history = record_step(history, {"step": step, "steps": 1000, "loss": 1 / step, "nll": 0.5}, limit=50)
+    steps = [h["step"] for h in history]
+    assert len(history) <= 50 and steps[0] == 1 and steps[-1] == 1000 and steps == sorted(steps)
+    assert "nll" not in history[0] and "steps" not in history[0]  # curve values only

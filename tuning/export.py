@@ -141,8 +141,9 @@ def export_files_for_admin(
 
 
 def summary_for_admin(store) -> dict:
-    """The pair builder's summary of the feedback as it stands, for the admin page."""
-    return {"summary": format_summary(build_preferences(store).summary)}
+    """The pair builder's summary of the feedback as it stands, for the admin page (which
+    says it in sentences: ``loop.reports.feedback_sentences``)."""
+    return build_preferences(store).summary
 
 
 def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Path:

@@ -348,15 +348,17 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     """The verdict on ``candidate`` against ``live``; both are ``measure`` results on the same data."""
     checks = []
 
-    def check(name: str, ok: bool, detail: str) -> None:
-        checks.append({"check": name, "passed": bool(ok), "detail": detail})
+    def check(name: str, ok: bool, detail: str, **shown) -> None:
+        # shown: value, live, threshold, for the console's verdict card (missing when not measured)
+        checks.append({"check": name, "passed": bool(ok), "detail": detail, **shown})
 
     ca, la = candidate["preference_accuracy"], live["preference_accuracy"]
     if ca is None or la is None:
         check("preference accuracy", False, "no held-out pairs to measure on")
     else:
         ok = ca > la + config.min_accuracy_gain or (la >= 1.0 and ca >= 1.0)
-        check("preference accuracy", ok, f"{ca:.3f} vs live {la:.3f}")
+        check("preference accuracy", ok, f"{ca:.3f} vs live {la:.3f}", value=ca, live=la,
+              threshold=f"above {la + config.min_accuracy_gain:.3f}" + (" (or both 1.0)" if la >= 1.0 else ""))
 
     cm, lm = candidate["reward_margin"], live["reward_margin"]
     c_lr, l_lr = candidate.get("logratios") or [], live.get("logratios") or []
@@ -366,7 +368,8 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         check("reward margin", False, "no held-out pairs to measure on")
     else:
         ok = cm > lm and p <= config.max_p_value
-        check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})")
+        check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})",
+              value=cm, live=lm, threshold=f"above {lm:.3f}, better on enough pairs to rule out luck (sign test p <= {config.max_p_value})")
 
     c_d, l_d = candidate.get("chosen_distance") or [], live.get("chosen_distance") or []
     if not c_d or len(c_d) != len(l_d):
@@ -377,7 +380,8 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         cm_d, lm_d = sum(c_d) / len(c_d), sum(l_d) / len(l_d)
         check("behaviour", cm_d < lm_d and closer > farther,
               f"answers' distance to the chosen ones {cm_d:.3f} vs live {lm_d:.3f}; closer on {closer}, "
-              f"farther on {farther} of {len(c_d)} pairs (must be lower, and closer on more)")
+              f"farther on {farther} of {len(c_d)} pairs (must be lower, and closer on more)",
+              value=round(cm_d, 3), live=round(lm_d, 3), threshold=f"below {lm_d:.3f}, closer on more pairs than farther")
 
     prompts = [q for q in live["golden"] if q in candidate["golden"]]
     losses = sum(live["golden"][q]["passed"] and not candidate["golden"][q]["passed"] for q in prompts)
@@ -387,7 +391,10 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     check("regression set", ok,
           f"{candidate['golden_passed']}/{candidate['golden_total']} right vs live {live['golden_passed']}/{live['golden_total']}; "
           f"{losses} lost, {gains} gained: worse by at most {max(upper, 0):.1%} (95%), limit {config.regression_tolerance:.0%}"
-          + (f"; now wrong: {', '.join(lost[:5])}" + (" ..." if len(lost) > 5 else "") if lost else ""))
+          + (f"; now wrong: {', '.join(lost[:5])}" + (" ..." if len(lost) > 5 else "") if lost else ""),
+          value=f"{candidate['golden_passed']}/{candidate['golden_total']}",
+          live=f"{live['golden_passed']}/{live['golden_total']}",
+          threshold=f"worse by at most {config.regression_tolerance:.0%} at 95% confidence")
 
     c_dam, l_dam = candidate.get("damaged") or {}, live.get("damaged") or {}
     n = candidate.get("answered") or live.get("answered") or 0
@@ -396,7 +403,9 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
     new = [f"{q!r}: {c_dam[q]}" for q in c_dam if q not in l_dam]
     check("fluency", ok,
           f"{len(c_dam)} damaged answers of {n} vs live {len(l_dam)}: worse by at most {max(upper, 0):.1%} (95%), "
-          f"limit {config.fluency_tolerance:.0%}" + (f"; newly damaged: {'; '.join(new[:3])}" if new else ""))
+          f"limit {config.fluency_tolerance:.0%}" + (f"; newly damaged: {'; '.join(new[:3])}" if new else ""),
+          value=f"{len(c_dam)}/{n} damaged", live=f"{len(l_dam)}/{n} damaged",
+          threshold=f"worse by at most {config.fluency_tolerance:.0%} at 95% confidence")
 
     cl, ll, target = candidate["mean_answer_tokens"], live["mean_answer_tokens"], candidate.get("chosen_tokens")
     if not cl or not ll:
@@ -406,5 +415,7 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         toward = target is not None and abs(cl - target) < abs(ll - target)
         check("answer length", abs(drift) <= config.max_length_drift or toward,
               f"{cl:.1f} vs live {ll:.1f} tokens ({drift:+.0%}, limit +-{config.max_length_drift:.0%}"
-              + (f" unless toward the chosen answers' {target:.1f}" if target is not None else "") + ")")
+              + (f" unless toward the chosen answers' {target:.1f}" if target is not None else "") + ")",
+              value=cl, live=ll, threshold=f"{ll * (1 - config.max_length_drift):.1f}-{ll * (1 + config.max_length_drift):.1f} tokens "
+              f"(+-{config.max_length_drift:.0%} of live)" + (f", or closer to the chosen answers' {target:.1f}" if target is not None else ""))
     return GateResult(all(c["passed"] for c in checks), checks)

@@ -1,7 +1,8 @@
 """One training job, start to finish: pairs in, a validated, gated, registered version out.
 
 ``train_adapter`` runs the whole job and records it in the store as it goes (status,
-progress after every step, heartbeat, pid). The adapter is written to a hidden temporary
+heartbeat, pid, and in ``progress_json`` the last step's figures, when each phase began
+and a bounded history of steps for the console's curves). The adapter is written to a hidden temporary
 folder beside ``<data_dir>/adapters/``, validated, evaluated by the gate, and only then
 moved into place with one atomic rename and registered. A run that fails or is cancelled
 (``cancel`` event, the job's ``cancel_requested`` flag, Ctrl-C) removes its temporary
@@ -106,11 +107,17 @@ def train_adapter(
     started = time.monotonic()
     store.update_job(job_id, status="running", started_utc=utc_now(), heartbeat_utc=utc_now(), pid=os.getpid(),
                      config_json=job_config, error=None)
-    last: dict = {}
+    # phases: [[name, job seconds when it began], ...] (a list: the store sorts a dict's keys)
+    last: dict = {"history": [], "phases": []}
 
     def report(row: dict) -> None:
+        seconds = round(time.monotonic() - started, 1)
+        if row.get("phase") and row["phase"] != last.get("phase"):
+            last["phases"] = last["phases"] + [[row["phase"], seconds]]
+        if "step" in row and "loss" in row:
+            last["history"] = record_step(last["history"], row)
         last.update(row)
-        last["job_seconds"] = round(time.monotonic() - started, 1)
+        last["job_seconds"] = seconds
         store.update_job(job_id, progress_json=last, heartbeat_utc=utc_now())
         if progress is not None:
             progress(dict(last))
@@ -205,6 +212,20 @@ def train_adapter(
     finally:
         beating.set()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+HISTORY_POINTS = 400  # enough for a smooth curve; the row stays a few tens of kB whatever the run's length
+CURVE_KEYS = ("step", "loss", "reward_accuracy", "reward_margin", "seconds")
+
+
+def record_step(history: list[dict], row: dict, limit: int = HISTORY_POINTS) -> list[dict]:
+    """``history`` with one more step (its curve values only), the console's training
+    curves. Past ``limit`` points every other older point goes (the last is always kept),
+    so a long run keeps its whole shape at a coarser grain."""
+    history = history + [{k: round(row[k], 5) if isinstance(row[k], float) else row[k] for k in CURVE_KEYS if k in row}]
+    if len(history) > limit:
+        history = history[:-1][::2] + history[-1:]
+    return history
 
 
 def register_version(store: Any, data_dir: Path, folder: Path, info: AdapterInfo, base_model_dir: Path,

@@ -1,10 +1,17 @@
 """The admin console: a tab of the chat app, shown to admins and refused to everyone else.
 
-Feedback at a glance, retraining (now or on a schedule) with live progress and cancel, the
-table and plots of every adapter version, promote / roll back / canary, export, and the
-time from feedback to live, and API keys (issue, revoke). Every handler goes through ``loop.control.Controller``,
-which checks on the server that the caller is an admin; the tab's visibility is only a
-convenience. The same actions are API endpoints (``/admin_*``) for scripts.
+Feedback at a glance (votes per day, thumbs-up rate per version with its interval, the
+pair builder's summary in sentences, the latest down-votes), retraining (now or on a
+schedule) with the job drawn live (stages, a progress bar with time left, loss, reward
+accuracy and margin curves, its end in a sentence) and cancel, the versions (a compact
+table, each gate metric on its own axis, and for a chosen version the gate's verdict as
+cards, its greedy answers beside the live version's with the changes marked, and its
+details), promote / roll back / canary, export, the time from feedback to live, and API
+keys (issue, revoke). The views come from ``loop.reports``; ``ui.charts`` and
+``ui.console_html`` draw them, escaping every text. Every handler goes through
+``loop.control.Controller``, which checks on the server that the caller is an admin; the
+tab's visibility is only a convenience. The same actions are API endpoints (``/admin_*``)
+for scripts.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ import gradio as gr
 import pandas as pd
 
 from store import NotFound, UserError
+from loop import reports
 from loop.commands import parse_version
 from loop.control import Conflict, Controller, Refused
 
+from . import charts, console_html
 from .chat_page import user_of
 
 BASE = "base model"
+# Every table names its columns from the start: an empty one showed Gradio's "1 2 3".
+DOWNVOTE_COLUMNS = ["when", "user", "version", "prompt", "answer", "comment"]
+VERSION_COLUMNS = ["version", "status", "gate", "pairs", "pref. accuracy", "margin", "golden right", "thumbs up", "created"]
+PROMOTION_COLUMNS = ["when", "kind", "version", "share", "who", "why", "gate override"]
+KEY_COLUMNS = ["id", "user", "label", "created", "by", "revoked"]
 
 
 def _ago(ts: str | None) -> str:
@@ -109,6 +123,7 @@ class AdminPage:
                 "held-out pref. acc.": ev.get("preference_accuracy"),
                 "reward margin": ev.get("reward_margin"),
                 "golden passed": ev.get("golden_passed"),
+                "golden total": ev.get("golden_total"),
                 "trainable share": a.get("trainable_share"),
                 "train s": a.get("train_seconds"),
                 "cost $": cost.get("estimated_usd"),
@@ -120,33 +135,83 @@ class AdminPage:
             })
         return pd.DataFrame(rows)
 
+    def versions_shown(self, full: pd.DataFrame) -> pd.DataFrame:
+        """The table on the page: the columns that decide, readable at 1280 px; the rest of a
+        version is in its details panel."""
+        def rate(row) -> str:
+            n = (row["thumbs up"] or 0) + (row["thumbs down"] or 0)
+            return f"{row['thumbs up'] / n:.0%} of {n}" if n else "no votes"
+
+        def num(x) -> str:
+            return "" if x is None or pd.isna(x) else f"{x:.3g}"
+
+        rates = full.apply(rate, axis=1) if len(full) else []
+        return pd.DataFrame({
+            "version": full["version"], "status": full["status"], "gate": full["gate"], "pairs": full["pairs"],
+            "pref. accuracy": full["held-out pref. acc."].map(num), "margin": full["reward margin"].map(num),
+            "golden right": [
+                "" if p is None or pd.isna(p) else f"{int(p)}/{int(t)}" for p, t in zip(full["golden passed"], full["golden total"])],
+            "thumbs up": rates, "created": full["created"].map(lambda t: (t or "")[:16].replace("T", " ")),
+        })
+
+    def charts(self) -> tuple[str, str]:
+        """(feedback charts, gate metric charts) as HTML."""
+        days = self.store.ratings_per_day()
+        votes = charts.bars("votes-per-day", "Votes per day", [d["day"][5:] for d in days],
+                            {"up": [d["up"] for d in days], "down": [d["down"] for d in days]},
+                            "votes", "No votes yet: thumbs up and down will show here by day.")
+        rates = charts.intervals("thumbs-up-rate", "Thumbs-up rate per version (95% interval)",
+                                 reports.rates_with_intervals(self.store.thumbs_up_by_version()),
+                                 "share of votes up", "No votes yet on any version.")
+        adapters = self.store.adapters()
+        series, live = reports.gate_series(adapters), reports.gate_series(adapters, side="live")
+        gate = "".join(
+            charts.categories_line(f"gate-{key}", label, series[label], "", "No versions yet.", y_range=rng,
+                                   reference=live[label])
+            for key, label, rng in reports.GATE_METRICS
+        )
+        return f'<div class="ac-grid-2">{votes}{rates}</div>', f'<div class="ac-grid-2">{gate}</div>'
+
+    def downvotes(self) -> pd.DataFrame:
+        return pd.DataFrame([
+            {"when": d["created_utc"][:16].replace("T", " "), "user": d["user_id"], "version": _version_label(d["version"]),
+             "prompt": d["prompt"], "answer": d["answer"], "comment": d["comment"] or ""}
+            for d in self.store.latest_downvotes(20)
+        ], columns=DOWNVOTE_COLUMNS)
+
     def overview(self, request: gr.Request):
         self._admin(request)
-        days = pd.DataFrame(self.store.ratings_per_day())
-        if days.empty:
-            days = pd.DataFrame({"day": [], "votes": [], "kind": []})
-        else:
-            days = days.melt(id_vars="day", value_vars=["up", "down"], var_name="kind", value_name="votes")
-        versions = self.versions_table()
-        rate_plot = versions[["version", "thumbs-up rate"]].dropna()
-        gate_plot = versions[versions["version"] != BASE][["version", "held-out pref. acc.", "reward margin"]]
-        gate_plot = gate_plot.melt(id_vars="version", var_name="metric", value_name="value").dropna()
-        down = pd.DataFrame(self.store.latest_downvotes(20))
-        choices = list(versions["version"])
-        summary = self.pair_summary() if self.pair_summary else {"note": "pair builder not wired"}
+        full = self.versions_table()
+        feedback, gate = self.charts()
+        choices = list(full["version"])
+        summary = self.pair_summary() if self.pair_summary else None
+        newest = choices[-1] if len(choices) > 1 else None
         return (
-            days, rate_plot, gate_plot, versions, down, self._loop_text(),
+            feedback, gate, self.versions_shown(full), self.downvotes(), self._loop_text(),
             gr.update(choices=choices), gr.update(choices=choices), gr.update(choices=choices[1:]),
-            summary, self._promotions(),
+            console_html.feedback_summary(summary), self._promotions(),
+            gr.update(choices=choices[1:], value=newest),
         )
+
+    def review(self, label: str | None, request: gr.Request):
+        """The chosen version's verdict cards, its answers beside the live version's, its details."""
+        self._admin(request)
+        v = _parse_version(label)
+        if v is None:
+            none = "<p>Choose a version to see the gate's verdict and its answers beside the live version's.</p>"
+            return none, "", ""
+        a = self._act(self.store.adapter, v)
+        ev = a.get("eval_json") or {}
+        return (console_html.verdict_cards(v, ev, bool(a.get("gate_passed"))),
+                console_html.comparison_table(v, ev), console_html.version_details(a))
 
     def _promotions(self) -> pd.DataFrame:
         rows = self.store.promotions()
         return pd.DataFrame([
-            {"when": p["created_utc"], "kind": p["kind"], "version": _version_label(p["version"]),
+            {"when": p["created_utc"][:19].replace("T", " "), "kind": p["kind"], "version": _version_label(p["version"]),
              "share": p["share"], "who": p["actor"], "why": p["reason"], "gate override": bool(p["gate_override"])}
             for p in rows
-        ])
+        ], columns=PROMOTION_COLUMNS)
 
     def _loop_text(self) -> str:
         live = self.store.live_version()
@@ -176,17 +241,29 @@ class AdminPage:
         self._admin(request)
         jobs = self.store.jobs()
         if not jobs:
-            return "No training job yet.", gr.update(interactive=False)
+            return console_html.job_panel(None), gr.update(interactive=False)
         j = jobs[0]
-        p = j.get("progress_json") or {}
-        bits = [f"**Job {j['id']}** — {j['status']}" + (f" (by {j['created_by']})" if j["created_by"] else "")]
-        if p:
-            bits.append(", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in p.items()))
-        if j.get("error"):
-            bits.append(f"Error: {j['error']}")
-        if j.get("adapter_version"):
-            bits.append(f"Produced v{j['adapter_version']}.")
-        return "  \n".join(bits), gr.update(interactive=j["status"] in ("queued", "running"))
+        adapter = self.store.adapter(j["adapter_version"]) if j.get("adapter_version") else None
+        return console_html.job_panel(reports.job_view(j, adapter)), gr.update(interactive=j["status"] in ("queued", "running"))
+
+    def tick(self, seen: str | None, request: gr.Request):
+        """The timer's call: the job panel, and whether a job ended since the last tick (then
+        the versions, charts and review are redrawn: the new version's verdict appears by
+        itself). ``seen`` is the newest ended job this page knows of (None before the first tick)."""
+        html, cancel = self.job_status(request)
+        jobs = self.store.jobs()
+        ended = jobs[0]["id"] if jobs and jobs[0]["status"] not in ("queued", "running") else ""
+        if seen is None:
+            return html, cancel, ended, False
+        return html, cancel, ended or seen, bool(ended) and ended != seen
+
+    def overview_after_job(self, ended: bool, request: gr.Request):
+        self._admin(request)
+        return self.overview(request) if ended else gr.skip()
+
+    def review_after_job(self, ended: bool, label: str | None, request: gr.Request):
+        self._admin(request)
+        return self.review(label, request) if ended else gr.skip()
 
     # -- actions ---------------------------------------------------------------------
 
@@ -253,7 +330,7 @@ class AdminPage:
             {"id": k["id"], "user": k["user_id"], "label": k["label"], "created": k["created_utc"],
              "by": k["created_by"], "revoked": k["revoked_utc"] or ""}
             for k in self.store.api_keys()
-        ], columns=["id", "user", "label", "created", "by", "revoked"])
+        ], columns=KEY_COLUMNS)
 
     def issue_key(self, user: str, label: str, request: gr.Request):
         """A new key for ``user``, shown once in the page (only its hash is kept)."""
@@ -312,6 +389,18 @@ class AdminPage:
         self._admin(request)
         return json.loads(self.versions_table().to_json(orient="records"))
 
+    def api_compare(self, version: str, request: gr.Request = None) -> dict:
+        """A version's gate verdict and its greedy answers beside the live version's (admins only)."""
+        self._admin(request)
+        v = _parse_version(version)
+        if v is None:
+            raise gr.Error("Give a trained version, e.g. v3.", print_exception=False)
+        ev = self._act(self.store.adapter, v).get("eval_json") or {}
+        rows = [{k: r[k] for k in ("kind", "prompt", "live", "candidate", "changed", "live_passed", "candidate_passed")}
+                for r in reports.comparison(ev)]
+        return {"version": f"v{v}", "live_version": _version_label(ev.get("live_version")),
+                "checks": reports.verdict(ev), "answers": rows}
+
     def api_job(self, request: gr.Request = None) -> dict:
         """The newest training job with its progress (admins only)."""
         self._admin(request)
@@ -329,23 +418,31 @@ class AdminPage:
         with gr.Tab("Admin", visible=False, elem_id="admin-tab") as tab:
             loop_text = gr.Markdown(elem_id="loop-status")
             refresh = gr.Button("Refresh", size="sm", elem_id="admin-refresh")
+            html = dict(css_template=charts.CSS, js_on_load=None, apply_default_css=True)
             with gr.Accordion("Feedback at a glance", open=True):
-                with gr.Row():
-                    per_day = gr.BarPlot(x="day", y="votes", color="kind", title="Votes per day", height=250)
-                    rate = gr.BarPlot(x="version", y="thumbs-up rate", title="Thumbs-up rate per version", y_lim=[0, 1], height=250)
-                downvotes = gr.Dataframe(label="Latest down-votes", wrap=True, max_height=300)
-                summary = gr.JSON(label="Preference data (pair builder summary)")
+                feedback_charts = gr.HTML(elem_id="feedback-charts", **html)
+                summary = gr.HTML(elem_id="pair-summary", **html)
+                downvotes = gr.Dataframe(label="Latest down-votes", wrap=True, max_height=300, elem_id="downvotes", headers=DOWNVOTE_COLUMNS,
+                                         column_widths=["13%", "8%", "7%", "25%", "30%", "17%"], max_chars=300)
             with gr.Accordion("Training", open=True):
                 settings = gr.Code(label="Settings for this run (JSON overrides of the defaults)", language="json", value="{}", lines=3)
                 with gr.Row():
                     retrain = gr.Button("Retrain now", variant="primary", elem_id="retrain")
                     cancel = gr.Button("Cancel job", variant="stop", interactive=False, elem_id="cancel-job")
-                job = gr.Markdown(elem_id="job-status")
+                job = gr.HTML(elem_id="job-status", **html)
                 # Ticks only for admins (switched on at page load): nobody else polls.
                 self.timer = timer = gr.Timer(2.0, active=False)
             with gr.Accordion("Versions", open=True):
-                versions = gr.Dataframe(label="Adapter versions", wrap=True, elem_id="versions")
-                gate_plot = gr.LinePlot(x="version", y="value", color="metric", title="Gate metrics across versions", height=250)
+                versions = gr.Dataframe(label="Adapter versions (choose one below for its verdict, answers and details)",
+                                        wrap=True, elem_id="versions", headers=VERSION_COLUMNS)
+                gate_charts = gr.HTML(elem_id="gate-charts", **html)
+                with gr.Column(elem_id="review", variant="panel"):
+                    review_v = gr.Dropdown(label="Review a version: the gate's verdict and its answers beside the live version's",
+                                           elem_id="review-version")
+                    verdict = gr.HTML(elem_id="verdict", **html)
+                    compare = gr.HTML(elem_id="comparison", **html)
+                    with gr.Accordion("Details of this version", open=False, elem_id="version-details-box"):
+                        details = gr.HTML(elem_id="version-details", **html)
                 with gr.Row():
                     promote_v = gr.Dropdown(label="Promote", elem_id="promote-version")
                     reason = gr.Textbox(label="Why", elem_id="promote-reason")
@@ -359,7 +456,8 @@ class AdminPage:
                     share = gr.Slider(1, 50, value=10, step=1, label="Share of users (%)")
                     canary = gr.Button("Start canary", elem_id="canary")
                     stop_canary = gr.Button("Stop canary", elem_id="stop-canary")
-                promotions = gr.Dataframe(label="Promotions and rollbacks (who, when, why)", wrap=True)
+                promotions = gr.Dataframe(label="Promotions and rollbacks (who, when, why)", wrap=True, elem_id="promotions",
+                                          headers=PROMOTION_COLUMNS)
             with gr.Accordion("Export", open=False):
                 export = gr.Button("Export feedback and pairs", elem_id="export")
                 files = gr.File(label="Exported files", file_count="multiple")
@@ -370,26 +468,36 @@ class AdminPage:
                     key_label = gr.Textbox(label="What it is for", elem_id="key-label")
                     issue = gr.Button("Issue key", elem_id="issue-key")
                 new_key = gr.Textbox(label="New key (shown once: copy it now)", visible=False, elem_id="new-key")
-                keys = gr.Dataframe(label="Keys (only their hashes are kept)", wrap=True, elem_id="api-keys")
+                keys = gr.Dataframe(label="Keys (only their hashes are kept)", wrap=True, elem_id="api-keys", headers=KEY_COLUMNS)
                 with gr.Row():
                     revoke_id = gr.Textbox(label="Key id to revoke", elem_id="revoke-id")
                     revoke = gr.Button("Revoke", variant="stop", elem_id="revoke-key")
 
-            outs = [per_day, rate, gate_plot, versions, downvotes, loop_text, promote_v, rollback_v, canary_v, summary, promotions]
+            outs = [feedback_charts, gate_charts, versions, downvotes, loop_text, promote_v, rollback_v, canary_v,
+                    summary, promotions, review_v]
             p = dict(api_visibility="private")
-            refresh.click(self.overview, None, outs, **p)
-            tab.select(self.overview, None, outs, **p)
+            shown = [verdict, compare, details]
+
+            def then_review(event):  # after any refresh, the chosen version's panels too
+                event.then(self.review, [review_v], shown, **p)
+
+            then_review(refresh.click(self.overview, None, outs, **p))
+            then_review(tab.select(self.overview, None, outs, **p))
+            review_v.input(self.review, [review_v], shown, **p)
             retrain.click(self.retrain, [settings], [job, cancel], **p)
             cancel.click(self.cancel, None, [job, cancel], **p)
-            timer.tick(self.job_status, None, [job, cancel], **p)
-            promote.click(self.promote, [promote_v, reason, override], outs, **p)
-            rollback.click(self.rollback, [rollback_v, reason], outs, **p)
-            canary.click(self.canary, [canary_v, share], outs, **p)
-            stop_canary.click(self.stop_canary, None, outs, **p)
+            seen, ended = gr.State(None), gr.State(False)
+            (timer.tick(self.tick, [seen], [job, cancel, seen, ended], **p)
+             .then(self.overview_after_job, [ended], outs, **p)
+             .then(self.review_after_job, [ended, review_v], shown, **p))
+            then_review(promote.click(self.promote, [promote_v, reason, override], outs, **p))
+            then_review(rollback.click(self.rollback, [rollback_v, reason], outs, **p))
+            then_review(canary.click(self.canary, [canary_v, share], outs, **p))
+            then_review(stop_canary.click(self.stop_canary, None, outs, **p))
             export.click(self.export, None, [files], **p)
             keys_box.expand(self.keys_table, None, [keys], **p)
             issue.click(self.issue_key, [key_user, key_label], [new_key, keys], **p)
             revoke.click(self.revoke_key, [revoke_id], [keys], **p)
-            for name in ("retrain", "cancel", "promote", "rollback", "canary", "stop_canary", "versions", "job"):
+            for name in ("retrain", "cancel", "promote", "rollback", "canary", "stop_canary", "versions", "job", "compare"):
                 gr.api(getattr(self, f"api_{name}"), api_name=f"admin_{name}")
         return tab

@@ -1,5 +1,9 @@
-"""An admin in a real browser: retrain from users' feedback, watch the job, promote the new
-version and see the next answer come from it, roll back to the base model in one click."""
+"""An admin in a real browser: retrain from users' feedback, watch the job (stages, progress
+bar, curves), read the gate's verdict and the new version's answers beside the base model's,
+promote it and see the next answer come from it, roll back to the base model in one click.
+Screenshots of each part go to test-artifacts/ (admin-*.png; copies in docs/screenshots/)."""
+
+import re
 
 import pytest
 from gradio_client import Client
@@ -53,8 +57,10 @@ def ask(page, data, text: str) -> str:
 def test_admin_retrains_promotes_and_rolls_back_in_the_browser(browser, app, artifacts):
     url, data = app
     alice = Client(url, verbose=False, auth=("alice", "alice-password"))
-    for q in QUESTIONS:  # feedback: alice edits each answer into one sentence and a sign-off
+    for i, q in enumerate(QUESTIONS):  # feedback: alice votes, then edits each answer into one sentence and a sign-off
         answer = alice.predict(message=q, api_name="/chat")
+        alice.predict(answer_id=answer["answer_id"], value=1 if i % 3 else -1,
+                      comment="" if i % 3 else "<b>too long</b>", api_name="/rate")
         alice.predict(answer_id=answer["answer_id"], text=answer["text"].split(".")[0] + ". Hope this helps!", api_name="/edit")
 
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
@@ -63,21 +69,54 @@ def test_admin_retrains_promotes_and_rolls_back_in_the_browser(browser, app, art
     page.locator("#loop-status").get_by_text("Live:").wait_for(timeout=20_000)
     assert "base model" in page.locator("#loop-status").inner_text()
 
+    # The charts receive the votes; no table header is a bare number.
+    votes = page.locator("[data-chart=votes-per-day] rect.ac-bar")
+    votes.first.wait_for(timeout=20_000)
+    drawn = votes.evaluate_all("els => els.map(e => [e.dataset.series, +e.dataset.value])")
+    assert sorted(drawn) == [["down", 4], ["up", 6]], drawn
+    assert page.locator("[data-chart=thumbs-up-rate] circle.ac-point").get_attribute("data-x") == "base model"
+    assert "They became" in page.locator("#pair-summary").inner_text()
+    headers = [h.strip() for h in page.locator("#admin-tab th").all_inner_texts()]
+    assert headers and not [h for h in headers if re.fullmatch(r"\d*", h)], headers
+    page.locator("#feedback-charts").screenshot(path=str(artifacts / "admin-charts.png"))
+
     page.click("#retrain")
     status = page.locator("#job-status")
-    status.get_by_text("step:").wait_for(timeout=300_000)  # progress shows while it trains
+    # Progress shows while it trains: the bar, a curve that grows, the stage named.
+    page.locator("[data-chart=curve-loss] circle.ac-point").first.wait_for(timeout=300_000)
+    status.scroll_into_view_if_needed()
+    status.screenshot(path=str(artifacts / "admin-training.png"))
     page.wait_for_function(
-        "() => /succeeded|failed|cancelled/.test(document.querySelector('#job-status').innerText)", timeout=900_000,
+        "() => ['succeeded', 'failed', 'cancelled'].includes(document.querySelector('#job-status .ac-job')?.dataset.status)",
+        timeout=900_000,
     )
-    assert "succeeded" in status.inner_text() and "Produced v1." in status.inner_text(), status.inner_text()
+    text = status.inner_text()
+    assert re.search(r"v1 trained on \d+ pairs in \d+ (s|min); the gate (passed|refused) it", text), text
+    steps = Store(data / "assistant.db").jobs()[0]["progress_json"]["steps"]
+    assert page.locator("[data-chart=curve-loss] circle.ac-point").count() == steps
+    status.screenshot(path=str(artifacts / "admin-job-done.png"))
 
-    page.click("#admin-refresh")
+    # The console redraws itself once the job has ended: no Refresh needed.
     page.locator("#versions").get_by_text("v1", exact=True).first.wait_for(timeout=20_000)
+    # The verdict and the answers: v1 is under review as the newest version.
+    cards = page.locator("#verdict [data-check]")
+    cards.first.wait_for(timeout=20_000)
+    checks = Store(data / "assistant.db").adapter(1)["eval_json"]["checks"]
+    assert cards.evaluate_all("els => els.map(e => e.dataset.check)") == [c["check"] for c in checks]
+    compare = page.locator("#comparison tbody tr")
+    assert compare.count() >= 9  # the golden prompts and the held-out ones
+    assert "base model (live)" in page.locator("#comparison thead").inner_text()
+    page.locator("#verdict").scroll_into_view_if_needed()
+    page.locator("#verdict").screenshot(path=str(artifacts / "admin-verdict.png"))
+    page.locator("#comparison").screenshot(path=str(artifacts / "admin-comparison.png"))
+    assert page.locator("[data-chart=gate-preference_accuracy] circle.ac-point").count() == 1
+
     choose(page, "#promote-version", "v1")
     page.locator("#promote-reason textarea, #promote-reason input").first.fill("tried in the browser test")
     page.get_by_label("Override a failed gate").check()
     page.click("#promote")
     page.locator("#loop-status").get_by_text("Live: v1").wait_for(timeout=20_000)
+    page.locator("#versions").screenshot(path=str(artifacts / "admin-versions.png"))
     page.screenshot(path=str(artifacts / "admin.png"), full_page=True)
 
     page.get_by_role("tab", name="Chat").click()

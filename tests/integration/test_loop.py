@@ -54,6 +54,7 @@ def test_feedback_to_live_version_and_back(tmp_path, embedded_model):
             ("/admin_retrain", {"settings": ""}), ("/admin_cancel", {}), ("/admin_versions", {}),
             ("/admin_job", {}), ("/admin_promote", {"version": "v1"}), ("/admin_rollback", {"version": "base model"}),
             ("/admin_canary", {"version": "v1", "percent": 10}), ("/admin_stop_canary", {}),
+            ("/admin_compare", {"version": "v1"}),
         ]:
             with pytest.raises(Exception, match="needs an admin"):
                 bob.predict(**kwargs, api_name=name)
