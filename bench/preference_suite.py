@@ -1,0 +1,171 @@
+"""The preference suite: kinds of preference a user teaches by editing answers, each taught
+through the real store, pair builder, trainer and gate, and checked on held-out questions.
+
+    .venv/bin/python bench/preference_suite.py                    # every kind, defaults
+    .venv/bin/python bench/preference_suite.py --kinds opening closing --edits 128
+
+For each kind: 4 users ask questions (``tuning.synthetic.prompts``), see the base model's
+greedy answer (on-policy, as the app shows it) and edit it by the kind's rewrite rule; the
+store's feedback becomes pairs (``build_preferences``), one job trains with the default
+recipe (``TrainConfig()``) and the default gate decides (``GateConfig()``). Then the
+version and the base answer 32 held-out questions (never asked in training) greedily in
+float32, and the kind's checker counts the answers that follow the preference. Prints one
+table. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tuning.synthetic import first_sentence, is_one_sentence, prompts  # noqa: E402
+
+OPENING = "Great question!"
+CLOSING = "I hope this helps."
+QUESTION = "Would you like to know more?"
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+
+
+def _as_list(answer: str) -> str:
+    return "\n".join(f"- {s}" for s in _sentences(answer)[:4])
+
+
+def _is_list(answer: str) -> bool:
+    lines = [ln for ln in answer.strip().splitlines() if ln.strip()]
+    return len(lines) >= 2 and all(ln.lstrip().startswith(("- ", "* ", "• ")) for ln in lines)
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    rewrite: Callable[[str], str]  # the user's edit of a shown answer
+    follows: Callable[[str], bool]  # does an answer follow the preference?
+
+
+KINDS = {k.name: k for k in [
+    Kind("shorter", first_sentence, is_one_sentence),
+    Kind("opening", lambda a: f"{OPENING} {a.strip()}", lambda a: a.strip().startswith(OPENING)),
+    Kind("closing", lambda a: f"{a.strip()} {CLOSING}", lambda a: a.strip().endswith(CLOSING)),
+    Kind("list", _as_list, _is_list),
+    Kind("question", lambda a: f"{first_sentence(a)} {QUESTION}", lambda a: a.strip().endswith(QUESTION)),
+]}
+
+
+def greedy(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
+    from tuning.generation import greedy_answers
+
+    return [a for a, _ in greedy_answers(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+                                         max_new_tokens=tokens)]
+
+
+def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
+             work: Path, tokens: int) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assistant.paths import DataPaths
+    from store import Store
+    from tuning.config import TrainConfig
+    from tuning.gate import GateConfig
+    from tuning.pairs import PairConfig, build_preferences
+    from tuning.trainer import train_adapter
+
+    data = work / kind.name
+    store = Store(DataPaths(data).database)
+    for i, (question, answer) in enumerate(shown):
+        user = f"user{i % 4}"
+        cid = store.create_conversation(user)
+        mid = store.add_message(cid, user, question)
+        aid = store.log_answer(message_id=mid, user_id=user, prompt=[{"role": "user", "content": question}],
+                               content=answer, model=model_dir.name)
+        store.edit_answer(aid, user, kind.rewrite(answer))
+    prefs = build_preferences(store, PairConfig())
+    train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
+    start = time.monotonic()
+    result = train_adapter(train, held, store=store, data_dir=data, base_model_dir=model_dir,
+                           config=TrainConfig(), gate_config=GateConfig(), created_by="bench")
+    job_s = time.monotonic() - start
+    if result.status != "succeeded":
+        return {"kind": kind.name, "error": result.error}
+    row = store.adapter(result.version)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      DataPaths(data).version_folder(row))
+    answers = greedy(model, tok, held_q, tokens)
+    ev = row["eval_json"]
+    words = lambda xs: round(sum(len(x.split()) for x in xs) / len(xs), 1)  # noqa: E731
+    return {
+        "kind": kind.name, "edits": len(shown), "train pairs": len(train), "held-out pairs": len(held),
+        "base follows": sum(map(kind.follows, base_held)), "version follows": sum(map(kind.follows, answers)),
+        "held-out": len(held_q), "words base": words(base_held), "words version": words(answers),
+        "regression": f"{ev['golden_passed']}/{ev['golden_total']} (live {ev['live']['golden_passed']})",
+        "gate": "passed" if result.gate.passed else "refused: " + ", ".join(
+            c["check"] for c in result.gate.checks if not c["passed"]),
+        "steps": row["metrics_json"].get("steps"), "train s": row["train_seconds"], "job s": round(job_s),
+        "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--edits", type=int, default=128, help="edited answers per kind (4 users)")
+    p.add_argument("--held-out", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
+    p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
+    a = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assistant.model_files import prepare_embedded_model
+    from assistant.precision import machine_format
+
+    model_dir = prepare_embedded_model(a.models_dir)
+    qs = prompts()
+    held_q = qs[: a.held_out]
+    train_q = qs[a.held_out : a.held_out + a.edits]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    shown_answers = greedy(base, tok, train_q, a.tokens)
+    base_held = greedy(base, tok, held_q, a.tokens)
+    del base
+    shown = list(zip(train_q, shown_answers))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
+        for name in a.kinds:
+            rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens))
+            print(json.dumps(rows[-1]), flush=True)
+    fmt = machine_format()
+    print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
+          f"{a.tokens} tokens; default TrainConfig and GateConfig")
+    print("| preference | edits -> train/held-out pairs | follows: base | follows: version | words base -> version "
+          "| regression set | gate | steps, train s |")
+    print("| --- | --- | ---: | ---: | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['kind']} | job failed: {r['error']} | | | | | | |")
+            continue
+        print(f"| {r['kind']} | {r['edits']} -> {r['train pairs']}/{r['held-out pairs']} | {r['base follows']}/{r['held-out']} "
+              f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} | {r['regression']} "
+              f"| {r['gate']} | {r['steps']}, {r['train s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
