@@ -70,6 +70,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-tokens", type=int, default=d.context_tokens, help="prompt + answer token budget")
     p.add_argument("--max-new-tokens", type=int, default=d.sampling.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.sampling.temperature, help="0 for greedy answers")
+    p.add_argument("--frequency-penalty", type=float, default=d.sampling.frequency_penalty,
+                   help="subtracted from a token's logit per earlier use in the answer (vLLM/OpenAI semantics)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable answers, for tests)")
     p.add_argument("--retrain-after", type=int, default=None, metavar="N", help="scheduled retraining after N new pieces of feedback (default off)")
     p.add_argument("--retrain-every-hours", type=float, default=None, help="scheduled retraining every so many hours (default off)")
@@ -140,7 +142,8 @@ def parser() -> argparse.ArgumentParser:
 
 def serve_config(a: argparse.Namespace) -> ServeConfig:
     d = ServeConfig()
-    sampling = Sampling(temperature=a.temperature, top_p=d.sampling.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
+    sampling = Sampling(temperature=a.temperature, top_p=d.sampling.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                        frequency_penalty=a.frequency_penalty)
     return ServeConfig(
         data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,

@@ -24,6 +24,9 @@ class Sampling:
     top_p: float = 0.9
     # 256 new tokens keeps one answer under ~15 s on two CPU cores with transformers.
     max_new_tokens: int = 256
+    # Subtracted from a token's logit per time the answer already used it (vLLM's and
+    # OpenAI's frequency penalty: the answer's tokens only, not the prompt's). PENALTY_NOTE
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
     def to_dict(self) -> dict:

@@ -17,12 +17,14 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
 
 from .engine import Adapter, Chunk, EngineError, Sampling
+from .penalties import FrequencyPenalty
 
 class HFEngine:
     def __init__(self, model_path: str | Path, context_tokens: int, dtype: torch.dtype | None = None):
@@ -102,6 +104,8 @@ class HFEngine:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.frequency_penalty:
+            kwargs["logits_processor"] = LogitsProcessorList([FrequencyPenalty(sampling.frequency_penalty, input_ids.shape[1])])
         cancelled = threading.Event()
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
         result: dict = {}

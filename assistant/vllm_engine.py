@@ -182,6 +182,8 @@ class VLLMEngine:
         }
         if sampling.temperature > 0:
             body["top_p"] = sampling.top_p
+        if sampling.frequency_penalty:
+            body["frequency_penalty"] = sampling.frequency_penalty
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         self.acquire(adapter)

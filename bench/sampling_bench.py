@@ -33,21 +33,26 @@ from assistant.vllm_server import VLLMServer, VLLMServerConfig  # noqa: E402
 from tuning.gate import REGRESSION, damage, golden_passes  # noqa: E402
 from tuning.synthetic import prompts  # noqa: E402
 
-# (label, temperature, top_p, repetition_penalty)
+# (label, temperature, top_p, repetition_penalty, frequency_penalty). vLLM's repetition
+# penalty counts the prompt's tokens too (so "The capital of France is" is penalised for
+# repeating the question); the frequency penalty counts only the answer's own tokens.
 SETTINGS = [
-    ("greedy", 0.0, 1.0, 1.0),
-    ("greedy, rep 1.1", 0.0, 1.0, 1.1),
-    ("T 0.3 top-p 0.9 (old default)", 0.3, 0.9, 1.0),
-    ("T 0.3 top-p 0.9 rep 1.1", 0.3, 0.9, 1.1),
-    ("T 0.3 top-p 0.9 rep 1.2", 0.3, 0.9, 1.2),
-    ("T 0.7 top-p 0.9 rep 1.1", 0.7, 0.9, 1.1),
+    ("greedy", 0.0, 1.0, 1.0, 0.0),
+    ("greedy, repetition 1.1", 0.0, 1.0, 1.1, 0.0),
+    ("greedy, frequency 0.3", 0.0, 1.0, 1.0, 0.3),
+    ("T 0.3 top-p 0.9 (old default)", 0.3, 0.9, 1.0, 0.0),
+    ("T 0.3 top-p 0.9 repetition 1.1", 0.3, 0.9, 1.1, 0.0),
+    ("T 0.3 top-p 0.9 frequency 0.3", 0.3, 0.9, 1.0, 0.3),
+    ("T 0.3 top-p 0.9 frequency 0.5", 0.3, 0.9, 1.0, 0.5),
+    ("T 0.7 top-p 0.9 frequency 0.3", 0.7, 0.9, 1.0, 0.3),
 ]
 
 
-def ask(http: httpx.Client, name: str, prompt: str, temperature: float, top_p: float, rep: float,
+def ask(http: httpx.Client, name: str, prompt: str, temperature: float, top_p: float, rep: float, freq: float,
         max_tokens: int, seed: int) -> tuple[str, str]:
     body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": temperature, "top_p": top_p, "repetition_penalty": rep, "seed": seed}
+            "temperature": temperature, "top_p": top_p, "repetition_penalty": rep, "frequency_penalty": freq,
+            "seed": seed}
     r = http.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     choice = r.json()["choices"][0]
@@ -72,19 +77,19 @@ def main() -> int:
     rows = []
     try:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=600)
-        for label, t, top_p, rep in SETTINGS:
+        for label, t, top_p, rep, freq in SETTINGS:
             samples = 1 if t == 0 else a.samples
             jobs = [(q, s) for q in qs for s in range(samples)]
             start = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
-                out = list(pool.map(lambda j: ask(http, "base", j[0], t, top_p, rep, a.max_tokens, j[1]), jobs))
-                gold = list(pool.map(lambda g: ask(http, "base", g.prompt, t, top_p, rep, 64, 0)[0], REGRESSION))
+                out = list(pool.map(lambda j: ask(http, "base", j[0], t, top_p, rep, freq, a.max_tokens, j[1]), jobs))
+                gold = list(pool.map(lambda g: ask(http, "base", g.prompt, t, top_p, rep, freq, 64, 0)[0], REGRESSION))
             kinds: dict[str, int] = {}
             examples = []
             for (q, _), (text, _) in zip(jobs, out):
                 why = damage(text)
                 if why:
-                    kind = why.split(" '")[0]
+                    kind = "repeats" if why.startswith("repeats") else why
                     kinds[kind] = kinds.get(kind, 0) + 1
                     if len(examples) < 2:
                         examples.append(f"{q!r} -> {text[:80]!r} ({why})")

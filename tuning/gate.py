@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from assistant.engine import Sampling
+
 from .dpo import collate, sequence_logps, tokenize_pair
 from .generation import greedy_answers
 
@@ -154,6 +156,9 @@ class GateConfig:
     # Long enough for a complete short answer (the goldens need ~10-20 tokens); longer
     # answers cost generation time for every version evaluated.
     max_new_tokens: int = 64
+    # The server's frequency penalty (assistant.engine.Sampling), so that the gate's greedy
+    # answers are the ones users get at temperature 0.
+    frequency_penalty: float = Sampling().frequency_penalty
     # Held-out prompts answered for the length check (generation is the gate's slow part).
     max_length_prompts: int = 32
     batch_size: int = 8
@@ -282,7 +287,8 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
             prompts.append(p["prompt"])
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off)
+                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
+                             frequency_penalty=config.frequency_penalty)
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]

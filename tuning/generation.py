@@ -14,6 +14,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from transformers import LogitsProcessorList
+
+from assistant.penalties import FrequencyPenalty
 
 
 def greedy_answers(
@@ -24,8 +27,10 @@ def greedy_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     adapter_off: bool = False,
+    frequency_penalty: float = 0.0,
 ) -> list[tuple[str, int]]:
-    """(answer text, answer tokens) for each conversation; ``adapter_off`` answers as the base."""
+    """(answer text, answer tokens) for each conversation; ``adapter_off`` answers as the base;
+    ``frequency_penalty`` as the server applies it (``assistant.penalties``)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -40,9 +45,13 @@ def greedy_answers(
                     conversations[i : i + batch_size], add_generation_prompt=True,
                     return_tensors="pt", return_dict=True, padding=True,
                 )
+                extra = {}
+                if frequency_penalty:  # left-padded: every row's answer starts at the same column
+                    extra["logits_processor"] = LogitsProcessorList(
+                        [FrequencyPenalty(frequency_penalty, enc["input_ids"].shape[1])])
                 gen = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                    top_p=None, top_k=None, pad_token_id=pad,
+                    top_p=None, top_k=None, pad_token_id=pad, **extra,
                 )
                 for row in gen[:, enc["input_ids"].shape[1] :]:
                     ids = row.tolist()
