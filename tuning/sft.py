@@ -33,7 +33,7 @@ from .dpo import Cancelled, _completion_ids, sequence_logps
 # before --set): DPO's 5e-5 for 2 epochs is tuned to nudge preferences; teaching facts
 # from ~150 short rows on SmolLM2-135M needed a higher rate and more passes (the domain
 # test, tests/integration/test_sft_embedded.py, measured with these).
-SFT_DEFAULTS = {"learning_rate": 3e-4, "epochs": 4, "batch_size": 8}
+SFT_DEFAULTS = {"learning_rate": 5e-4, "epochs": 4, "batch_size": 8}
 
 
 @dataclass(frozen=True)
