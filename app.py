@@ -244,8 +244,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
 
+    from tuning.dataset import UploadChecker
+
     admin = AdminPage(controller, pair_summary=partial(summary_for_admin, store),
-                      exporter=partial(export_files_for_admin, store, config.data_dir))
+                      exporter=partial(export_files_for_admin, store, config.data_dir),
+                      dataset_checker=UploadChecker(config.data_dir, model_path))
     return build_app(ChatPage(service), admin), store
 
 

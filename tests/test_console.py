@@ -150,7 +150,7 @@ def test_no_table_header_is_a_bare_number(store, tmp_path):
     for frame in frames:
         assert list(frame.columns) and not [c for c in frame.columns if re.fullmatch(r"\d*", str(c))], frame.columns
     shown = page.versions_shown(page.versions_table())
-    assert len(shown.columns) <= 9 and list(shown["golden right"]) == ["", "3/3", "2/3"]
+    assert len(shown.columns) <= 10 and list(shown["golden right"]) == ["", "3/3", "2/3"]
     assert list(shown["thumbs up"]) == ["62% of 24", "56% of 16", "no votes"]
 
 

@@ -396,3 +396,43 @@ def dataset_report(data_dir: Path, digest: str) -> dict | None:
         return None
     path = datasets_dir(data_dir) / f"{digest}.report.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# -- the console's upload --------------------------------------------------------------------
+
+
+def upload_dir() -> Path:
+    """Where Gradio keeps uploaded files (its own cache, never a folder a user names)."""
+    import os as _os
+
+    return Path(_os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def read_upload(path: str | Path, root: Path | None = None) -> bytes:
+    """The bytes of a file Gradio received, refused unless it lies in its upload cache
+    (``root``): a handler is given a path, and an API caller must not be able to name any
+    file on the server. Size-limited before reading (``read_bytes_limited``)."""
+    root = (root or upload_dir()).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise DatasetError("only a file uploaded through the page can be checked")
+    return read_bytes_limited(resolved)
+
+
+class UploadChecker:
+    """``check(train_bytes, heldout_bytes, name)``: the report on an uploaded data set with
+    the base model's tokenizer (loaded once), kept under its hash when clean."""
+
+    def __init__(self, data_dir: Path, model_dir: Path, max_length: int = 512):
+        self.data_dir, self.model_dir, self.max_length = Path(data_dir), Path(model_dir), max_length
+        self._tokenizer = None
+
+    def __call__(self, data: bytes, heldout: bytes | None, name: str) -> DatasetReport:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        report = read_uploaded(data, heldout, name=name, tokenizer=self._tokenizer, max_length=self.max_length)
+        if report.ok:
+            store_dataset(self.data_dir, report)
+        return report
