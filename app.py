@@ -20,7 +20,7 @@ commands admins use.
     python app.py train --as admin [--set epochs=1]   # build pairs from feedback, train, gate
     python app.py export [--out DIR]          # preference data as JSONL and datasets folders
     python app.py dataset check|add FILE [--heldout FILE] --as admin   # an SFT data set's report; add keeps it
-    python app.py train --sft FILE [--heldout FILE] --as admin         # supervised fine-tuning on it
+    python app.py train --sft FILE [--heldout FILE] [--with-edits] --as admin   # supervised fine-tuning on it
 
 Everyone signs in. On the first start with no accounts, an admin named "admin" is created
 with the password in $ASSISTANT_ADMIN_PASSWORD, or a random one printed once.
@@ -139,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("action", choices=["check", "add"], help="check: the report only; add: keep it under its hash")
     ds.add_argument("file", type=Path, help="JSONL (messages or prompt/completion) or a datasets folder")
     ds.add_argument("--heldout", type=Path, default=None, help="held-out questions for the gate's domain check")
+    ds.add_argument("--with-edits", action="store_true", help="add users' edits (prompt + their rewrite) as rows")
     ds.add_argument("--as", dest="actor", required=True, help="your admin account")
     ds.add_argument("--set", action="append", default=[], metavar="max_length=N", help="the training context to check against")
     _model_options(ds)

@@ -100,3 +100,19 @@ def test_a_datasets_folder_reads_its_train_and_test_splits(tmp_path):
     report = ds.read_dataset(tmp_path / "set")
     assert report.ok and len(report.rows) == 2 and len(report.heldout) == 1
     assert not ds.read_dataset(tmp_path / "nothing-here").ok
+
+
+def test_users_edits_become_sft_rows_checked_like_the_file(store, tmp_path):
+    from feedback_scenario import SAME, TopicEmbedder, build_scenario
+    from tuning.pairs import build_preferences
+
+    build_scenario(store)
+    rows = ds.edit_rows(store, TopicEmbedder(SAME))
+    edits = [p for p in build_preferences(store, embedder=TopicEmbedder(SAME)).train_pairs if p.signal == "edit"]
+    assert rows and len(rows) == len(edits)
+    assert [r["messages"][-1] for r in rows] == [p.chosen[0] for p in edits]  # the user's rewrite is the answer
+    path = tmp_path / "file.jsonl"
+    path.write_bytes(jsonl(qa(1), qa(2)))
+    report = ds.read_dataset(path, extra=rows)
+    assert report.ok and len(report.rows) == 2 + len(rows) and "from users' edits" in report.text()
+    assert {r["id"] for r in report.rows[2:]} == {r["id"] for r in rows}

@@ -292,9 +292,22 @@ def _context(report: DatasetReport, rows: list[dict], tokenizer, max_length: int
             + _more(cut) + "; raise max_length (--set max_length=N) or shorten them")
 
 
-def read_dataset(path: Path, heldout: Path | None = None, *, tokenizer=None, max_length: int = 512) -> DatasetReport:
-    """Read and check an admin's file (JSONL) or ``datasets`` folder; never raises for bad
-    content, only the report says so."""
+def edit_rows(store, embedder=None) -> list[dict]:
+    """Users' edits as SFT rows: the prompt the answer was given to and the user's rewrite,
+    from the preference pairs' training split (``tuning.pairs.build_preferences``: no
+    withdrawn answers, no opted-out conversations; the held-out split stays out, so a later
+    DPO gate still measures on data no version saw)."""
+    from .pairs import build_preferences
+
+    data = build_preferences(store, embedder=embedder)
+    return [{"id": f"edit-{p.id}", "messages": p.prompt + p.chosen} for p in data.train_pairs if p.signal == "edit"]
+
+
+def read_dataset(path: Path, heldout: Path | None = None, *, tokenizer=None, max_length: int = 512,
+                 extra: list[dict] | None = None) -> DatasetReport:
+    """Read and check an admin's file (JSONL) or ``datasets`` folder, plus ``extra`` rows
+    (users' edits, ``edit_rows``) checked alike; never raises for bad content, only the
+    report says so."""
     path = Path(path)
     errors: list[str] = []
     try:
@@ -307,7 +320,14 @@ def read_dataset(path: Path, heldout: Path | None = None, *, tokenizer=None, max
             held = parse_jsonl(read_bytes_limited(heldout), heldout.name, errors) if heldout is not None else None
     except DatasetError as e:
         return DatasetReport(source=str(path), errors=[str(e)])
-    return check_dataset(train, held, source=str(path), tokenizer=tokenizer, max_length=max_length, errors=errors)
+    if extra:
+        first = max((n for n, _ in train), default=0) + 1
+        train = train + [(first + i, row) for i, row in enumerate(extra)]
+    report = check_dataset(train, held, source=str(path), tokenizer=tokenizer, max_length=max_length, errors=errors)
+    if extra:
+        report.warnings.insert(0, f"{len(extra)} row(s) from users' edits added after the file's rows "
+                                  f"(lines {first}-{first + len(extra) - 1} above)")
+    return report
 
 
 def read_uploaded(data: bytes, heldout: bytes | None = None, *, name: str = "upload", tokenizer=None,

@@ -66,6 +66,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="supervised fine-tuning on this data set (JSONL messages or prompt/completion, or a datasets folder)")
     p.add_argument("--heldout", type=Path, default=None, metavar="FILE",
                    help="with --sft: held-out questions for the gate's domain check (paraphrases kept out of training)")
+    p.add_argument("--with-edits", action="store_true",
+                   help="with --sft: add users' edits (prompt + their rewrite) to the data set as SFT rows")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,8 +129,8 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     if a.sft is not None and a.job:
         print("error: a queued job carries its own data set (--set dataset=HASH when it was queued)", file=sys.stderr)
         return 2
-    if a.heldout is not None and a.sft is None:
-        print("error: --heldout goes with --sft", file=sys.stderr)
+    if (a.heldout is not None or a.with_edits) and a.sft is None:
+        print("error: --heldout and --with-edits go with --sft", file=sys.stderr)
         return 2
     _yield_cpu(a.priority)
     from store import JobConflict, Store
@@ -204,7 +206,15 @@ def add_dataset(a: argparse.Namespace, path: Path, heldout: Path | None, keep: b
         key, _, value = item.partition("=")
         if key.strip() == "max_length" and isinstance(_value(value.strip()), int):
             max_length = _value(value.strip())
-    report = read_dataset(path, heldout, tokenizer=AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
+    extra = None
+    if getattr(a, "with_edits", False):
+        from store import Store
+
+        from .dataset import edit_rows
+
+        extra = edit_rows(Store(DataPaths(a.data_dir).database))
+    report = read_dataset(path, heldout, tokenizer=AutoTokenizer.from_pretrained(model_dir), max_length=max_length,
+                          extra=extra)
     print(report.text(), flush=True)
     if not report.ok:
         return None
