@@ -78,6 +78,21 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert second["parent_version"] == version and second["config_json"]["dataset"] == digest
     assert second["metrics_json"]["steps"] == 12 and second["config_json"]["epochs"] == 4  # SFT_DEFAULTS
 
+    # DPO from feedback continues from the SFT version: parent recorded, and its gate also
+    # checks that the domain's held-out questions stay answered.
+    from tiny import toy_pairs
+
+    pairs, held_pairs = tmp / "pairs.jsonl", tmp / "held_pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(8)))
+    held_pairs.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(4, start=100, prefix="e")))
+    assert main(tmp, checkpoint, "train", "--pairs", str(pairs), "--eval-pairs", str(held_pairs), "--as", ADMIN,
+                "--set", f"continue_from={second['version']}", "--set", "epochs=1", "--priority", "normal") == 0
+    dpo = store.adapter(store.jobs()[0]["adapter_version"])
+    assert dpo["parent_version"] == second["version"] and dpo["config_json"]["method"] == "dpo"
+    kept = dpo["eval_json"]["checks"][-1]
+    assert kept["check"] == "domain kept" and dpo["eval_json"]["domain_total"] == 6, kept
+    assert dpo["eval_json"]["checks"][0]["check"] == "preference accuracy"  # the DPO gate's own checks first
+
 
 def test_a_refused_data_set_trains_nothing_and_says_why(data, store, checkpoint, capsys):
     tmp, train, held = data

@@ -499,3 +499,20 @@ def decide_sft(candidate: dict, live: dict, config: GateConfig = GateConfig()) -
     shared = decide(candidate, live, config)  # its regression-set and fluency checks, as for DPO versions
     checks += [c for c in shared.checks if c["check"] in ("regression set", "fluency")]
     return GateResult(all(c["passed"] for c in checks), checks)
+
+
+def domain_kept(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> dict:
+    """For a DPO version whose parent or live version learned a domain (an SFT data set): a
+    check that it still answers the data set's held-out questions, by the regression set's
+    non-inferiority test. ``candidate`` and ``live`` are ``measure_sft`` results."""
+    c, lv = candidate.get("domain") or {}, live.get("domain") or {}
+    ids = [k for k in c if k in lv]
+    losses = sum(lv[k]["passed"] and not c[k]["passed"] for k in ids)
+    gains = sum(c[k]["passed"] and not lv[k]["passed"] for k in ids)
+    ok, upper = noninferior(losses, gains, len(ids), config.regression_tolerance)
+    right, was = sum(c[k]["passed"] for k in ids), sum(lv[k]["passed"] for k in ids)
+    return {"check": "domain kept", "passed": bool(ok),
+            "detail": f"{right}/{len(ids)} held-out domain questions right vs live {was}/{len(ids)}; {losses} lost, {gains} "
+                      f"gained: worse by at most {max(upper, 0):.1%} (95%), limit {config.regression_tolerance:.0%}",
+            "value": f"{right}/{len(ids)}", "live": f"{was}/{len(ids)}",
+            "threshold": f"worse by at most {config.regression_tolerance:.0%} at 95% confidence"}

@@ -281,12 +281,32 @@ def _train_job(a, store, config, job_id: str, beating):
             print(f"error: {reason}", file=sys.stderr)
             return None
         train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+    domain = None if lineage is not None else _learned_domain(store, a.data_dir, config)
     if lineage is None:
-        print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs; Ctrl-C cancels", flush=True)
+        print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs"
+              + (f" and {len(domain)} held-out domain questions" if domain else "") + "; Ctrl-C cancels", flush=True)
     model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
-                         job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage)
+                         job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage, domain=domain)
+
+
+def _learned_domain(store, data_dir: Path, config) -> list[dict]:
+    """Held-out questions of the data sets that the parent (``continue_from``) or the live
+    version was trained on: a DPO version must not lose a domain an admin taught."""
+    from .dataset import load_dataset
+
+    rows: dict[str, dict] = {}
+    for version in {config.continue_from, store.live_version()} - {None}:
+        digest = (store.adapter(version).get("config_json") or {}).get("dataset")
+        if digest:
+            try:
+                # ids are unique within a set, not across sets: the hash's start keeps them apart
+                rows.update({f"{digest[:12]}-{r['id']}": {**r, "id": f"{digest[:12]}-{r['id']}"}
+                             for r in load_dataset(data_dir, digest)[1]})
+            except ValueError as e:  # a set removed or changed on disk: say so, gate without it
+                print(f"warning: the domain check is skipped: {e}", flush=True)
+    return list(rows.values())
 
 
 def print_progress(row: dict) -> None:

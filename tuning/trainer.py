@@ -31,7 +31,7 @@ from store.rows import utc_now
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
-from .gate import GateConfig, GateResult, decide, decide_sft, measure, measure_sft, pair_logratios
+from .gate import GateConfig, GateResult, decide, decide_sft, domain_kept, measure, measure_sft, pair_logratios
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -84,6 +84,7 @@ def train_adapter(
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
     dataset: dict | None = None,
+    domain: list[dict] | None = None,
 ) -> TrainResult:
     """Train, validate, gate and register one adapter version; never raises for a failed run.
 
@@ -91,7 +92,8 @@ def train_adapter(
     ``id``); eval pairs must be held out from training. With ``config.method == "sft"``
     they are a data set's training rows and held-out rows (``{"id", "messages",
     "expect"?}``, tuning.dataset), and ``dataset`` is its lineage (hash, rows, source),
-    recorded on the job and the version. ``progress`` receives a dict after every step and
+    recorded on the job and the version. ``domain``: for a DPO version, held-out questions
+    of data sets its parent or the live version learned; the gate adds "domain kept". ``progress`` receives a dict after every step and
     at each phase change; ``cancel`` stops the run between steps.
     """
     from assistant.precision import machine_format
@@ -186,6 +188,9 @@ def train_adapter(
             raise Cancelled("cancelled before evaluation")
         evaluate = _evaluate_sft if sft else _evaluate
         evaluation, gate = evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+        if domain and not sft:
+            evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
+                                            evaluation, gate)
         if should_stop():
             raise Cancelled("cancelled before registration")
 
@@ -302,24 +307,44 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
 def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
     """``_evaluate`` for an SFT version: the regression set and the data set's held-out
     questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
+    candidate, live = _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config)
+    gate = decide_sft(candidate, live, gate_config)
+    return _evaluation(candidate, store.live_version(), live, gate), gate
+
+
+def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config, evaluation, gate):
+    """A DPO version after an SFT one: the domain's held-out questions must stay answered
+    (``tuning.gate.domain_kept``), one more check beside the DPO gate's own."""
+    import dataclasses
+
+    only_domain = dataclasses.replace(gate_config, golden=())
+    candidate, live = _live_and_candidate(model, tokenizer, domain, store, data_dir, base_shapes, config, only_domain)
+    check = domain_kept(candidate, live, gate_config)
+    gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
+    evaluation = {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
+                  "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
+                  "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
+                  "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
+    return evaluation, gate
+
+
+def _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
+    """``measure_sft`` of the new adapter and of the live version (or the base)."""
     live_version = store.live_version()
     model.set_adapter("default")
     candidate = measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
     if live_version is None:
-        live = measure_sft(model, tokenizer, heldout, adapter_off=True, config=gate_config)
-    else:
-        row = store.adapter(live_version)
-        folder = DataPaths(data_dir).version_folder(row)
-        validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
-        model.load_adapter(folder, adapter_name="live")
-        model.set_adapter("live")
-        try:
-            live = measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
-        finally:
-            model.set_adapter("default")
-            model.delete_adapter("live")
-    gate = decide_sft(candidate, live, gate_config)
-    return _evaluation(candidate, live_version, live, gate), gate
+        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=True, config=gate_config)
+    row = store.adapter(live_version)
+    folder = DataPaths(data_dir).version_folder(row)
+    validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
+    model.load_adapter(folder, adapter_name="live")
+    model.set_adapter("live")
+    try:
+        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("live")
 
 
 def _evaluation(candidate: dict, live_version, live: dict, gate: GateResult) -> dict:
