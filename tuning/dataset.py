@@ -261,7 +261,7 @@ def check_dataset(train: list[tuple[int, object]], heldout: list[tuple[int, obje
     if not held and rows:
         report.warnings.append("no held-out questions: the gate's domain check will have nothing to measure; "
                                "give some with --heldout (paraphrased questions, not training ones)")
-    for i, r in enumerate(rows):
+    for r in rows:
         r["id"] = r.get("id") or f"row{r['line']:05d}"
         r["split"] = "train"
     for r in held:
@@ -423,9 +423,7 @@ def dataset_report(data_dir: Path, digest: str) -> dict | None:
 
 def upload_dir() -> Path:
     """Where Gradio keeps uploaded files (its own cache, never a folder a user names)."""
-    import os as _os
-
-    return Path(_os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 def read_upload(path: str | Path, root: Path | None = None) -> bytes:
