@@ -93,8 +93,9 @@ def train_adapter(
     they are a data set's training rows and held-out rows (``{"id", "messages",
     "expect"?}``, tuning.dataset), and ``dataset`` is its lineage (hash, rows, source),
     recorded on the job and the version. ``domain``: for a DPO version, held-out questions
-    of data sets its parent or the live version learned; the gate adds "domain kept". ``progress`` receives a dict after every step and
-    at each phase change; ``cancel`` stops the run between steps.
+    of data sets its parent or the live version learned; the gate adds "domain kept".
+    ``progress`` receives a dict after every step and at each phase change; ``cancel``
+    stops the run between steps.
     """
     from assistant.precision import machine_format
 
