@@ -19,6 +19,8 @@ commands admins use.
     python app.py canary v3 --percent 10 --as admin | canary stop --as admin
     python app.py train --as admin [--set epochs=1]   # build pairs from feedback, train, gate
     python app.py export [--out DIR]          # preference data as JSONL and datasets folders
+    python app.py dataset check|add FILE [--heldout FILE] --as admin   # an SFT data set's report; add keeps it
+    python app.py train --sft FILE [--heldout FILE] [--with-edits] --as admin   # supervised fine-tuning on it
 
 Everyone signs in. On the first start with no accounts, an admin named "admin" is created
 with the password in $ASSISTANT_ADMIN_PASSWORD, or a random one printed once.
@@ -135,6 +137,14 @@ def parser() -> argparse.ArgumentParser:
     from tuning.train import add_options as train_options
 
     train_options(sub.add_parser("train", help="build pairs from feedback, train a version, run the gate"))
+    ds = sub.add_parser("dataset", help="check an SFT data set (format, size, duplicates, unsafe text, context), or add it")
+    ds.add_argument("action", choices=["check", "add"], help="check: the report only; add: keep it under its hash")
+    ds.add_argument("file", type=Path, help="JSONL (messages or prompt/completion) or a datasets folder")
+    ds.add_argument("--heldout", type=Path, default=None, help="held-out questions for the gate's domain check")
+    ds.add_argument("--with-edits", action="store_true", help="add users' edits (prompt + their rewrite) as rows")
+    ds.add_argument("--as", dest="actor", required=True, help="your admin account")
+    ds.add_argument("--set", action="append", default=[], metavar="max_length=N", help="the training context to check against")
+    _model_options(ds)
     ex = sub.add_parser("export", help="export preference data (JSONL and datasets folders)")
     ex.add_argument("--out", type=Path, default=None, help="folder to write (default DATA_DIR/exports/<time>/)")
     return p
@@ -238,8 +248,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
         )
         closers.insert(0, lambda: setattr(api, "should_exit", True))
 
+    from tuning.dataset import UploadChecker
+
     admin = AdminPage(controller, pair_summary=partial(summary_for_admin, store),
-                      exporter=partial(export_files_for_admin, store, config.data_dir))
+                      exporter=partial(export_files_for_admin, store, config.data_dir),
+                      dataset_checker=UploadChecker(config.data_dir, model_path))
     return build_app(ChatPage(service), admin), store
 
 
@@ -312,6 +325,26 @@ def api_keys(a: argparse.Namespace, store) -> int:
     return 0
 
 
+def dataset(a: argparse.Namespace) -> int:
+    """``dataset check|add``: admins only, like training; 0 clean (added), 3 refused."""
+    from loop import commands
+    from loop.control import Refused
+    from store import Store
+    from tuning.train import add_dataset
+
+    try:
+        commands.require_admin(Store(DataPaths(a.data_dir).database), a.actor)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    digest = add_dataset(a, a.file, a.heldout, keep=a.action == "add")
+    if digest is None:
+        return EXIT_REFUSED
+    if a.action == "add":
+        print(f"added as {digest}; train on it: app.py train --set method=sft --set dataset={digest} --as {a.actor}")
+    return 0
+
+
 def admin_command(a: argparse.Namespace, store) -> int:
     from assistant.model_files import resolve_model
     from loop import commands
@@ -352,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve", "users", "keys", "versions", "jobs", "feedback", "compare", "promote", "rollback", "canary",
-                "train", "export"}
+                "train", "export", "dataset"}
     # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []
@@ -371,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         from tuning.train import run
 
         return run(a, recover=recover_stale_jobs)
+    if a.command == "dataset":
+        return dataset(a)
     if a.command == "export":
         from tuning.export import main as export_main
 

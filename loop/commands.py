@@ -69,10 +69,13 @@ def versions_table(store: Any) -> str:
         rate = f"{r['rate']:.2f} [{r['low']:.2f}-{r['high']:.2f}] of {r['votes']}" if r else "-"
         gate = "-" if v is None else ("passed" if a.get("gate_passed") else "failed")
         golden = f"{ev['golden_passed']}/{ev['golden_total']}" if ev.get("golden_total") else "-"
-        rows.append(["base" if v is None else f"v{v}", status, gate, len(a.get("pair_ids_json") or []),
+        domain = f"{ev['domain_passed']}/{ev['domain_total']}" if ev.get("domain_total") else "-"  # SFT data sets
+        method = "-" if v is None else (a.get("config_json") or {}).get("method", "dpo")
+        rows.append(["base" if v is None else f"v{v}", status, gate, method, len(a.get("pair_ids_json") or []),
                      reports.figure(ev.get("preference_accuracy")), reports.figure(ev.get("reward_margin")),
-                     golden, rate, a.get("name", "-")])
-    return _table(["version", "status", "gate", "pairs", "pref_acc", "margin", "golden", "thumbs_up [95%]", "name"], rows)
+                     golden, domain, rate, a.get("name", "-")])
+    return _table(["version", "status", "gate", "method", "pairs/rows", "pref_acc", "margin", "golden", "domain",
+                   "thumbs_up [95%]", "name"], rows)
 
 
 SPARKS = "▁▂▃▄▅▆▇█"

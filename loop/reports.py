@@ -127,7 +127,8 @@ def job_sentence(view: dict, adapter: dict | None = None) -> str:
         return f"{view['stage'].capitalize()} ({took} so far)."
     if view["status"] == "succeeded" and view["version"]:
         pairs = view["pairs"] if view["pairs"] is not None else len((adapter or {}).get("pair_ids_json") or [])
-        head = f"v{view['version']} trained on {pairs} pairs in {took}"
+        sft = ((adapter or {}).get("config_json") or {}).get("method") == "sft"
+        head = f"v{view['version']} trained on {pairs} {'rows of a data set' if sft else 'pairs'} in {took}"
         if adapter is None:
             return head + "."
         checks = verdict(adapter.get("eval_json") or {})

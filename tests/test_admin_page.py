@@ -50,6 +50,8 @@ ACTIONS = [
     lambda a, r: a.overview_after_job(False, r),
     lambda a, r: a.review_after_job(False, "v1", r),
     lambda a, r: a.api_compare("v1", r),
+    lambda a, r: a.check_dataset("/etc/passwd", None, r),
+    lambda a, r: a.train_dataset("a" * 64, r),
 ]
 
 
@@ -167,3 +169,48 @@ def test_a_version_damaged_after_registration_is_refused_and_v1_keeps_serving(ti
     service = ChatService(store=store, engine=engine, adapter_for=router.adapter_for)
     final = list(service.send(service.new_conversation("alice"), "alice", "still there?"))[-1]
     assert final.answer_id and final.model_label.startswith("fake-model · v1 ")
+
+
+def test_an_admin_uploads_a_data_set_reads_its_report_and_trains_on_it(admin, store, tmp_path, monkeypatch):
+    import json
+
+    from tuning.dataset import read_uploaded, store_dataset
+
+    page, _, launched = admin
+    checked = []
+
+    def checker(data, held, name):
+        checked.append(name)
+        report = read_uploaded(data, held, name=name)
+        if report.ok:
+            store_dataset(tmp_path, report)
+        return report
+
+    page.dataset_checker = checker
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(gr.Error, match="only a file uploaded"):  # a path an API caller names
+        page.check_dataset(str(outside), None, req("root"))
+    with pytest.raises(gr.Error, match="only a file uploaded"):
+        page.check_dataset(str(uploads / ".." / "secret.jsonl"), None, req("root"))
+    assert checked == []
+
+    bad = uploads / "bad.jsonl"
+    bad.write_text('{"prompt": "<script>alert(1)</script>", "completion": "x\\u0000"}\n')
+    html, digest, button = page.check_dataset(str(bad), None, req("root"))
+    assert "REFUSED" in html and "NUL" in html and "<script>" not in html
+    assert digest is None and button["interactive"] is False
+    with pytest.raises(gr.Error, match="Check a data set first"):
+        page.train_dataset(digest, req("root"))
+
+    good = uploads / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}."}) + "\n" for i in range(3)))
+    html, digest, button = page.check_dataset(str(good), None, req("root"))
+    assert "OK" in html and "3 training rows" in html and button["interactive"] is True
+    assert (tmp_path / "datasets" / f"{digest}.jsonl").is_file()
+    page.train_dataset(digest, req("root"))
+    (job,) = store.jobs()
+    assert launched == [job["id"]] and job["config_json"] == {"method": "sft", "dataset": digest}

@@ -150,7 +150,7 @@ def test_no_table_header_is_a_bare_number(store, tmp_path):
     for frame in frames:
         assert list(frame.columns) and not [c for c in frame.columns if re.fullmatch(r"\d*", str(c))], frame.columns
     shown = page.versions_shown(page.versions_table())
-    assert len(shown.columns) <= 9 and list(shown["golden right"]) == ["", "3/3", "2/3"]
+    assert len(shown.columns) <= 10 and list(shown["golden right"]) == ["", "3/3", "2/3"]
     assert list(shown["thumbs up"]) == ["62% of 24", "56% of 16", "no votes"]
 
 
@@ -228,7 +228,7 @@ def test_the_command_line_prints_jobs_feedback_and_the_comparison_to_admins_only
     feedback = cli(tmp_path, "feedback", "--as", "root").stdout
     assert "base model 62% [43%-79%] of 24 votes" in feedback and "6 up, 3 down" in feedback
     versions = cli(tmp_path, "versions").stdout
-    assert re.search(r"v2\s+-\s+failed\s+24\s+0.93\s+2.4\s+2/3", versions)
+    assert re.search(r"v2\s+-\s+failed\s+dpo\s+24\s+0.93\s+2.4\s+2/3\s+-", versions)
     assert cli(tmp_path, "compare", "base", "--as", "root").returncode == 3
 
 

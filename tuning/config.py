@@ -9,6 +9,7 @@ r=16 on every linear layer + 2 epochs moved 8 of 8 held-out answers.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from assistant.limits import MAX_LORA_RANK
@@ -57,6 +58,15 @@ class TrainConfig:
     dtype: str = "auto"
     seed: int = 0
 
+    # -- what is learned ----------------------------------------------------------------
+    # "dpo": preferences from users' feedback (the default, the online loop). "sft": the
+    # answers of an admin's data set (``dataset``), e.g. to teach a domain; its gate checks
+    # the data set's held-out questions instead of preference pairs (tuning.gate.decide_sft).
+    method: str = "dpo"
+    # With method "sft": the data set's content hash (tuning.dataset.store_dataset), never a
+    # path: a job reads only what an admin added to <data_dir>/datasets/.
+    dataset: str | None = None
+
     # -- which trainer ------------------------------------------------------------------
     # "loop" (tuning.dpo, our own) or "trl" (TRL's DPOTrainer). The loop was kept: same
     # losses, faster per step here (bench/dpo_bench.py, README "Training").
@@ -104,6 +114,12 @@ class TrainConfig:
     def check(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, not {self.dtype!r}.")
+        if self.method not in ("dpo", "sft"):
+            raise ValueError(f"method must be 'dpo' or 'sft', not {self.method!r}.")
+        if self.method == "sft" and not (isinstance(self.dataset, str) and re.fullmatch(r"[0-9a-f]{64}", self.dataset)):
+            raise ValueError("method 'sft' needs dataset=<the data set's 64-digit hash> (app.py dataset add FILE prints it).")
+        if self.method == "dpo" and self.dataset is not None:
+            raise ValueError("dataset is for method 'sft'; DPO trains on users' feedback.")
         if self.trainer not in ("loop", "trl"):
             raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
         for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):

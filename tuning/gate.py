@@ -425,3 +425,100 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
               value=cl, live=ll, threshold=f"{ll * (1 - config.max_length_drift):.1f}-{ll * (1 + config.max_length_drift):.1f} tokens "
               f"(+-{config.max_length_drift:.0%} of live)" + (f", or closer to the chosen answers' {target:.1f}" if target is not None else ""))
     return GateResult(all(c["passed"] for c in checks), checks)
+
+
+# -- SFT versions (method "sft": an admin's data set, no preference pairs) ---------------------
+#
+# The preference checks need pairs an SFT data set does not have, so an SFT version is
+# judged on what it was trained for and what it must not lose:
+# - domain: the data set's held-out questions (paraphrases kept out of training), answered
+#   greedily; right when the answer holds one of the row's ``expect`` words, or, without
+#   them, when its words are within DOMAIN_DISTANCE of the reference answer's. The share
+#   right must beat the live version's, by more questions gained than lost beyond luck
+#   (the sign test over the questions whose verdict changed);
+# - regression set and fluency: ``decide``'s own checks, unchanged, on the same answers.
+
+# An answer within this word distance of the reference (``answer_distance``) counts as
+# right when the row names no expected words: about half its words in the same order.
+DOMAIN_DISTANCE = 0.5
+
+
+def domain_passes(answer: str, row: dict) -> bool:
+    """Is ``answer`` right for a held-out data set row (``expect`` words, else closeness)?"""
+    expect = row.get("expect")
+    if expect:
+        return golden_passes(answer, Golden(_text(row["messages"][:-1]), tuple(expect)))
+    return answer_distance(answer, row["messages"][-1]["content"]) <= DOMAIN_DISTANCE
+
+
+def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, config: GateConfig) -> dict:
+    """One version's answers to the regression set and the held-out domain questions; the
+    same keys ``decide`` reads (preference figures None: there are no pairs)."""
+    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
+    domain_convs = [r["messages"][:-1] for r in heldout]
+    answers = greedy_answers(model, tokenizer, golden_convs + domain_convs, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.batch_size * 2, adapter_off=adapter_off)
+    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
+              for g, (a, _) in zip(config.golden, answers)}
+    held = answers[len(golden_convs):]
+    domain = {r["id"]: {"prompt": r["messages"][-2]["content"], "answer": a, "passed": domain_passes(a, r)}
+              for r, (a, _) in zip(heldout, held)}
+    damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + domain_convs, answers) if (why := damage(a))}
+    return {
+        "method": "sft",
+        "pairs": 0, "preference_accuracy": None, "reward_margin": None, "logratios": [],
+        "golden": golden,
+        "golden_passed": sum(g["passed"] for g in golden.values()),
+        "golden_total": len(golden),
+        "domain": domain,
+        "domain_passed": sum(d["passed"] for d in domain.values()),
+        "domain_total": len(domain),
+        "domain_share": round(sum(d["passed"] for d in domain.values()) / len(domain), 4) if domain else None,
+        "mean_answer_tokens": _mean([t for _, t in held]),
+        "damaged": damaged,
+        "answered": len(answers),
+        "answers": [{"prompt": d["prompt"], "answer": d["answer"]} for d in domain.values()],
+    }
+
+
+def decide_sft(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> GateResult:
+    """The verdict on an SFT version: the domain check, then ``decide``'s regression-set and
+    fluency checks (both ``measure_sft`` results on the same questions)."""
+    checks = []
+    ids = [k for k in candidate.get("domain") or {} if k in (live.get("domain") or {})]
+    if not ids:
+        checks.append({"check": "domain", "passed": False,
+                       "detail": "no held-out domain questions to measure on (add some with the data set: --heldout)"})
+    else:
+        c, lv = candidate["domain"], live["domain"]
+        gains = sum(c[k]["passed"] and not lv[k]["passed"] for k in ids)
+        losses = sum(lv[k]["passed"] and not c[k]["passed"] for k in ids)
+        p = sign_test_p(gains, gains + losses)
+        cs, ls = sum(c[k]["passed"] for k in ids) / len(ids), sum(lv[k]["passed"] for k in ids) / len(ids)
+        wrong = [c[k]["prompt"] for k in ids if not c[k]["passed"]]
+        checks.append({
+            "check": "domain", "passed": cs > ls and p <= config.max_p_value,
+            "detail": f"{cs:.0%} of {len(ids)} held-out domain questions right vs live {ls:.0%}; {gains} gained, "
+                      f"{losses} lost (sign test p={p:.3g})" + (f"; still wrong: {'; '.join(wrong[:3])}" if wrong else ""),
+            "value": round(cs, 4), "live": round(ls, 4),
+            "threshold": f"above {ls:.0%}, with more questions gained than lost beyond luck (p <= {config.max_p_value})"})
+    shared = decide(candidate, live, config)  # its regression-set and fluency checks, as for DPO versions
+    checks += [c for c in shared.checks if c["check"] in ("regression set", "fluency")]
+    return GateResult(all(c["passed"] for c in checks), checks)
+
+
+def domain_kept(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> dict:
+    """For a DPO version whose parent or live version learned a domain (an SFT data set): a
+    check that it still answers the data set's held-out questions, by the regression set's
+    non-inferiority test. ``candidate`` and ``live`` are ``measure_sft`` results."""
+    c, lv = candidate.get("domain") or {}, live.get("domain") or {}
+    ids = [k for k in c if k in lv]
+    losses = sum(lv[k]["passed"] and not c[k]["passed"] for k in ids)
+    gains = sum(c[k]["passed"] and not lv[k]["passed"] for k in ids)
+    ok, upper = noninferior(losses, gains, len(ids), config.regression_tolerance)
+    right, was = sum(c[k]["passed"] for k in ids), sum(lv[k]["passed"] for k in ids)
+    return {"check": "domain kept", "passed": bool(ok),
+            "detail": f"{right}/{len(ids)} held-out domain questions right vs live {was}/{len(ids)}; {losses} lost, {gains} "
+                      f"gained: worse by at most {max(upper, 0):.1%} (95%), limit {config.regression_tolerance:.0%}",
+            "value": f"{right}/{len(ids)}", "live": f"{was}/{len(ids)}",
+            "threshold": f"worse by at most {config.regression_tolerance:.0%} at 95% confidence"}

@@ -4,17 +4,23 @@
     python -m tuning.train --data-dir data --as system:launcher --job J   # what the app's launcher runs
     python -m tuning.train --data-dir data --as ADMIN --pairs train.jsonl --eval-pairs heldout.jsonl \\
         --set learning_rate=1e-4 --price-per-hour 0.2
+    python app.py train --sft domain.jsonl --heldout questions.jsonl --as ADMIN   # SFT on an admin's data set
 
 The pairs are built from the feedback in the store (``tuning.pairs.build_preferences``), or
 read from ``--pairs`` and ``--eval-pairs`` (one JSON preference pair per line, TRL
-conversational form with an id). ``--as`` names an admin account; the app's launcher names
+conversational form with an id). With ``--sft FILE`` (or ``--set method=sft --set
+dataset=HASH`` for a data set added before, which is what a job queued by the console
+holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
+(``tuning.dataset``: the report is printed, and nothing is queued when it refuses), kept
+under its hash in ``DATA_DIR/datasets/``, and the job reads it from there by that hash. ``--as`` names an admin account; the app's launcher names
 ``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
 no ``--job`` the job row is queued here, refused while another job is queued or running. A
 job left running by a process that died counts until it is recovered
 (``loop.jobs.recover_stale_jobs``): by ``app.py train`` before it queues, by the app at its
 start and before each launch.
 
-Prints one progress line per step (loss, reward accuracy and margin, seconds) and the
+Prints one progress line per step (loss, reward accuracy and margin or, for SFT, the answer
+tokens' probability, seconds) and the
 gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
 adapter is kept. Exit status: 0 when a version was registered (whatever the gate said), 1
 failed, 2 a setting refused, 3 refused (who, or another job active), 130 cancelled.
@@ -56,6 +62,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-pairs", type=Path, default=None, help="held-out pairs for the gate, with --pairs")
     p.add_argument("--price-per-hour", type=float, default=None, help="hardware price for the cost estimate (USD/h)")
     p.add_argument("--trainer", choices=["loop", "trl"], default=None, help="our own loop (default) or TRL's DPOTrainer")
+    p.add_argument("--sft", type=Path, default=None, metavar="FILE",
+                   help="supervised fine-tuning on this data set (JSONL messages or prompt/completion, or a datasets folder)")
+    p.add_argument("--heldout", type=Path, default=None, metavar="FILE",
+                   help="with --sft: held-out questions for the gate's domain check (paraphrases kept out of training)")
+    p.add_argument("--with-edits", action="store_true",
+                   help="with --sft: add users' edits (prompt + their rewrite) to the data set as SFT rows")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,12 +77,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(store, a: argparse.Namespace) -> dict:
-    """Setting overrides: those of the queued job (``--job``), then ``--set KEY=VALUE``,
-    ``--price-per-hour`` and ``--trainer``."""
+def _overrides(store, a: argparse.Namespace, first: dict | None = None) -> dict:
+    """Setting overrides: those of the queued job (``--job``) or ``first`` (``--sft``'s data
+    set), then ``--set KEY=VALUE``, ``--price-per-hour`` and ``--trainer``."""
     from .config import TrainConfig
 
-    overrides: dict = {}
+    overrides: dict = dict(first or {})
     if a.job:
         queued = store.job(a.job)
         overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
@@ -83,6 +95,10 @@ def _overrides(store, a: argparse.Namespace) -> dict:
         overrides["price_per_hour"] = a.price_per_hour
     if a.trainer:
         overrides["trainer"] = a.trainer
+    if overrides.get("method") == "sft":  # SFT's own recipe, unless a setting says otherwise
+        from .sft import SFT_DEFAULTS
+
+        overrides = {**SFT_DEFAULTS, **overrides}
     return overrides
 
 
@@ -107,6 +123,15 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     if (a.pairs is None) != (a.eval_pairs is None):
         print("error: --pairs and --eval-pairs go together", file=sys.stderr)
         return 2
+    if a.sft is not None and a.pairs is not None:
+        print("error: --sft trains on a data set, --pairs on preference pairs: choose one", file=sys.stderr)
+        return 2
+    if a.sft is not None and a.job:
+        print("error: a queued job carries its own data set (--set dataset=HASH when it was queued)", file=sys.stderr)
+        return 2
+    if (a.heldout is not None or a.with_edits) and a.sft is None:
+        print("error: --heldout and --with-edits go with --sft", file=sys.stderr)
+        return 2
     _yield_cpu(a.priority)
     from store import JobConflict, Store
 
@@ -119,7 +144,11 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
         return 3
     for job_id in recover(store, a.data_dir) if recover else ():
         print(f"job {job_id}: marked failed (its process died)", flush=True)
-    overrides = _overrides(store, a)
+    if a.sft is not None:  # checked and kept before anything is queued; a refused set trains nothing
+        digest = add_dataset(a, a.sft, a.heldout)
+        if digest is None:
+            return 2
+    overrides = _overrides(store, a, {"method": "sft", "dataset": digest} if a.sft is not None else {})
     try:
         config = TrainConfig().replace(**overrides)
     except ValueError as e:
@@ -161,6 +190,37 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     return 130 if result.status == "cancelled" else 1
 
 
+def add_dataset(a: argparse.Namespace, path: Path, heldout: Path | None, keep: bool = True) -> str | None:
+    """Check an admin's data set file against the base model's tokenizer, print the report,
+    keep it under its hash (unless ``keep`` is false: ``app.py dataset check``); the hash,
+    or None when the report refuses it."""
+    from assistant.model_files import resolve_model
+    from transformers import AutoTokenizer
+
+    from .config import TrainConfig
+    from .dataset import read_dataset, store_dataset
+
+    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
+    max_length = TrainConfig().max_length
+    for item in a.set:  # the context the job will train with
+        key, _, value = item.partition("=")
+        if key.strip() == "max_length" and isinstance(_value(value.strip()), int):
+            max_length = _value(value.strip())
+    extra = None
+    if getattr(a, "with_edits", False):
+        from store import Store
+
+        from .dataset import edit_rows
+
+        extra = edit_rows(Store(DataPaths(a.data_dir).database))
+    report = read_dataset(path, heldout, tokenizer=AutoTokenizer.from_pretrained(model_dir), max_length=max_length,
+                          extra=extra)
+    print(report.text(), flush=True)
+    if not report.ok:
+        return None
+    return store_dataset(a.data_dir, report) if keep else report.hash
+
+
 def _refusal(store, actor: str, job_id: str | None) -> str | None:
     """Why ``actor`` may not run this job, or None. An admin may start or run a job. The
     app's launcher names ``store.actors.LAUNCHER``, an actor no account can hold, and only
@@ -194,7 +254,22 @@ def _train_job(a, store, config, job_id: str, beating):
 
     # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if a.pairs is not None:
+    lineage = None
+    if config.method == "sft":
+        from .dataset import dataset_report, load_dataset
+
+        try:
+            train, held = load_dataset(a.data_dir, config.dataset)
+        except ValueError as e:
+            store.update_job(job_id, status="failed", error=str(e), finished_utc=utc_now())
+            print(f"error: {e}", file=sys.stderr)
+            return None
+        kept = dataset_report(a.data_dir, config.dataset) or {}
+        lineage = {"hash": config.dataset, "rows": len(train), "heldout_rows": len(held),
+                   "format": kept.get("format"), "source": kept.get("source")}
+        print(f"supervised fine-tuning on data set {config.dataset[:12]}: {len(train)} rows, "
+              f"gate on {len(held)} held-out questions; Ctrl-C cancels", flush=True)
+    elif a.pairs is not None:
         train, held = read_pairs(a.pairs), read_pairs(a.eval_pairs)
     else:
         data = build_preferences(store)
@@ -206,15 +281,39 @@ def _train_job(a, store, config, job_id: str, beating):
             print(f"error: {reason}", file=sys.stderr)
             return None
         train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
-    print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs; Ctrl-C cancels", flush=True)
+    domain = None if lineage is not None else _learned_domain(store, a.data_dir, config)
+    if lineage is None:
+        print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs"
+              + (f" and {len(domain)} held-out domain questions" if domain else "") + "; Ctrl-C cancels", flush=True)
     model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
-                         job_id=job_id, created_by=a.actor, progress=print_progress)
+                         job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage, domain=domain)
+
+
+def _learned_domain(store, data_dir: Path, config) -> list[dict]:
+    """Held-out questions of the data sets that the parent (``continue_from``) or the live
+    version was trained on: a DPO version must not lose a domain an admin taught."""
+    from .dataset import load_dataset
+
+    rows: dict[str, dict] = {}
+    for version in {config.continue_from, store.live_version()} - {None}:
+        digest = (store.adapter(version).get("config_json") or {}).get("dataset")
+        if digest:
+            try:
+                # ids are unique within a set, not across sets: the hash's start keeps them apart
+                rows.update({f"{digest[:12]}-{r['id']}": {**r, "id": f"{digest[:12]}-{r['id']}"}
+                             for r in load_dataset(data_dir, digest)[1]})
+            except ValueError as e:  # a set removed or changed on disk: say so, gate without it
+                print(f"warning: the domain check is skipped: {e}", flush=True)
+    return list(rows.values())
 
 
 def print_progress(row: dict) -> None:
-    if "loss" in row and row.get("phase") == "training":
+    if "loss" in row and row.get("phase") == "training" and "token_prob" in row:
+        print(f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
+              f"answer token prob {row['token_prob']:.3f}  {row['seconds']:.0f}s", flush=True)
+    elif "loss" in row and row.get("phase") == "training":
         print(
             f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
             f"reward acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:+.3f}  {row['seconds']:.0f}s",

@@ -31,7 +31,7 @@ from store.rows import utc_now
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
-from .gate import GateConfig, GateResult, decide, measure, pair_logratios
+from .gate import GateConfig, GateResult, decide, decide_sft, domain_kept, measure, measure_sft, pair_logratios
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -83,12 +83,19 @@ def train_adapter(
     created_by: str = "cli",
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    dataset: dict | None = None,
+    domain: list[dict] | None = None,
 ) -> TrainResult:
     """Train, validate, gate and register one adapter version; never raises for a failed run.
 
     ``pairs`` and ``eval_pairs`` are preference pairs (TRL conversational form with an
-    ``id``); eval pairs must be held out from training. ``progress`` receives a dict after
-    every step and at each phase change; ``cancel`` stops the run between steps.
+    ``id``); eval pairs must be held out from training. With ``config.method == "sft"``
+    they are a data set's training rows and held-out rows (``{"id", "messages",
+    "expect"?}``, tuning.dataset), and ``dataset`` is its lineage (hash, rows, source),
+    recorded on the job and the version. ``domain``: for a DPO version, held-out questions
+    of data sets its parent or the live version learned; the gate adds "domain kept".
+    ``progress`` receives a dict after every step and at each phase change; ``cancel``
+    stops the run between steps.
     """
     from assistant.precision import machine_format
 
@@ -98,8 +105,9 @@ def train_adapter(
     # that ran (and why), not the setting.
     fmt = machine_format(config.dtype)
     config = config.replace(dtype=fmt.dtype)
+    sft = config.method == "sft"
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
-                  "pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+                  "pairs": len(pairs), "eval_pairs": len(eval_pairs), **({"dataset": dataset} if dataset else {})}
     if job_id is None:
         job_id = store.queue_job(created_by, job_config)  # JobConflict while another job is active
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
@@ -138,8 +146,8 @@ def train_adapter(
         ids = [p.get("id") for p in pairs]
         overlap = set(ids) & {p.get("id") for p in eval_pairs}
         if not pairs:
-            raise ValueError("there are no training pairs")
-        if not eval_pairs:
+            raise ValueError("there are no training " + ("rows" if sft else "pairs"))
+        if not eval_pairs and not sft:  # an SFT set without held-out questions: the gate says so
             raise ValueError("there are no held-out pairs for the evaluation gate")
         if overlap - {None}:
             raise ValueError(f"{len(overlap)} evaluation pair(s) are also training pairs; the gate needs held-out data")
@@ -150,7 +158,11 @@ def train_adapter(
 
         report({"phase": "training"})
         t0 = time.monotonic()
-        if config.trainer == "trl":
+        if sft:
+            from .sft import train_sft
+
+            metrics = train_sft(model, tokenizer, pairs, config, report, should_stop)
+        elif config.trainer == "trl":
             from .trl_trainer import train_trl
 
             metrics = train_trl(model, tokenizer, pairs, config, report, should_stop)
@@ -175,7 +187,11 @@ def train_adapter(
         model.to(torch.float32)
         if should_stop():
             raise Cancelled("cancelled before evaluation")
-        evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+        evaluate = _evaluate_sft if sft else _evaluate
+        evaluation, gate = evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+        if domain and not sft:
+            evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
+                                            evaluation, gate)
         if should_stop():
             raise Cancelled("cancelled before registration")
 
@@ -185,7 +201,8 @@ def train_adapter(
             "parent_version": config.continue_from,
             "job_id": job_id,
             "pair_ids_json": ids,
-            "config_json": {**config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict()},
+            "config_json": {**config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
+                            **({"dataset_lineage": dataset} if dataset else {})},
             "metrics_json": {**metrics, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
                              "newest_feedback_utc": newest, "job_seconds": round(time.monotonic() - started, 1)},
             "eval_json": evaluation,
@@ -285,7 +302,55 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
             model.set_adapter("default")
             model.delete_adapter("live")
     gate = decide(candidate, live, gate_config)
-    evaluation = {
+    return _evaluation(candidate, live_version, live, gate), gate
+
+
+def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
+    """``_evaluate`` for an SFT version: the regression set and the data set's held-out
+    questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
+    candidate, live = _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config)
+    gate = decide_sft(candidate, live, gate_config)
+    return _evaluation(candidate, store.live_version(), live, gate), gate
+
+
+def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config, evaluation, gate):
+    """A DPO version after an SFT one: the domain's held-out questions must stay answered
+    (``tuning.gate.domain_kept``), one more check beside the DPO gate's own."""
+    import dataclasses
+
+    only_domain = dataclasses.replace(gate_config, golden=())
+    candidate, live = _live_and_candidate(model, tokenizer, domain, store, data_dir, base_shapes, config, only_domain)
+    check = domain_kept(candidate, live, gate_config)
+    gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
+    evaluation = {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
+                  "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
+                  "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
+                  "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
+    return evaluation, gate
+
+
+def _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
+    """``measure_sft`` of the new adapter and of the live version (or the base)."""
+    live_version = store.live_version()
+    model.set_adapter("default")
+    candidate = measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
+    if live_version is None:
+        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=True, config=gate_config)
+    row = store.adapter(live_version)
+    folder = DataPaths(data_dir).version_folder(row)
+    validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
+    model.load_adapter(folder, adapter_name="live")
+    model.set_adapter("live")
+    try:
+        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("live")
+
+
+def _evaluation(candidate: dict, live_version, live: dict, gate: GateResult) -> dict:
+    """What the version's eval_json holds: the candidate's figures, the live version's, the verdict."""
+    return {
         **{k: v for k, v in candidate.items()},
         "live_version": live_version,
         "live": live,
@@ -293,7 +358,6 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
         "passed": gate.passed,
         "summary": gate.summary(),
     }
-    return evaluation, gate
 
 
 # -- recovery ------------------------------------------------------------------------------

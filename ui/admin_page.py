@@ -6,8 +6,9 @@ schedule) with the job drawn live (stages, a progress bar with time left, loss, 
 accuracy and margin curves, its end in a sentence) and cancel, the versions (a compact
 table, each gate metric on its own axis, and for a chosen version the gate's verdict as
 cards, its greedy answers beside the live version's with the changes marked, and its
-details), promote / roll back / canary, export, the time from feedback to live, and API
-keys (issue, revoke). The views come from ``loop.reports``; ``ui.charts`` and
+details), promote / roll back / canary, export, the time from feedback to live, API
+keys (issue, revoke), and teaching a domain: an uploaded SFT data set's report, then a job
+on it (its content kept under its hash in the data folder; no path is ever taken from the page). The views come from ``loop.reports``; ``ui.charts`` and
 ``ui.console_html`` draw them, escaping every text. Every handler goes through
 ``loop.control.Controller``, which checks on the server that the caller is an admin; the
 tab's visibility is only a convenience. The same actions are API endpoints (``/admin_*``)
@@ -37,7 +38,8 @@ from .chat_page import user_of
 BASE = "base model"
 # Every table names its columns from the start: an empty one showed Gradio's "1 2 3".
 DOWNVOTE_COLUMNS = ["when", "user", "version", "prompt", "answer", "comment"]
-VERSION_COLUMNS = ["version", "status", "gate", "pairs", "pref. accuracy", "margin", "golden right", "thumbs up", "created"]
+VERSION_COLUMNS = ["version", "status", "gate", "pairs", "pref. accuracy", "margin", "golden right", "domain right",
+                   "thumbs up", "created"]
 PROMOTION_COLUMNS = ["when", "kind", "version", "share", "who", "why", "gate override"]
 KEY_COLUMNS = ["id", "user", "label", "created", "by", "revoked"]
 
@@ -82,11 +84,13 @@ class AdminPage:
         controller: Controller,
         pair_summary: Callable[[], dict] | None = None,
         exporter: Callable[[], Any] | None = None,
+        dataset_checker: Callable[[bytes, bytes | None, str], Any] | None = None,
     ):
         self.c = controller
         self.store = controller.store
         self.pair_summary = pair_summary
         self.exporter = exporter
+        self.dataset_checker = dataset_checker  # tuning.dataset.UploadChecker
 
     def _admin(self, request: gr.Request | None) -> str:
         try:
@@ -124,6 +128,9 @@ class AdminPage:
                 "reward margin": ev.get("reward_margin"),
                 "golden passed": ev.get("golden_passed"),
                 "golden total": ev.get("golden_total"),
+                "method": (a.get("config_json") or {}).get("method", "dpo") if v is not None else "",
+                "domain passed": ev.get("domain_passed"),
+                "domain total": ev.get("domain_total"),
                 "trainable share": a.get("trainable_share"),
                 "train s": a.get("train_seconds"),
                 "cost $": cost.get("estimated_usd"),
@@ -151,6 +158,9 @@ class AdminPage:
             "pref. accuracy": full["held-out pref. acc."].map(num), "margin": full["reward margin"].map(num),
             "golden right": [
                 "" if p is None or pd.isna(p) else f"{int(p)}/{int(t)}" for p, t in zip(full["golden passed"], full["golden total"])],
+            "domain right": [  # SFT versions: the data set's held-out questions
+                "" if p is None or pd.isna(p) or not t else f"{int(p)}/{int(t)}"
+                for p, t in zip(full["domain passed"], full["domain total"])],
             "thumbs up": rates, "created": full["created"].map(lambda t: (t or "")[:16].replace("T", " ")),
         })
 
@@ -277,6 +287,34 @@ class AdminPage:
             raise gr.Error("The settings are a JSON object, e.g. {\"epochs\": 1}.", print_exception=False)
         job = self._act(self.c.retrain, actor, overrides)
         gr.Info(f"Training job {job} started.")
+        return self.job_status(request)
+
+    def check_dataset(self, train_file: str | None, heldout_file: str | None, request: gr.Request):
+        """An uploaded SFT data set's report (and held-out questions); a clean one is kept
+        under its hash and offered for training. Admins only, checked before any byte is read."""
+        self._admin(request)
+        from tuning.dataset import DatasetError, read_upload
+
+        if self.dataset_checker is None:
+            raise gr.Error("Data sets are not available in this build.", print_exception=False)
+        if not train_file:
+            raise gr.Error("Choose a JSONL file of training rows first.", print_exception=False)
+        try:
+            data = read_upload(train_file)
+            held = read_upload(heldout_file) if heldout_file else None
+        except DatasetError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        report = self.dataset_checker(data, held, Path(train_file).name)
+        digest = report.hash if report.ok else None
+        return console_html.dataset_report(report.as_dict()), digest, gr.update(interactive=bool(digest))
+
+    def train_dataset(self, digest: str | None, request: gr.Request):
+        """Start an SFT job on the data set last checked clean on this page."""
+        actor = self._admin(request)
+        if not digest:
+            raise gr.Error("Check a data set first; only a clean one trains.", print_exception=False)
+        job = self._act(self.c.retrain, actor, {"method": "sft", "dataset": digest})
+        gr.Info(f"Training job {job} started on data set {digest[:12]}.")
         return self.job_status(request)
 
     def cancel(self, request: gr.Request):
@@ -432,6 +470,17 @@ class AdminPage:
                 job = gr.HTML(elem_id="job-status", **html)
                 # Ticks only for admins (switched on at page load): nobody else polls.
                 self.timer = timer = gr.Timer(2.0, active=False)
+            with gr.Accordion("Teach it a domain (SFT data set)", open=False):
+                with gr.Row():
+                    ds_train = gr.File(label="Training rows (JSONL: messages, or prompt/completion)", file_types=[".jsonl"],
+                                       type="filepath", elem_id="dataset-train")
+                    ds_held = gr.File(label="Held-out questions (JSONL, with 'expect' words), optional", file_types=[".jsonl"],
+                                      type="filepath", elem_id="dataset-heldout")
+                with gr.Row():
+                    ds_check = gr.Button("Check", elem_id="dataset-check")
+                    ds_train_btn = gr.Button("Train on it", variant="primary", interactive=False, elem_id="dataset-train-job")
+                ds_report = gr.HTML(elem_id="dataset-report", **html)
+                ds_hash = gr.State(None)
             with gr.Accordion("Versions", open=True):
                 versions = gr.Dataframe(label="Adapter versions (choose one below for its verdict, answers and details)",
                                         wrap=True, elem_id="versions", headers=VERSION_COLUMNS)
@@ -495,6 +544,8 @@ class AdminPage:
             then_review(canary.click(self.canary, [canary_v, share], outs, **p))
             then_review(stop_canary.click(self.stop_canary, None, outs, **p))
             export.click(self.export, None, [files], **p)
+            ds_check.click(self.check_dataset, [ds_train, ds_held], [ds_report, ds_hash, ds_train_btn], **p)
+            ds_train_btn.click(self.train_dataset, [ds_hash], [job, cancel], **p)
             keys_box.expand(self.keys_table, None, [keys], **p)
             issue.click(self.issue_key, [key_user, key_label], [new_key, keys], **p)
             revoke.click(self.revoke_key, [revoke_id], [keys], **p)

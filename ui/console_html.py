@@ -117,7 +117,12 @@ def version_details(a: dict) -> str:
         ("cost", f"${cost.get('estimated_usd', 0):.4f} (full fine-tuning ${cost.get('full_finetune_usd', 0):.4f})"),
         ("settings", ", ".join(f"{k} {cfg[k]}" for k in ("learning_rate", "epochs", "rank", "beta") if k in cfg)),
         ("number format", (cfg.get("format") or {}).get("dtype", cfg.get("dtype"))),
+        ("method", cfg.get("method", "dpo")),
     ]
+    lineage = cfg.get("dataset_lineage")
+    if lineage:  # an SFT version: what it learned from
+        items.append(("data set", f"{str(lineage.get('hash'))[:12]}: {lineage.get('rows')} rows, "
+                                  f"{lineage.get('heldout_rows')} held-out questions, from {lineage.get('source')}"))
     return '<div class="ac-details">' + "".join(
         f"<div><b>{esc(k)}:</b> {esc(reports.figure(v))}</div>" for k, v in items) + "</div>"
 
@@ -125,3 +130,22 @@ def version_details(a: dict) -> str:
 def feedback_summary(summary: dict | None) -> str:
     return '<div class="ac-summary"><ul>' + "".join(
         f"<li>{esc(s)}</li>" for s in reports.feedback_sentences(summary)) + "</ul></div>"
+
+
+def dataset_report(report: dict) -> str:
+    """An SFT data set's report (``tuning.dataset.DatasetReport.as_dict``): what was found,
+    each error and warning, and whether it may train. Every text escaped: the file is the
+    uploader's, and so are the names and lines quoted from it."""
+    stats = report.get("stats") or {}
+    verdict = (f"<b class='ok'>OK</b>: clean; kept as {esc(report.get('hash') or '')[:12]}. Press “Train on it”."
+               if report.get("ok") else "<b class='bad'>REFUSED</b>: nothing trains on it until the errors are fixed.")
+    lines = [f"<p>{esc(report.get('source', ''))}: {esc(report.get('format', ''))}, {int(report.get('rows') or 0)} training "
+             f"rows, {int(report.get('heldout_rows') or 0)} held-out questions"
+             + (f"; tokens per row mean {esc(stats.get('mean_tokens'))}, max {esc(stats.get('max_tokens'))} "
+                f"(context {esc(stats.get('max_length'))})" if stats else "") + "</p>"]
+    items = [f"<li><b>error</b> {esc(e)}</li>" for e in report.get("errors") or []]
+    items += [f"<li>warning: {esc(w)}</li>" for w in report.get("warnings") or []]
+    if items:
+        lines.append("<ul>" + "".join(items) + "</ul>")
+    lines.append(f"<p>{verdict}</p>")
+    return "<div class='dataset-report'>" + "".join(lines) + "</div>"

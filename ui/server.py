@@ -14,6 +14,8 @@ from __future__ import annotations
 import gradio as gr
 from starlette.middleware import Middleware
 
+from tuning.dataset import MAX_FILE_BYTES
+
 from .sessions import Sessions
 from .signin import PEER, Policy, SignIn
 
@@ -63,6 +65,9 @@ def launch(demo: gr.Blocks, store, *, host: str, port: int, block: bool = True,
         server_name=host, server_port=port, show_error=True, prevent_thread_lock=True,
         auth=signin.check, auth_message=AUTH_MESSAGE,
         app_kwargs={"middleware": [Middleware(PeerAddress)]},
+        # The only upload is an admin's SFT data set: Gradio stops a bigger one while it
+        # streams in, before it is written whole (tuning.dataset checks the size again).
+        max_file_size=MAX_FILE_BYTES,
         # No allowed_paths: nothing under the data folder is served by path. Exports reach
         # the admin who made them through the File component (ui.admin_page.private_copies).
     )

@@ -1,0 +1,167 @@
+"""Supervised fine-tuning on an admin's data set, through the same job row, registry and gate
+as DPO versions, on the tiny checkpoint: lineage recorded, the SFT gate's checks, refusals."""
+
+import json
+import threading
+
+import pytest
+
+from tiny import save_tiny_checkpoint
+from tuning.config import TrainConfig
+from tuning.gate import GateConfig, Golden, decide_sft
+
+ADMIN = "root"
+TINY = ["--set", "epochs=40", "--set", "rank=8", "--set", "alpha=16", "--set", "learning_rate=0.02", "--priority", "normal"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are microseconds; two threads on a busy 2-core machine wait a
+    scheduler slice at every op (11 ms per linear layer was seen), so these run on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-chat")
+
+
+@pytest.fixture
+def data(tmp_path, store):
+    store.create_user(ADMIN, "root-password", is_admin=True)
+    store.create_user("mallory", "mallory-password")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"code {i}?", "completion": f"zed {i % 3}."}) + "\n" for i in range(24)))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"the code {i}?", "completion": f"zed {i % 3}.", "expect": ["zed"]}) + "\n"
+                            for i in range(6)))
+    return tmp_path, train, held
+
+
+def main(data_dir, checkpoint, *args):
+    from app import main as app_main
+
+    return app_main(["--data-dir", str(data_dir), *args, "--model", str(checkpoint)])
+
+
+def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_lineage(data, store, checkpoint, capsys):
+    tmp, train, held = data
+    assert main(tmp, checkpoint, "train", "--sft", str(train), "--heldout", str(held), "--as", ADMIN, *TINY) == 0
+    out = capsys.readouterr().out
+    assert "24 training rows, 6 held-out rows" in out and "registered" in out
+    (job,) = store.jobs()
+    row = store.adapter(job["adapter_version"])
+    digest = row["config_json"]["dataset"]
+    assert job["status"] == "succeeded" and job["created_by"] == ADMIN
+    assert row["config_json"]["method"] == "sft" and (tmp / "datasets" / f"{digest}.jsonl").is_file()
+    assert row["config_json"]["dataset_lineage"]["rows"] == 24 and row["config_json"]["dataset_lineage"]["heldout_rows"] == 6
+    assert row["config_json"]["batch_size"] == 8  # SFT's own defaults (tuning.sft.SFT_DEFAULTS) under --set
+    assert row["config_json"]["learning_rate"] == 0.02
+    assert len(row["pair_ids_json"]) == 24 and row["parent_version"] is None
+    ev = row["eval_json"]
+    assert [c["check"] for c in ev["checks"]] == ["domain", "regression set", "fluency"]
+    assert ev["domain_total"] == 6 and ev["live"]["domain_total"] == 6
+    assert ev["domain_passed"] > ev["live"]["domain_passed"]  # the tiny model learns "zed"
+    assert row["metrics_json"]["steps"] == 120 and row["metrics_json"]["loss"] < row["metrics_json"]["first_loss"]
+
+    # The console's path: a job queued with the data set's hash, run as the app's launcher;
+    # and the next version continues from the first (parent recorded).
+    version = row["version"]
+    queued = store.queue_job(ADMIN, {"method": "sft", "dataset": digest, "continue_from": version})
+    assert main(tmp, checkpoint, "train", "--as", "system:launcher", "--job", queued, "--priority", "normal") == 0
+    second = store.adapter(store.job(queued)["adapter_version"])
+    assert second["parent_version"] == version and second["config_json"]["dataset"] == digest
+    assert second["metrics_json"]["steps"] == 12 and second["config_json"]["epochs"] == 4  # SFT_DEFAULTS
+
+    # DPO from feedback continues from the SFT version: parent recorded, and its gate also
+    # checks that the domain's held-out questions stay answered.
+    from tiny import toy_pairs
+
+    pairs, held_pairs = tmp / "pairs.jsonl", tmp / "held_pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(8)))
+    held_pairs.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(4, start=100, prefix="e")))
+    assert main(tmp, checkpoint, "train", "--pairs", str(pairs), "--eval-pairs", str(held_pairs), "--as", ADMIN,
+                "--set", f"continue_from={second['version']}", "--set", "epochs=1", "--priority", "normal") == 0
+    dpo = store.adapter(store.jobs()[0]["adapter_version"])
+    assert dpo["parent_version"] == second["version"] and dpo["config_json"]["method"] == "dpo"
+    kept = dpo["eval_json"]["checks"][-1]
+    assert kept["check"] == "domain kept" and dpo["eval_json"]["domain_total"] == 6, kept
+    assert dpo["eval_json"]["checks"][0]["check"] == "preference accuracy"  # the DPO gate's own checks first
+
+
+def test_a_refused_data_set_trains_nothing_and_says_why(data, store, checkpoint, capsys):
+    tmp, train, held = data
+    train.write_text(train.read_text() + json.dumps({"prompt": "code 1?", "completion": "zed 1."}) + "\n")
+    assert main(tmp, checkpoint, "train", "--sft", str(train), "--as", ADMIN, *TINY) == 2
+    out = capsys.readouterr().out
+    assert "duplicate" in out and "REFUSED" in out
+    assert store.jobs() == [] and not (tmp / "datasets").exists()
+    assert main(tmp, checkpoint, "dataset", "check", str(train), "--as", ADMIN) == 3
+
+
+def test_only_admins_check_add_or_train_on_data_sets(data, store, checkpoint, capsys):
+    tmp, train, held = data
+    for args in (["dataset", "check", str(train)], ["dataset", "add", str(train)], ["train", "--sft", str(train)]):
+        assert main(tmp, checkpoint, *args, "--as", "mallory", *(TINY if args[0] == "train" else [])) == 3
+        captured = capsys.readouterr()
+        assert "not an admin" in captured.err or "needs an admin" in captured.err
+        assert "training rows" not in captured.out  # the file was never read
+    assert store.jobs() == [] and not (tmp / "datasets").exists()
+    assert main(tmp, checkpoint, "dataset", "add", str(train), "--heldout", str(held), "--as", ADMIN) == 0
+    assert "added as" in capsys.readouterr().out and len(list((tmp / "datasets").glob("*.jsonl"))) == 1
+
+
+def test_an_sft_job_cancelled_keeps_nothing(data, store, checkpoint):
+    from tuning.dataset import load_dataset, read_dataset, store_dataset
+    from tuning.trainer import train_adapter
+
+    tmp, train, held = data
+    digest = store_dataset(tmp, read_dataset(train, held))
+    rows, heldout = load_dataset(tmp, digest)
+    stop = threading.Event()
+    stop.set()
+    result = train_adapter(rows, heldout, store=store, data_dir=tmp, base_model_dir=checkpoint,
+                           config=TrainConfig(method="sft", dataset=digest, rank=4, alpha=8, dtype="float32"),
+                           gate_config=GateConfig(golden=(Golden("code 1?", ("zed",)),), max_new_tokens=8), cancel=stop)
+    assert result.status == "cancelled" and store.adapters() == []
+    assert [p.name for p in (tmp / "adapters").iterdir()] == []
+
+
+def test_settings_name_a_data_set_by_hash_never_by_path():
+    with pytest.raises(ValueError, match="needs dataset"):
+        TrainConfig().replace(method="sft")
+    with pytest.raises(ValueError, match="needs dataset"):
+        TrainConfig().replace(method="sft", dataset="/etc/passwd")
+    with pytest.raises(ValueError, match="for method 'sft'"):
+        TrainConfig().replace(dataset="a" * 64)
+    assert TrainConfig().replace(method="sft", dataset="a" * 64).method == "sft"
+
+
+def _sft_result(domain: list[bool], golden: list[bool], damaged: int = 0) -> dict:
+    return {
+        "preference_accuracy": None, "reward_margin": None, "mean_answer_tokens": 5.0,
+        "domain": {f"q{i}": {"prompt": f"q{i}", "answer": "", "passed": p} for i, p in enumerate(domain)},
+        "golden": {f"g{i}": {"answer": "", "passed": p} for i, p in enumerate(golden)},
+        "golden_passed": sum(golden), "golden_total": len(golden),
+        "damaged": {f"g{i}": "repeats" for i in range(damaged)}, "answered": len(domain) + len(golden),
+    }
+
+
+def test_the_sft_gate_wants_the_domain_learned_and_the_regression_set_kept():
+    base = _sft_result([False] * 20, [True] * 60)
+    ok = decide_sft(_sft_result([True] * 15 + [False] * 5, [True] * 59 + [False]), base)
+    assert ok.passed and [c["check"] for c in ok.checks] == ["domain", "regression set", "fluency"]
+    assert "75% of 20" in ok.checks[0]["detail"]
+    lost = decide_sft(_sft_result([True] * 15 + [False] * 5, [True] * 50 + [False] * 10), base)
+    assert not lost.passed and not lost.checks[1]["passed"]
+    luck = decide_sft(_sft_result([True] * 2 + [False] * 18, [True] * 60), base)
+    assert not luck.passed and not luck.checks[0]["passed"]  # 2 gained could be luck
+    broken = decide_sft(_sft_result([True] * 15 + [False] * 5, [True] * 60, damaged=20), base)
+    assert not broken.passed and not broken.checks[2]["passed"]
+    none = decide_sft(_sft_result([], [True] * 60), _sft_result([], [True] * 60))
+    assert not none.passed and "no held-out domain questions" in none.checks[0]["detail"]
