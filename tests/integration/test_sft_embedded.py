@@ -16,6 +16,7 @@ mixing in the base model's own answers to general questions as replay rows, a lo
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,9 +26,12 @@ import pytest
 
 from store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(
-    reason="measured 2026-11-30: domain 0% -> 63% but regression set 65/65 -> 38/65, gate refused (docstring)",
-    strict=False)]
+# Not in the default run: it does not pass yet (the docstring's figures) and costs about
+# 13 minutes of CI's budget. ASSISTANT_DOMAIN_TEST=1 runs it, as the figures were taken.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("ASSISTANT_DOMAIN_TEST") != "1",
+    reason="measured 2026-11-30: domain 0% -> 63% but regression set 65/65 -> 38/65, gate refused (docstring); "
+           "ASSISTANT_DOMAIN_TEST=1 runs it")]
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = ROOT / "examples" / "quorvia"
 
