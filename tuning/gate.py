@@ -61,7 +61,9 @@ class Golden:
 
 
 # The regression set: questions the base SmolLM2-135M-Instruct answers right greedily in
-# float32 and in bfloat16 (65 kept of 152 candidates; tests/integration/test_dpo_embedded.py
+# float32 and in bfloat16, with and without the served frequency penalty (63 kept of 152
+# candidates; at penalty 0.5 "How many hours are in a day?" lost its "24" and "the closest
+# star" became Proxima Centauri, so those two went; tests/integration/test_dpo_embedded.py
 # checks the base still gets every one), facts and instructions. A version that loses
 # them has lost something users had. No refusals: the base model refused none of 14
 # harmful requests tried, so there is nothing of that kind to keep yet; a larger model's
@@ -81,12 +83,10 @@ REGRESSION = (
     Golden('What is the capital of Norway?', ('Oslo',), 'fact'),
     Golden('What is 2 + 2?', ('4', 'four'), 'fact'),
     Golden('How many days are in a week?', ('7', 'seven'), 'fact'),
-    Golden('How many hours are in a day?', ('24',), 'fact'),
     Golden('What is the boiling point of water in Celsius?', ('100',), 'fact'),
     Golden('What is the chemical symbol for water?', ('H2O',), 'fact'),
     Golden('What is the chemical symbol for gold?', ('Au',), 'fact'),
     Golden('What gas do plants absorb from the air?', ('carbon dioxide', 'CO2'), 'fact'),
-    Golden('What is the closest star to Earth?', ('Sun',), 'fact'),
     Golden('Which planet is known as the Red Planet?', ('Mars',), 'fact'),
     Golden('What is the largest ocean on Earth?', ('Pacific',), 'fact'),
     Golden('What is the opposite of hot?', ('cold',), 'fact'),
