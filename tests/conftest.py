@@ -32,6 +32,22 @@ def service(store, engine):
     return ChatService(store=store, engine=engine, sampling=Sampling(max_new_tokens=32))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread_for_fast_tests(request):
+    """The fast tests' tiny models do microsecond ops; two threads on a busy 2-core machine
+    wait a scheduler slice at each (11 ms per linear layer was seen: one SFT job test took
+    213 s, 1.3 s on one thread). Slow tests run the real model and keep every thread."""
+    if request.node.get_closest_marker("slow") or "torch" not in sys.modules:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """Prepared models shared by every test run (dequantizing takes ~30 s)."""
