@@ -73,7 +73,7 @@ def greedy(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
 
 
 def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
-             work: Path, tokens: int) -> dict:
+             work: Path, tokens: int, settings: dict) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +98,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
     start = time.monotonic()
     result = train_adapter(train, held, store=store, data_dir=data, base_model_dir=model_dir,
-                           config=TrainConfig(), gate_config=GateConfig(), created_by="bench")
+                           config=TrainConfig().replace(**settings), gate_config=GateConfig(), created_by="bench")
     job_s = time.monotonic() - start
     if result.status != "succeeded":
         return {"kind": kind.name, "error": result.error}
@@ -127,6 +127,8 @@ def main() -> int:
     p.add_argument("--edits", type=int, default=128, help="edited answers per kind (4 users)")
     p.add_argument("--held-out", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig setting for every kind, as app.py train takes it")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
 
@@ -136,6 +138,9 @@ def main() -> int:
     from assistant.model_files import prepare_embedded_model
     from assistant.precision import machine_format
 
+    from tuning.train import _value
+
+    settings = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
     model_dir = prepare_embedded_model(a.models_dir)
     qs = prompts()
     held_q = qs[: a.held_out]
@@ -149,11 +154,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
         for name in a.kinds:
-            rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens))
+            rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings))
             print(json.dumps(rows[-1]), flush=True)
     fmt = machine_format()
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
-          f"{a.tokens} tokens; default TrainConfig and GateConfig")
+          f"{a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
     print("| preference | edits -> train/held-out pairs | follows: base | follows: version | words base -> version "
           "| regression set | gate | steps, train s |")
     print("| --- | --- | ---: | ---: | --- | --- | --- | --- |")
