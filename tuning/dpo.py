@@ -183,6 +183,22 @@ def train_loop(
     torch.manual_seed(config.seed)
     items = [tokenize_pair(tokenizer, p, config.max_length) for p in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16")
+        return loss, vars(stats)
+
+    history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop)
+    return summarize(history)
+
+
+def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
+             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> tuple[list[dict], int]:
+    """The optimisation loop both trainers share: AdamW with linear decay to zero, shuffled
+    batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
+    between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
+    returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
+    a batch. Returns (per-step rows, steps per epoch)."""
     per_epoch = math.ceil(len(items) / config.batch_size)
     steps = per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,23 +215,23 @@ def train_loop(
         for b in range(per_epoch):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
-            loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16")
+            batch = collate_fn([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
+            loss, stats = step_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             opt.step()
             sched.step()
             step += 1
-            row = {"step": step, "steps": steps, "epoch": epoch + (b + 1) / per_epoch, **vars(stats),
-                   "grad_norm": float(grad_norm), "seconds": round(time.monotonic() - start, 2)}
-            if not all(math.isfinite(v) for v in (stats.loss, row["grad_norm"])):
+            row = {"step": step, "steps": steps, "epoch": epoch + (b + 1) / per_epoch, **stats,
+                   "grad_norm": grad_norm, "seconds": round(time.monotonic() - start, 2)}
+            if not all(math.isfinite(v) for v in (row["loss"], grad_norm)):
                 raise FloatingPointError(f"loss or gradient became non-finite at step {step}")
             history.append(row)
             if progress is not None:
                 progress(row)
     model.eval()
-    return summarize(history)
+    return history, per_epoch
 
 
 def summarize(history: list[dict]) -> dict:

@@ -18,16 +18,13 @@ for DPO, and it computes the LM head over every position (prompt included).
 
 from __future__ import annotations
 
-import math
-import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .config import TrainConfig
-from .dpo import Cancelled, _completion_ids, sequence_logps
+from .dpo import _completion_ids, optimise, sequence_logps
 
 # What ``method: sft`` changes unless a setting says otherwise (tuning.train applies them
 # before --set): DPO's 5e-5 for 2 epochs is tuned to nudge preferences, not to teach facts.
@@ -83,42 +80,16 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
 
     ``progress`` gets a row after every step (step, steps, epoch, loss, token_prob: the
     geometric mean probability of the answer tokens, seconds); raises :class:`Cancelled`
-    between steps once ``should_stop()`` is true."""
+    between steps once ``should_stop()`` is true (``tuning.dpo.Cancelled``)."""
     torch.manual_seed(config.seed)
     items = [tokenize_example(tokenizer, r, config.max_length) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_epoch = math.ceil(len(items) / config.batch_size)
-    steps = per_epoch * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = random.Random(config.seed)
-    model.train()
-    history: list[dict] = []
-    start = time.monotonic()
-    step = 0
-    for epoch in range(config.epochs):
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for b in range(per_epoch):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate_examples([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
-            loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            opt.step()
-            sched.step()
-            step += 1
-            row = {"step": step, "steps": steps, "epoch": epoch + (b + 1) / per_epoch, "loss": float(loss.detach()),
-                   "token_prob": token_prob, "grad_norm": grad_norm, "seconds": round(time.monotonic() - start, 2)}
-            if not all(math.isfinite(v) for v in (row["loss"], grad_norm)):
-                raise FloatingPointError(f"loss or gradient became non-finite at step {step}")
-            history.append(row)
-            if progress is not None:
-                progress(row)
-    model.eval()
+
+    def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
+        return loss, {"loss": float(loss.detach()), "token_prob": token_prob}
+
+    history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop)
     last = history[-per_epoch:] if history else []
     return {
         "steps": len(history),

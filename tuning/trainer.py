@@ -282,25 +282,12 @@ def failure_reason(error: Exception, phase: str | None) -> str:
 
 def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config):
     """Gate metrics of the new adapter ('default') and the live version, side by side."""
-    live_version = store.live_version()
     base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
                              max_length=config.max_length)
     kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
-    model.set_adapter("default")
-    candidate = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=False, **kw)
-    if live_version is None:
-        live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=True, **kw)
-    else:
-        row = store.adapter(live_version)
-        folder = DataPaths(data_dir).version_folder(row)
-        validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
-        model.load_adapter(folder, adapter_name="live")
-        model.set_adapter("live")
-        try:
-            live = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=False, **kw)
-        finally:
-            model.set_adapter("default")
-            model.delete_adapter("live")
+    live_version, candidate, live = _live_and_candidate(
+        model, store, data_dir, base_shapes, config,
+        lambda adapter_off: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, **kw))
     gate = decide(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
@@ -308,9 +295,11 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
 def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
     """``_evaluate`` for an SFT version: the regression set and the data set's held-out
     questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
-    candidate, live = _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config)
+    live_version, candidate, live = _live_and_candidate(
+        model, store, data_dir, base_shapes, config,
+        lambda adapter_off: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config))
     gate = decide_sft(candidate, live, gate_config)
-    return _evaluation(candidate, store.live_version(), live, gate), gate
+    return _evaluation(candidate, live_version, live, gate), gate
 
 
 def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config, evaluation, gate):
@@ -319,7 +308,9 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     import dataclasses
 
     only_domain = dataclasses.replace(gate_config, golden=())
-    candidate, live = _live_and_candidate(model, tokenizer, domain, store, data_dir, base_shapes, config, only_domain)
+    _, candidate, live = _live_and_candidate(
+        model, store, data_dir, base_shapes, config,
+        lambda adapter_off: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain))
     check = domain_kept(candidate, live, gate_config)
     gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
     evaluation = {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
@@ -329,20 +320,23 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     return evaluation, gate
 
 
-def _live_and_candidate(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
-    """``measure_sft`` of the new adapter and of the live version (or the base)."""
+def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one):
+    """(live version, the new adapter's figures, the live version's figures), each from
+    ``measure_one(adapter_off)`` with the adapter to measure active: 'default' for the new
+    one; the live version's folder, validated against its recorded hash, loaded beside it
+    (or the adapter switched off when the base model is live)."""
     live_version = store.live_version()
     model.set_adapter("default")
-    candidate = measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
+    candidate = measure_one(False)
     if live_version is None:
-        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=True, config=gate_config)
+        return live_version, candidate, measure_one(True)
     row = store.adapter(live_version)
     folder = DataPaths(data_dir).version_folder(row)
     validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
     model.load_adapter(folder, adapter_name="live")
     model.set_adapter("live")
     try:
-        return candidate, measure_sft(model, tokenizer, heldout, adapter_off=False, config=gate_config)
+        return live_version, candidate, measure_one(False)
     finally:
         model.set_adapter("default")
         model.delete_adapter("live")
