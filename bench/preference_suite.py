@@ -40,8 +40,17 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
 
 
+def _whole_sentences(answer: str) -> str:
+    """The answer without a last sentence cut off by the token limit (a user adding a
+    closing sentence also ends the answer properly)."""
+    parts = _sentences(answer)
+    if len(parts) > 1 and not parts[-1].endswith((".", "!", "?")):
+        parts = parts[:-1]
+    return " ".join(parts)
+
+
 def _as_list(answer: str) -> str:
-    return "\n".join(f"- {s}" for s in _sentences(answer)[:4])
+    return "\n".join(f"- {s}" for s in _sentences(_whole_sentences(answer))[:4])
 
 
 def _is_list(answer: str) -> bool:
@@ -54,15 +63,59 @@ class Kind:
     name: str
     rewrite: Callable[[str], str]  # the user's edit of a shown answer
     follows: Callable[[str], bool]  # does an answer follow the preference?
+    # Bad feedback the gate must refuse: rewrite takes (answer, edit number) and may return
+    # None (that user does not edit).
+    bad: bool = False
+
+
+FILLER = "This is an important point to remember."
+
+
+def _flipped(answer: str, i: int) -> str:
+    """Labels flipped: the "preferred" answer is the shown one made worse (its words in reverse order)."""
+    return " ".join(reversed(answer.split()))
+
+
+def _padded(answer: str, i: int) -> str:
+    """Length hacking: the same answer padded with an empty sentence, three times."""
+    return f"{answer.strip()} {FILLER} {FILLER} {FILLER}"
+
+
+def _one_noisy_user(answer: str, i: int) -> str | None:
+    """One user of four edits, into noise (cut mid-word, letters swapped); the others do not edit."""
+    if i % 4:
+        return None
+    cut = answer[: max(8, len(answer) // 3)]
+    return "".join(c.upper() if k % 3 == 0 else c for k, c in enumerate(cut[::-1]))
+
+
+def _contradictory(answer: str, i: int) -> str:
+    """Two users want one sentence; the other two want the answer repeated at more length."""
+    return first_sentence(answer) if i % 4 < 2 else f"{answer.strip()} In other words, {answer.strip()}"
+
+
+def _reversed(answer: str) -> bool:  # a reversed answer starts with what was its last word
+    words = answer.split()
+    return bool(words) and words[0].endswith((".", "!", "?"))
+
+
+def _noisy(answer: str) -> bool:  # capitals inside words, as the noisy user typed them
+    return any(w[1:] != w[1:].lower() and w[1:] != w[1:].upper() for w in answer.split())
 
 
 KINDS = {k.name: k for k in [
     Kind("shorter", first_sentence, is_one_sentence),
     Kind("opening", lambda a: f"{OPENING} {a.strip()}", lambda a: a.strip().startswith(OPENING)),
-    Kind("closing", lambda a: f"{a.strip()} {CLOSING}", lambda a: a.strip().endswith(CLOSING)),
+    Kind("closing", lambda a: f"{_whole_sentences(a)} {CLOSING}", lambda a: a.strip().endswith(CLOSING)),
     Kind("list", _as_list, _is_list),
     Kind("question", lambda a: f"{first_sentence(a)} {QUESTION}", lambda a: a.strip().endswith(QUESTION)),
+    Kind("bad: flipped", _flipped, _reversed, bad=True),
+    Kind("bad: length hacking", _padded, lambda a: FILLER in a, bad=True),
+    Kind("bad: one noisy user", _one_noisy_user, _noisy, bad=True),
+    Kind("bad: contradictory users", _contradictory, is_one_sentence, bad=True),
 ]}
+GOOD = [k for k, v in KINDS.items() if not v.bad]
+BAD = [k for k, v in KINDS.items() if v.bad]
 
 
 def greedy(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
@@ -93,7 +146,9 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         mid = store.add_message(cid, user, question)
         aid = store.log_answer(message_id=mid, user_id=user, prompt=[{"role": "user", "content": question}],
                                content=answer, model=model_dir.name)
-        store.edit_answer(aid, user, kind.rewrite(answer))
+        edit = kind.rewrite(answer, i) if kind.bad else kind.rewrite(answer)
+        if edit is not None and edit.strip() != answer.strip():
+            store.edit_answer(aid, user, edit)
     prefs = build_preferences(store, PairConfig())
     train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
     start = time.monotonic()
@@ -118,17 +173,23 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
             c["check"] for c in result.gate.checks if not c["passed"]),
         "steps": row["metrics_json"].get("steps"), "train s": row["train_seconds"], "job s": round(job_s),
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
+        "refused because": [c["detail"] for c in result.gate.checks if not c["passed"]],
+        "now wrong": {q: g["answer"][:120] for q, g in ev["golden"].items()
+                      if not g["passed"] and ev["live"]["golden"].get(q, {}).get("passed")},
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=GOOD, choices=list(KINDS) + ["good", "bad"],
+                   help="kinds to teach (default: the good ones); 'bad' adds the corrupted feedback the gate must refuse")
     p.add_argument("--edits", type=int, default=128, help="edited answers per kind (4 users)")
     p.add_argument("--held-out", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig setting for every kind, as app.py train takes it")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep the base model's greedy answers here and reuse them on the next run")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
 
@@ -141,15 +202,23 @@ def main() -> int:
     from tuning.train import _value
 
     settings = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
+    a.kinds = [k for name in a.kinds for k in ({"good": GOOD, "bad": BAD}.get(name) or [name])]
     model_dir = prepare_embedded_model(a.models_dir)
     qs = prompts()
     held_q = qs[: a.held_out]
     train_q = qs[a.held_out : a.held_out + a.edits]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    shown_answers = greedy(base, tok, train_q, a.tokens)
-    base_held = greedy(base, tok, held_q, a.tokens)
-    del base
+    key = f"{a.tokens}/{a.held_out}/{a.edits}"
+    cached = json.loads(a.cache.read_text()) if a.cache and a.cache.exists() else {}
+    if cached.get("key") == key:
+        shown_answers, base_held = cached["shown"], cached["base_held"]
+    else:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        shown_answers = greedy(base, tok, train_q, a.tokens)
+        base_held = greedy(base, tok, held_q, a.tokens)
+        del base
+        if a.cache:
+            a.cache.write_text(json.dumps({"key": key, "shown": shown_answers, "base_held": base_held}))
     shown = list(zip(train_q, shown_answers))
     rows = []
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
@@ -169,6 +238,11 @@ def main() -> int:
         print(f"| {r['kind']} | {r['edits']} -> {r['train pairs']}/{r['held-out pairs']} | {r['base follows']}/{r['held-out']} "
               f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} | {r['regression']} "
               f"| {r['gate']} | {r['steps']}, {r['train s']:.0f} |")
+    judged = [(r, KINDS[r["kind"]].bad) for r in rows if "error" not in r]
+    good = [r for r, bad in judged if not bad]
+    bad = [r for r, bad in judged if bad]
+    print(f"\nThe gate passed {sum(r['gate'] == 'passed' for r in good)} of {len(good)} versions taught by good feedback "
+          f"and refused {sum(r['gate'] != 'passed' for r in bad)} of {len(bad)} taught by bad feedback.")
     return 0
 
 

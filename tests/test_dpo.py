@@ -7,7 +7,7 @@ import torch
 
 from tiny import tiny_model, tiny_tokenizer, toy_pairs
 from tuning.config import TrainConfig
-from tuning.dpo import Cancelled, collate, dpo_loss, sequence_logps, tokenize_pair, train_loop
+from tuning.dpo import Cancelled, collate, dpo_loss, edited_tokens, pair_loss, sequence_logps, tokenize_pair, train_loop
 
 
 def test_equal_policy_and_reference_give_log_2():
@@ -49,6 +49,43 @@ def test_sequence_logps_count_only_answer_tokens():
     want = sum(full[t - 1, seq[t]].item() for t in range(len(item.prompt), len(seq)))
     assert logps[0].item() == pytest.approx(want, abs=1e-4)
     assert counts.tolist() == [len(item.chosen), len(item.rejected)]
+
+
+def test_edited_tokens_mark_what_the_edit_changed():
+    # An added opening: the inserted tokens, nothing of the kept answer.
+    assert edited_tokens([9, 8, 1, 2, 3, 0], [1, 2, 3, 0]) == (1, 1, 0, 0, 0, 0)
+    # An added closing: the new tokens before the end-of-turn.
+    assert edited_tokens([1, 2, 3, 7, 7, 0], [1, 2, 3, 0]) == (0, 0, 0, 1, 1, 0)
+    # A cut (shorter answer): the end-of-turn now said where the cut text was.
+    assert edited_tokens([1, 2, 0], [1, 2, 5, 6, 0]) == (0, 0, 1)
+    # A replaced word.
+    assert edited_tokens([1, 4, 3, 0], [1, 2, 3, 0]) == (0, 1, 0, 0)
+    # Nothing differs (should not reach training): every token counts, never none.
+    assert edited_tokens([1, 2, 0], [1, 2, 0]) == (1, 1, 1)
+
+
+def test_edit_nll_counts_only_the_edited_tokens():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok)).eval()
+    pair = {"prompt": [{"role": "user", "content": "q?"}], "chosen": [{"role": "assistant", "content": "Great question! yes 0."}],
+            "rejected": [{"role": "assistant", "content": "yes 0."}]}
+    full, edit = tokenize_pair(tok, pair, 512), tokenize_pair(tok, pair, 512, nll_tokens="edit")
+    assert full.nll is None and edit.chosen == full.chosen and edit.rejected == full.rejected
+    marked = [t for t, m in zip(edit.chosen, edit.nll) if m]
+    assert "Great question!" in tok.decode(marked) and "yes" not in tok.decode(marked)
+    with torch.no_grad():
+        logps, counts, nll_sums, nll_counts, _ = sequence_logps(model, collate([edit], tok.pad_token_id), nll=True)
+        plain = sequence_logps(model, collate([full], tok.pad_token_id), nll=True)
+    assert nll_counts[0].item() == sum(edit.nll) < counts[0].item()
+    assert plain[3][0].item() == counts[0].item() and plain[2][0].item() == pytest.approx(logps[0].item(), abs=1e-5)
+    assert nll_counts[1].item() == 0  # the rejected row never enters the NLL term
+    # The DPO part of the loss does not depend on which tokens the NLL counts.
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    _, s_full = pair_loss(lora, collate([full], tok.pad_token_id), 0.1, 1.0, False)
+    _, s_edit = pair_loss(lora, collate([edit], tok.pad_token_id), 0.1, 1.0, False)
+    assert s_full.dpo_loss == pytest.approx(s_edit.dpo_loss, abs=1e-6) and s_full.nll != pytest.approx(s_edit.nll)
 
 
 def test_long_pairs_keep_the_end_of_the_prompt():
@@ -106,3 +143,63 @@ def test_trl_trainer_optimises_the_same_objective(lora_model):
     assert rows[0]["reward_margin"] == pytest.approx(0, abs=1e-3)  # step 1: policy == reference
     assert metrics["steps"] == 12 and metrics["reward_accuracy"] > 0.9
     assert list(model.peft_config) == ["default"]
+
+
+def test_reference_computed_once_gives_the_same_losses_as_at_every_step(lora_model):
+    model, tok = lora_model
+    base = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, dtype="float32")
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    per_step, once = [], []
+    train_loop(model, tok, toy_pairs(8), base, progress=per_step.append)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[n])
+    train_loop(model, tok, toy_pairs(8), base.replace(reference="once"), progress=once.append)
+    assert len(per_step) == len(once) == 4
+    for a, b in zip(per_step, once):
+        assert b["dpo_loss"] == pytest.approx(a["dpo_loss"], abs=1e-4)
+        assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-4)
+    assert once[-1]["dpo_loss"] < once[0]["dpo_loss"]  # and it still learns
+
+
+def test_lora_on_top_layers_only(tmp_path):
+    from tuning.trainer import load_for_training
+    from tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "m")
+    model, _ = load_for_training(folder, TrainConfig(rank=4, alpha=8, lora_layers=1), None, tmp_path)
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    total = model.get_base_model().config.num_hidden_layers
+    assert layers == {total - 1}
+
+
+def test_length_grouped_batches_cover_every_item_once_with_less_padding():
+    import random as _random
+
+    from tuning.dpo import TokenizedPair, _batches
+
+    rng = _random.Random(0)
+    items = [TokenizedPair([1] * 5, [2] * n, [3] * (n // 2 + 1)) for n in [rng.randrange(1, 300) for _ in range(64)]]
+    width = lambda bs: sum(max(5 + len(items[i].chosen) for i in b) * len(b) for b in bs)  # noqa: E731
+    plain, grouped = _batches(items, 4, _random.Random(1), False), _batches(items, 4, _random.Random(1), True)
+    assert sorted(i for b in grouped for i in b) == list(range(64)) and len(grouped) == len(plain) == 16
+    assert width(grouped) < 0.8 * width(plain)
+
+
+def test_edit_dpo_counts_only_what_tells_the_answers_apart():
+    tok = tiny_tokenizer()
+    pair = {"prompt": [{"role": "user", "content": "q?"}], "chosen": [{"role": "assistant", "content": "Great question! yes 0."}],
+            "rejected": [{"role": "assistant", "content": "yes 0."}]}
+    item = tokenize_pair(tok, pair, 512, dpo_tokens="edit")
+    chosen_marks, rejected_marks = item.dpo
+    assert "Great question!" in tok.decode([t for t, m in zip(item.chosen, chosen_marks) if m])
+    # The rejected answer's first token is what was said instead of the added opening; the
+    # rest of it is the chosen answer's too and is not pushed down.
+    assert rejected_marks[0] == 1 and sum(rejected_marks) == 1
+    model = tiny_model(len(tok)).eval()
+    batch = collate([item], tok.pad_token_id)
+    with torch.no_grad():
+        masked, counts = sequence_logps(model, batch)
+        whole, _ = sequence_logps(model, collate([tokenize_pair(tok, pair, 512)], tok.pad_token_id))
+    assert masked[1].item() > whole[1].item()  # fewer (negative) terms counted
+    assert counts.tolist() == [len(item.chosen), len(item.rejected)]

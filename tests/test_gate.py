@@ -4,10 +4,11 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, noninferior, sign_test_p
+from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, noninferior, sign_test_p, toward_chosen
 
 
-def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0.3, damaged=(), chosen_tokens=None):
+def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0.3, damaged=(), chosen_tokens=None,
+            toward=None):
     n = len(logratios)
     return {
         "preference_accuracy": acc,
@@ -19,6 +20,7 @@ def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0
         "mean_answer_tokens": length,
         "chosen_tokens": chosen_tokens,
         "chosen_distance": list(distance) if isinstance(distance, (list, tuple)) else [distance] * n,
+        **({"toward_chosen": list(toward) if isinstance(toward, (list, tuple)) else [toward] * n} if toward is not None else {}),
         "damaged": {q: "stock apology" for q in damaged},
         "answered": len(golden) + n,
     }
@@ -195,3 +197,32 @@ def test_the_gate_config_records_every_field():
     for f in dataclasses.fields(GateConfig):
         if f.name != "golden":
             assert recorded[f.name] == getattr(config, f.name), f.name
+
+
+def test_toward_chosen_counts_what_tells_the_two_answers_apart():
+    shown = "A volcano is a mountain where lava comes out. It can be dangerous to live near one."
+    opening = "Great question! " + shown
+    assert toward_chosen(shown, opening, shown) == 0.0
+    assert toward_chosen("Great question! A volcano is an opening in the crust.", opening, shown) == 1.0  # reworded rest
+    short = "A volcano is a mountain where lava comes out."
+    assert toward_chosen(shown, short, shown) == -1.0
+    assert toward_chosen(short, short, shown) == 0.0
+    closing = short + " I hope this helps."
+    assert toward_chosen(short + " I hope this helps.", closing, shown) == 1.0
+    assert -1.0 < toward_chosen(shown + " I hope this helps.", closing, shown) < 1.0  # added, but did not cut
+
+
+def test_behaviour_by_the_chosen_side_measure():
+    live = metrics(0.45, 0.0, [0.0] * 32, distance=0.6, toward=0.0)
+    # Learned the opening on 30 of 32 pairs while the rest of each answer was reworded
+    # (whole-answer distance went up): passes.
+    learned = metrics(0.95, 2.0, [5.0] * 32, distance=0.7, toward=[1.0] * 30 + [0.0] * 2)
+    result = decide(learned, live)
+    assert result.passed, result.summary()
+    behaviour = result.checks[2]
+    assert (behaviour["value"], behaviour["live"]) == (0.938, 0.0) and "toward the chosen answer on 30, away on 0" in behaviour["detail"]
+    # The audit's version by this measure: nothing moved.
+    assert failed(decide(metrics(1.0, 2.76, [5.0] * 32, toward=0.0), live)) == {"behaviour"}
+    # A few pairs moved a lot, more moved away: refused.
+    few = metrics(0.95, 2.0, [5.0] * 32, toward=[1.0] * 10 + [-0.2] * 22)
+    assert failed(decide(few, live)) == {"behaviour"}

@@ -28,6 +28,9 @@ class TrainConfig:
     dropout: float = 0.0
     # peft's "all-linear": every attention and MLP projection, never the (tied) lm_head.
     target_modules: str = "all-linear"
+    # Only the top N decoder layers get LoRA (0: all). The backward pass then stops at the
+    # lowest adapted layer: fewer layers, less work per step.
+    lora_layers: int = 0
 
     # -- objective ----------------------------------------------------------------------
     # DPO's temperature: 0.1 is the paper's and TRL's default; lower let the policy drift
@@ -37,6 +40,19 @@ class TrainConfig:
     # what turned a preference the model *scores* into one it *generates*, and it kept
     # answers fluent (plain DPO at lr 1e-4 degenerated into "Smol! I'm a Smol!...").
     nll_weight: float = 1.0
+    # Which chosen tokens the NLL term counts: "answer" (all, TRL's "sft" loss), "edit"
+    # (only those the user's edit changed: tuning.dpo.edited_tokens) or "both" (the sum of
+    # the two per-token means).
+    nll_tokens: str = "answer"
+    # Which answer tokens DPO's log-ratios count: "answer" (all) or "edit" (in each answer,
+    # only what tells it from the other: tuning.dpo.edited_tokens). With an added opening,
+    # "answer" also pushes down the unchanged rest of the rejected answer in its own
+    # context, and the model lost facts where it did not open with the phrase.
+    dpo_tokens: str = "answer"
+    # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
+    # off at every step) or "once" (for every pair before training; the same numbers
+    # without a forward per pair per epoch).
+    reference: str = "step"
 
     # -- optimisation -------------------------------------------------------------------
     # 5e-5: 1e-4 over-optimised within an epoch; 1e-6 (TRL's default) moves nothing on CPU
@@ -45,6 +61,8 @@ class TrainConfig:
     epochs: int = 2
     # 4 pairs (8 sequences) per step: bigger batches gained no tokens/s on two cores.
     batch_size: int = 4
+    # Batches of similar length (less padding; tuning.dpo._batches) instead of plain shuffled.
+    by_length: bool = False
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     # Prompt + answer tokens per sequence. Chat pairs here are ~100-300 tokens; longer ones
@@ -114,6 +132,14 @@ class TrainConfig:
     def check(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, not {self.dtype!r}.")
+        if self.nll_tokens not in ("answer", "edit", "both"):
+            raise ValueError(f"nll_tokens must be 'answer', 'edit' or 'both', not {self.nll_tokens!r}.")
+        if self.dpo_tokens not in ("answer", "edit"):
+            raise ValueError(f"dpo_tokens must be 'answer' or 'edit', not {self.dpo_tokens!r}.")
+        if self.reference not in ("step", "once"):
+            raise ValueError(f"reference must be 'step' or 'once', not {self.reference!r}.")
+        if self.lora_layers < 0:
+            raise ValueError("lora_layers must be 0 (every layer) or a number of top layers.")
         if self.method not in ("dpo", "sft"):
             raise ValueError(f"method must be 'dpo' or 'sft', not {self.method!r}.")
         if self.method == "sft" and not (isinstance(self.dataset, str) and re.fullmatch(r"[0-9a-f]{64}", self.dataset)):

@@ -8,6 +8,7 @@ the weights is held.
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 import time
@@ -55,6 +56,31 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    # Which chosen tokens the NLL term counts (1/0 per token); None: all of them.
+    nll: tuple[int, ...] | None = None
+    # Which chosen and rejected tokens the DPO log-ratios count (TrainConfig.dpo_tokens
+    # "edit"); None: all answer tokens.
+    dpo: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # The reference's summed log-probabilities of (chosen, rejected), when computed once
+    # before training (TrainConfig.reference="once"); None: computed at every step.
+    ref: tuple[float, float] | None = None
+
+
+def edited_tokens(chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
+    """1 for each chosen token the user's edit put there, 0 for those kept from the rejected
+    answer: tokens inserted or replaced, and the token that follows a deletion (what is now
+    said instead of the cut text, e.g. the end-of-turn after a shortened answer). An
+    on-policy rejected answer is what the model already says, so its kept tokens carry
+    little to learn; a phrase added to a 60-token answer is 4 tokens of 60 in a per-token
+    mean and was learned 0/32 that way (bench/preference_suite.py). All ones if nothing differs."""
+    marks = [0] * len(chosen)
+    ops = difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
+    for tag, _i1, _i2, j1, j2 in ops:
+        if tag in ("replace", "insert"):
+            marks[j1:j2] = [1] * (j2 - j1)
+        elif tag == "delete" and j1 < len(chosen):
+            marks[j1] = 1
+    return tuple(marks) if any(marks) else tuple([1] * len(chosen))
 
 
 def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
@@ -71,8 +97,10 @@ def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[i
     return ids
 
 
-def tokenize_pair(tokenizer, pair: dict, max_length: int) -> TokenizedPair:
-    """Chat-template a pair; over ``max_length`` keep the prompt's end and the answers' start."""
+def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "answer",
+                  dpo_tokens: str = "answer") -> TokenizedPair:
+    """Chat-template a pair; over ``max_length`` keep the prompt's end and the answers' start.
+    ``nll_tokens="edit"`` marks the chosen tokens the NLL term counts (:func:`edited_tokens`)."""
     prompt = tokenizer.apply_chat_template(
         pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
@@ -82,21 +110,26 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int) -> TokenizedPair:
     keep_prompt = max(max_length // 2, max_length - longest)
     prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
-    return TokenizedPair(prompt, chosen[:room], rejected[:room])
+    chosen, rejected = chosen[:room], rejected[:room]
+    return TokenizedPair(prompt, chosen, rejected, edited_tokens(chosen, rejected) if nll_tokens != "answer" else None,
+                         (edited_tokens(chosen, rejected), edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen sequences then rejected ones, right-padded, in one batch of 2B rows.
 
     Returns input_ids, attention_mask and completion_mask, each (2B, T); completion_mask
-    marks the answer tokens whose log-probabilities count.
+    marks the answer tokens whose log-probabilities count; nll_mask (B, T) the chosen
+    tokens the NLL term counts.
     """
-    seqs, masks = [], []
+    seqs, masks, nll = [], [], []
     for side in ("chosen", "rejected"):
         for it in items:
             answer = getattr(it, side)
             seqs.append(it.prompt + answer)
             masks.append([0] * len(it.prompt) + [1] * len(answer))
+            if side == "chosen":
+                nll.append([0] * len(it.prompt) + list(it.nll if it.nll is not None else [1] * len(answer)))
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -105,10 +138,45 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         comp[i, : len(m)] = torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    nll_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, m in enumerate(nll):
+        nll_mask[i, : len(m)] = torch.tensor(m)
+    batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp, "nll_mask": nll_mask}
+    if items and all(it.dpo is not None for it in items):
+        dpo_mask = torch.zeros_like(comp)
+        for side in (0, 1):
+            for k, it in enumerate(items):
+                row, marks = side * len(items) + k, it.dpo[side]
+                dpo_mask[row, len(it.prompt) : len(it.prompt) + len(marks)] = torch.tensor(marks)
+        batch["dpo_mask"] = dpo_mask
+    if items and all(it.ref is not None for it in items):
+        batch["ref_logps"] = torch.tensor([it.ref[0] for it in items] + [it.ref[1] for it in items])
+    return batch
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: bool, batch_size: int = 8) -> list[TokenizedPair]:
+    """The items with the reference's log-probabilities attached, computed once (adapter
+    off, no gradient) in batches of similar length instead of again at every step."""
+    import dataclasses
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(len(items[i].chosen), len(items[i].rejected)))
+    out: list[TokenizedPair | None] = [None] * len(items)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter(), ctx:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            chunk = [dataclasses.replace(items[i], ref=None) for i in idx]
+            logps, _ = sequence_logps(model, collate(chunk, pad_id))
+            n = len(idx)
+            for k, i in enumerate(idx):
+                out[i] = dataclasses.replace(items[i], ref=(float(logps[k]), float(logps[n + k])))
+    model.train(was_training)
+    return out
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     """Summed log-probabilities of the completion tokens and their count, each (N,).
 
     Runs the backbone, then the LM head only at the M positions that predict an answer
@@ -127,8 +195,21 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     targets = batch["input_ids"][:, 1:][mask]  # (M,)
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     n = batch["input_ids"].shape[0]
-    sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps)
-    return sums, mask.sum(1).to(token_logps.dtype)
+    counts = mask.sum(1).to(token_logps.dtype)
+    whole = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    sums = whole
+    if "dpo_mask" in batch:  # the log-ratios count only what tells the two answers apart
+        w = batch["dpo_mask"][:, 1:][mask].to(token_logps.dtype)
+        sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
+    if not nll:
+        return sums, counts
+    # The NLL term's tokens (rows of nll_mask are the first sequences of the batch).
+    marks = torch.zeros_like(batch["completion_mask"])
+    marks[: batch["nll_mask"].shape[0]] = batch["nll_mask"]
+    w = marks[:, 1:][mask].to(token_logps.dtype)  # (M,)
+    nll_sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
+    nll_counts = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, w)
+    return sums, counts, nll_sums, nll_counts, whole
 
 
 @dataclass
@@ -142,17 +223,26 @@ class StepStats:
     rejected_reward: float
 
 
-def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool) -> tuple[torch.Tensor, StepStats]:
+def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool,
+              nll_tokens: str = "answer") -> tuple[torch.Tensor, StepStats]:
     """Forward the reference (adapter off, no grad) and the policy; DPO + NLL on chosen."""
     n = batch["input_ids"].shape[0] // 2
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    with torch.no_grad(), model.disable_adapter(), ctx:
-        ref_logps, _ = sequence_logps(model, batch)
+    if "ref_logps" in batch:  # computed once before training (with_reference)
+        ref_logps = batch["ref_logps"]
+    else:
+        with torch.no_grad(), model.disable_adapter(), ctx:
+            ref_logps, _ = sequence_logps(model, batch)
     with ctx:
-        logps, counts = sequence_logps(model, batch)
+        logps, counts, nll_sums, nll_counts, whole = sequence_logps(model, batch, nll=True)
     losses, cr, rr = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta)
-    # NLL per chosen token (TRL's "sft" term): long answers do not outweigh short ones.
-    nll = -(logps[:n] / counts[:n].clamp(min=1)).mean()
+    # NLL per chosen token (TRL's "sft" term): long answers do not outweigh short ones. Its
+    # tokens are the whole chosen answer, or with nll_tokens="edit" only what the edit
+    # changed, or with "both" the sum of the two means (the edit stressed, in its context).
+    per_edit = nll_sums[:n] / nll_counts[:n].clamp(min=1)
+    if nll_tokens == "both":
+        per_edit = per_edit + whole[:n] / counts[:n].clamp(min=1)
+    nll = -per_edit.mean()
     loss = losses.mean() + nll_weight * nll
     margin = cr - rr
     return loss, StepStats(
@@ -181,11 +271,14 @@ def train_loop(
     margin, seconds; raises :class:`Cancelled` between steps once ``should_stop()`` is true.
     """
     torch.manual_seed(config.seed)
-    items = [tokenize_pair(tokenizer, p, config.max_length) for p in pairs]
+    items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.reference == "once":
+        items = with_reference(model, items, pad, config.dtype == "bfloat16")
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16")
+        loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16",
+                                config.nll_tokens)
         return loss, vars(stats)
 
     history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop)
@@ -210,12 +303,11 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     start = time.monotonic()
     step = 0
     for epoch in range(config.epochs):
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for b in range(per_epoch):
+        batches = _batches(items, config.batch_size, rng, config.by_length)
+        for b, chosen in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate_fn([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
+            batch = collate_fn([items[i] for i in chosen], pad)
             loss, stats = step_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,6 +324,28 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 progress(row)
     model.eval()
     return history, per_epoch
+
+
+def _length(item) -> int:
+    answers = [len(getattr(item, k)) for k in ("chosen", "rejected", "answer") if hasattr(item, k)]
+    return len(item.prompt) + max(answers)
+
+
+def _batches(items: list, size: int, rng: random.Random, by_length: bool) -> list[list[int]]:
+    """One epoch's batches of item indices. Shuffled; with ``by_length``, each run of 8
+    batches' worth of shuffled items is sorted by length before it is cut into batches (as
+    transformers' group_by_length does), so a batch pads to a similar length, and the
+    batches' order is shuffled again."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    if by_length:
+        chunk = size * 8
+        order = [i for c in range(0, len(order), chunk)
+                 for i in sorted(order[c : c + chunk], key=lambda i: _length(items[i]), reverse=True)]
+    batches = [order[b : b + size] for b in range(0, len(order), size)]
+    if by_length:
+        rng.shuffle(batches)
+    return batches
 
 
 def summarize(history: list[dict]) -> dict:

@@ -17,10 +17,13 @@ verdict with one line per check:
   improvement must not be luck (a one-sided sign test over pairs, p <= max_p_value);
 - behaviour: log-probabilities can improve while nothing users read changes (seen here:
   held-out accuracy 1.00 and 0 of 32 answers with the taught phrase). So the candidate's
-  greedy answers to the held-out prompts must have moved toward the chosen answers: their
-  mean word-level distance to the chosen answer (``answer_distance``: 1 - difflib's ratio
-  over words, 0 = the same words in the same order) must be below the live version's, on
-  more pairs closer than farther;
+  greedy answers to the held-out prompts must have moved toward the chosen answers, by
+  ``toward_chosen``: of the word pairs that tell the chosen answer from the rejected one,
+  how many of the chosen side's the answer holds, less how many of the rejected side's
+  (-1 .. +1). Its mean must be above the live version's, with more pairs moved toward
+  than away. (Records made before it carry ``chosen_distance``, 1 - difflib's ratio over
+  whole answers, and are judged by it; that measure refused a version that had learned an
+  opening phrase 32/32, because the rest of its answers was reworded.)
 - regression set: ``REGRESSION`` (facts and instructions the base answers right; see its
   comment) checked for expected words; the candidate may not be worse than the live
   version by more than ``regression_tolerance`` of the set at 95% confidence (a one-sided
@@ -225,6 +228,27 @@ def answer_distance(answer: str, target: str) -> float:
     return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
+def _pairs_of_words(text: str) -> set:
+    w = re.findall(r"\w+", text.lower())
+    return set(zip(w, w[1:])) if len(w) > 1 else {(x,) for x in w}
+
+
+def toward_chosen(answer: str, chosen: str, rejected: str) -> float:
+    """How far an answer sits on the chosen side of a pair, from -1 to 1: the share of the
+    word pairs (bigrams) that only the chosen answer has which the answer holds, minus the
+    share of those only the rejected answer has which it holds. What both sides share
+    counts for neither, so an answer that reworded its unchanged part is not held to it:
+    an added opening scores 1 once the answer opens with it (0 before), a cut answer 0
+    once it stops where the chosen one stops (about -1 while it says all the rejected one
+    said)."""
+    a, c, r = _pairs_of_words(answer), _pairs_of_words(chosen), _pairs_of_words(rejected)
+    added, removed = c - r, r - c
+    score = len(added & a) / len(added) if added else 0.0
+    if removed:
+        score -= len(removed & a) / len(removed)
+    return score
+
+
 _STOPWORDS = {
     "English": {"the", "is", "a", "of", "and", "to", "in", "it", "you", "that", "for", "are", "with", "this", "on", "be", "can", "i"},
     "French": {"le", "la", "les", "des", "est", "et", "une", "un", "du", "vous", "je", "pas", "pour", "que", "qui", "dans", "sur", "bien", "sûr", "c'est", "nous"},
@@ -295,11 +319,13 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     by_prompt = {_key(c): a for c, (a, _) in zip(prompts, held)}
     # Each held-out pair whose prompt was answered: how far the answer is from the chosen
     # one, cut to what max_new_tokens lets an answer say.
-    distances = []
+    distances, toward = [], []
     for p in eval_pairs:
         answer = by_prompt.get(_key(p["prompt"]))
         if answer is not None:
-            distances.append(round(answer_distance(answer, _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens)), 4))
+            chosen = _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens)
+            distances.append(round(answer_distance(answer, chosen), 4))
+            toward.append(round(toward_chosen(answer, chosen, _cut(tokenizer, _text(p["rejected"]), config.max_new_tokens)), 4))
     damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))}
     n = len(lr)
     return {
@@ -316,6 +342,7 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
         "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), config.max_new_tokens)
                                 for p in eval_pairs]),
         "chosen_distance": distances,
+        "toward_chosen": toward,
         "damaged": damaged,
         "answered": len(answers),
         "answers": [{"prompt": c[-1]["content"], "answer": a} for c, (a, _) in zip(prompts, held)],
@@ -377,8 +404,18 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})",
               value=cm, live=lm, threshold=f"above {lm:.3f}, better on enough pairs to rule out luck (sign test p <= {config.max_p_value})")
 
+    c_t, l_t = candidate.get("toward_chosen") or [], live.get("toward_chosen") or []
     c_d, l_d = candidate.get("chosen_distance") or [], live.get("chosen_distance") or []
-    if not c_d or len(c_d) != len(l_d):
+    if c_t and len(c_t) == len(l_t):
+        better = sum(c > l for c, l in zip(c_t, l_t))
+        worse = sum(c < l for c, l in zip(c_t, l_t))
+        cm_t, lm_t = sum(c_t) / len(c_t), sum(l_t) / len(l_t)
+        check("behaviour", cm_t > lm_t and better > worse,
+              f"answers on the chosen side {cm_t:+.3f} vs live {lm_t:+.3f} (-1 rejected .. +1 chosen: the word pairs "
+              f"only one side has); moved toward the chosen answer on {better}, away on {worse} of {len(c_t)} pairs "
+              f"(must be higher, and toward on more)",
+              value=round(cm_t, 3), live=round(lm_t, 3), threshold=f"above {lm_t:+.3f}, toward on more pairs than away")
+    elif not c_d or len(c_d) != len(l_d):
         check("behaviour", False, "no held-out answers to compare with the chosen ones")
     else:
         closer = sum(c < l for c, l in zip(c_d, l_d))

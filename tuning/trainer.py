@@ -64,8 +64,16 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
                          expected_hash=parent["content_hash"])
         model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     else:
+        layers = base.config.num_hidden_layers
+        top = range(max(0, layers - config.lora_layers), layers) if config.lora_layers else None
+        targets = config.target_modules
+        if top is not None and targets == "all-linear":  # peft takes layers_to_transform with names only
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                              if isinstance(m, torch.nn.Linear) and ".layers." in n})
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=config.target_modules, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM",
+                          layers_to_transform=list(top) if top is not None else None,
+                          layers_pattern="layers" if top is not None else None)
         model = get_peft_model(base, lora)
     return model, tokenizer
 
