@@ -68,8 +68,10 @@ class TokenizedPair:
 
 def edited_tokens(chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
     """1 for each chosen token the user's edit put there, 0 for those kept from the rejected
-    answer: tokens inserted or replaced, and the token that follows a deletion (what is now
-    said instead of the cut text, e.g. the end-of-turn after a shortened answer). An
+    answer: tokens inserted or replaced and the one token after them (how the answer goes
+    on after the edit: the end-of-turn after an added closing, which otherwise was said
+    again and again), and the token that follows a deletion (what is now said instead of
+    the cut text, e.g. the end-of-turn after a shortened answer). An
     on-policy rejected answer is what the model already says, so its kept tokens carry
     little to learn; a phrase added to a 60-token answer is 4 tokens of 60 in a per-token
     mean and was learned 0/32 that way (bench/preference_suite.py). All ones if nothing differs."""
@@ -77,7 +79,7 @@ def edited_tokens(chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
     ops = difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes()
     for tag, _i1, _i2, j1, j2 in ops:
         if tag in ("replace", "insert"):
-            marks[j1:j2] = [1] * (j2 - j1)
+            marks[j1 : j2 + 1] = [1] * (min(j2 + 1, len(chosen)) - j1)  # and what follows the edit
         elif tag == "delete" and j1 < len(chosen):
             marks[j1] = 1
     return tuple(marks) if any(marks) else tuple([1] * len(chosen))
