@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,29 +194,36 @@ def train_loop(
 
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
-             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> tuple[list[dict], int]:
-    """The optimisation loop both trainers share: AdamW with linear decay to zero, shuffled
+             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+             kind_of: Callable[[object], str] | None = None) -> tuple[list[dict], int]:
+    """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
     between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
     returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
-    a batch. Returns (per-step rows, steps per epoch)."""
-    per_epoch = math.ceil(len(items) / config.batch_size)
+    a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
+    and cut into batches of its own, and the batches are shuffled together (a job with DPO
+    pairs and KTO votes: each step is one loss, each example seen once per epoch).
+    Returns (per-step rows, steps per epoch)."""
+    rng = random.Random(config.seed)
+    if kind_of is None:
+        per_epoch = math.ceil(len(items) / config.batch_size)
+    else:
+        sizes = Counter(kind_of(it) for it in items)
+        per_epoch = sum(math.ceil(n / config.batch_size) for n in sizes.values())
     steps = per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = random.Random(config.seed)
     model.train()
     history: list[dict] = []
     start = time.monotonic()
     step = 0
     for epoch in range(config.epochs):
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for b in range(per_epoch):
+        batches = _batches(items, config.batch_size, rng, kind_of)
+        for b, chosen in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate_fn([items[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]], pad)
+            batch = collate_fn([items[i] for i in chosen], pad)
             loss, stats = step_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,6 +240,20 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 progress(row)
     model.eval()
     return history, per_epoch
+
+
+def _batches(items: list, size: int, rng: random.Random, kind_of) -> list[list[int]]:
+    """One epoch's batches of item indices, shuffled; of one kind each when ``kind_of`` is given."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    if kind_of is None:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    by_kind: dict[str, list[int]] = {}
+    for i in order:
+        by_kind.setdefault(kind_of(items[i]), []).append(i)
+    batches = [idx[i : i + size] for idx in by_kind.values() for i in range(0, len(idx), size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def summarize(history: list[dict]) -> dict:

@@ -239,7 +239,9 @@ def record_step(history: list[dict], row: dict, limit: int = HISTORY_POINTS) -> 
     """``history`` with one more step (its curve values only), the console's training
     curves. Past ``limit`` points every other older point goes (the last is always kept),
     so a long run keeps its whole shape at a coarser grain."""
-    history = history + [{k: round(row[k], 5) if isinstance(row[k], float) else row[k] for k in CURVE_KEYS if k in row}]
+    # A KTO step on votes of one label has no reward margin (None): no point, not a gap.
+    history = history + [{k: round(row[k], 5) if isinstance(row[k], float) else row[k]
+                          for k in CURVE_KEYS if row.get(k) is not None}]
     if len(history) > limit:
         history = history[:-1][::2] + history[-1:]
     return history

@@ -1,0 +1,178 @@
+"""KTO: the loss against hand-computed values and TRL's formula, the vote batches, training on
+votes alone and on votes with pairs, and which objective a job picks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiny import tiny_model, tiny_tokenizer, toy_pairs
+from tuning.config import TrainConfig
+from tuning.dpo import Cancelled
+from tuning.kto import (choose_objective, collate_votes, data_problem, kto_loss, pairs_as_votes, tokenize_vote,
+                        train_kto)
+
+
+def toy_votes(n: int, start: int = 0, prefix: str = "v") -> list[dict]:
+    """Votes with a learnable preference: 'yes' answers up-voted, 'no' answers down-voted."""
+    out = []
+    for i in range(start, start + n):
+        up = i % 2 == 0
+        out.append({"id": f"{prefix}{i:04d}", "prompt": [{"role": "user", "content": f"question {i}?"}],
+                    "completion": [{"role": "assistant", "content": f"{'yes' if up else 'no'} {i % 10}{'.' if up else '!'}"}],
+                    "label": up, "created_utc": f"2026-11-28T11:{i % 60:02d}:00+00:00"})
+    return out
+
+
+def trl_kto(policy, reference, labels, policy_kl, reference_kl, beta, dw, uw):
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type "kto", copied line for line (single process)."""
+    kl = (policy_kl - reference_kl).mean().detach()
+    kl = kl.mean().clamp(min=0)
+    chosen_idx = torch.nonzero(labels, as_tuple=False).view(-1)
+    rejected_idx = torch.nonzero(~labels, as_tuple=False).view(-1)
+    chosen_logratios = policy.index_select(0, chosen_idx) - reference.index_select(0, chosen_idx)
+    chosen_losses = 1 - F.sigmoid(beta * (chosen_logratios - kl))
+    rejected_logratios = policy.index_select(0, rejected_idx) - reference.index_select(0, rejected_idx)
+    rejected_losses = 1 - F.sigmoid(beta * (kl - rejected_logratios))
+    return torch.cat((dw * chosen_losses, uw * rejected_losses), 0).nanmean()
+
+
+def test_loss_matches_hand_computed_values():
+    labels = torch.tensor([True, False])
+    # Rewards r = policy - reference = [1, -1]; mismatched pairs average 0: z0 = 0.
+    # up: 1 - sigmoid(0.5 * (1 - 0)); down: 1 - sigmoid(0.5 * (0 + 1)); both 0.377541.
+    losses, rewards, kl = kto_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), labels,
+                                   torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.0]), beta=0.5)
+    assert kl.item() == 0
+    assert losses.tolist() == pytest.approx([1 - 1 / (1 + math.exp(-0.5))] * 2, abs=1e-6)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5])
+    # z0 = mean(2, 0) = 1: the up-voted answer is now only at the reference point (0.5),
+    # the down-voted one is further below it: 1 - sigmoid(0.5 * (1 + 1)) = 0.268941.
+    losses, _, kl = kto_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), labels,
+                             torch.tensor([-3.0, -5.0]), torch.tensor([-5.0, -5.0]), beta=0.5)
+    assert kl.item() == 1
+    assert losses.tolist() == pytest.approx([0.5, 1 - 1 / (1 + math.exp(-1))], abs=1e-6)
+    # A negative KL estimate is clamped at 0; weights scale each side.
+    losses, _, kl = kto_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), labels,
+                             torch.tensor([-7.0, -7.0]), torch.tensor([-5.0, -5.0]), beta=0.5,
+                             desirable_weight=2.0, undesirable_weight=0.5)
+    assert kl.item() == 0
+    assert losses.tolist() == pytest.approx([2 * 0.3775407, 0.5 * 0.3775407], abs=1e-6)
+
+
+def test_loss_equals_trls_formula_on_random_batches():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = 6
+        policy, reference = -20 * torch.rand(n, generator=g), -20 * torch.rand(n, generator=g)
+        policy_kl, reference_kl = -20 * torch.rand(n, generator=g), -20 * torch.rand(n, generator=g)
+        labels = torch.rand(n, generator=g) > 0.4
+        beta, dw, uw = 0.1 + torch.rand(1, generator=g).item(), 1.0, 1.33
+        ours, _, _ = kto_loss(policy, reference, labels, policy_kl, reference_kl, beta, dw, uw)
+        assert ours.mean().item() == pytest.approx(trl_kto(policy, reference, labels, policy_kl, reference_kl,
+                                                           beta, dw, uw).item(), abs=1e-6)
+
+
+def test_the_reference_point_carries_no_gradient():
+    policy = torch.tensor([-2.0, -2.0], requires_grad=True)
+    policy_kl = torch.tensor([-1.0, -1.0], requires_grad=True)
+    losses, _, _ = kto_loss(policy, torch.tensor([-2.0, -2.0]), torch.tensor([True, False]), policy_kl,
+                            torch.tensor([-2.0, -2.0]), beta=0.1)
+    losses.sum().backward()
+    assert policy_kl.grad is None or torch.all(policy_kl.grad == 0)
+    assert policy.grad[0] < 0 < policy.grad[1]  # up-voted answer pushed up, down-voted down
+
+
+def test_vote_batches_pair_each_prompt_with_another_answer():
+    tok = tiny_tokenizer()
+    items = [tokenize_vote(tok, v, 512) for v in toy_votes(3)]
+    batch = collate_votes(items, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["labels"].tolist() == [True, False, True]
+    text = lambda row: tok.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])  # noqa: E731
+    answer = lambda row: tok.decode(batch["input_ids"][row][batch["completion_mask"][row].bool()])  # noqa: E731
+    assert "question 0?" in text(0) and answer(0) == "yes 0.<|im_end|>"
+    # The mismatched rows: prompt i with answer i-1 (TRL rotates completions by one).
+    assert "question 0?" in text(3) and answer(3) == "yes 2.<|im_end|>"
+    assert "question 1?" in text(4) and answer(4) == "yes 0.<|im_end|>"
+
+
+@pytest.fixture
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    return model, tok
+
+
+def test_votes_alone_train_lora_weights_and_separate_up_from_down(lora_model):
+    model, tok = lora_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = []
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32",
+                         kto_nll_weight=0.0)
+    metrics = train_kto(model, tok, [], toy_votes(16), config, progress=rows.append)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert rows[0]["objective"] == "kto" and rows[-1]["step"] == rows[-1]["steps"] == 12
+    assert rows[0]["kto_loss"] == pytest.approx(0.5, abs=1e-4)  # B = 0: policy == reference, z0 = 0
+    assert rows[0]["kl"] == 0
+    assert metrics["kto_steps"] == 12 and metrics["dpo_steps"] == 0
+    assert metrics["kto_loss"] < 0.5 and metrics["vote_reward_margin"] > 0
+    assert metrics["desirable_reward"] > metrics["undesirable_reward"]
+
+
+def test_pairs_and_votes_train_in_one_run_with_batches_of_one_kind(lora_model):
+    model, tok = lora_model
+    rows = []
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=1, batch_size=4, dtype="float32")
+    metrics = train_kto(model, tok, toy_pairs(8), toy_votes(6), config, progress=rows.append)
+    # 8 pairs -> 2 DPO steps, 6 votes -> 2 KTO steps (4 + 2): one loss per step.
+    assert sorted(r["objective"] for r in rows) == ["dpo", "dpo", "kto", "kto"]
+    assert all(("dpo_loss" in r) == (r["objective"] == "dpo") and ("kto_loss" in r) == (r["objective"] == "kto")
+               for r in rows)
+    assert metrics["dpo_steps"] == metrics["kto_steps"] == 2
+    # Step 1 starts from policy == reference, whichever loss it takes.
+    first = rows[0]
+    assert (first["dpo_loss"] if first["objective"] == "dpo" else first["kto_loss"]) == pytest.approx(
+        math.log(2) if first["objective"] == "dpo" else 0.5, abs=1e-4)
+
+
+def test_votes_training_stops_between_steps_when_asked(lora_model):
+    model, tok = lora_model
+    seen = []
+    with pytest.raises(Cancelled, match="step 1"):
+        train_kto(model, tok, [], toy_votes(8), TrainConfig(rank=4, dtype="float32"), progress=seen.append,
+                  should_stop=lambda: len(seen) >= 1)
+
+
+def test_auto_picks_what_the_data_supports():
+    pairs, votes = toy_pairs(2), toy_votes(2)
+    assert choose_objective("auto", pairs, []) == "dpo"
+    assert choose_objective("auto", [], votes) == "kto"
+    assert choose_objective("auto", pairs, votes) == "dpo+kto"
+    assert choose_objective("auto", [], []) == "dpo"  # and the job fails: no training pairs
+    assert choose_objective("dpo", pairs, votes) == "dpo" and choose_objective("kto", pairs, []) == "kto"
+    assert data_problem("dpo", [], [], votes, votes) == "there are no training pairs"
+    assert data_problem("kto", [], [], votes, []) == "there are no held-out votes for the evaluation gate"
+    assert data_problem("dpo+kto", pairs, [], votes, votes) is None
+    assert data_problem("dpo+kto", pairs, [], votes, []) is not None
+
+
+def test_kto_on_everything_splits_each_pair_into_an_up_and_a_down_vote():
+    votes = pairs_as_votes(toy_pairs(1))
+    assert [(v["id"], v["label"], v["completion"][0]["content"]) for v in votes] == [
+        ("p0000+", True, "yes 0."), ("p0000-", False, "no 0!")]
+    assert all("chosen" not in v and "rejected" not in v and v["prompt"] == toy_pairs(1)[0]["prompt"] for v in votes)
+
+
+def test_settings_are_checked():
+    assert TrainConfig().objective == "auto"
+    assert TrainConfig().replace(objective="kto", kto_beta=0.2).kto_beta == 0.2
+    with pytest.raises(ValueError, match="objective must be"):
+        TrainConfig().replace(objective="orpo")
+    with pytest.raises(ValueError, match="DPO only"):
+        TrainConfig().replace(objective="kto", trainer="trl")
+    with pytest.raises(ValueError, match="kto_beta"):
+        TrainConfig().replace(kto_beta=0)
