@@ -176,3 +176,152 @@ def test_settings_are_checked():
         TrainConfig().replace(objective="kto", trainer="trl")
     with pytest.raises(ValueError, match="kto_beta"):
         TrainConfig().replace(kto_beta=0)
+
+
+# -- whole jobs on the tiny checkpoint ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-chat")
+
+
+JOB = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, dtype="float32")
+
+
+def gate_config():
+    from tuning.gate import GateConfig, Golden
+
+    return GateConfig(golden=(Golden("question 1?", ("yes",)),), max_new_tokens=8, max_length_prompts=4)
+
+
+def test_a_votes_only_job_trains_kto_and_is_gated_on_held_out_votes(store, tmp_path, checkpoint):
+    from tuning.trainer import train_adapter
+
+    result = train_adapter([], [], votes=toy_votes(16), eval_votes=toy_votes(8, start=100, prefix="e"), store=store,
+                           data_dir=tmp_path, base_model_dir=checkpoint, config=JOB, gate_config=gate_config())
+    assert result.status == "succeeded", result.error
+    row = store.adapter(result.version)
+    m, ev = row["metrics_json"], row["eval_json"]
+    assert (m["objective"], m["votes"], m["votes_up"], m["votes_down"], m["pairs"]) == ("kto", 16, 8, 8, 0)
+    assert m["kto_steps"] == 8 and m["dpo_steps"] == 0 and row["pair_ids_json"] == [v["id"] for v in toy_votes(16)]
+    job = store.job(result.job_id)["config_json"]
+    assert (job["objective"], job["votes"], job["eval_votes"]) == ("kto", 16, 8)
+    assert [c["check"] for c in ev["checks"]] == ["vote accuracy", "vote margin", "behaviour", "regression set",
+                                                  "fluency", "answer length"]
+    assert ev["live"]["vote_margin"] == 0 and ev["live"]["vote_accuracy"] == 0  # the base against itself
+    assert ev["votes"] == 8 and ev["vote_margin"] > 0  # the learnable preference shows on held-out votes
+    assert row["gate_passed"] == int(result.gate.passed)
+
+
+def test_pairs_and_votes_make_one_job_with_both_losses_and_both_gates(store, tmp_path, checkpoint):
+    from tuning.trainer import train_adapter
+
+    result = train_adapter(toy_pairs(8), toy_pairs(4, start=100, prefix="e"), votes=toy_votes(8),
+                           eval_votes=toy_votes(4, start=200, prefix="f"), store=store, data_dir=tmp_path,
+                           base_model_dir=checkpoint, config=JOB, gate_config=gate_config())
+    assert result.status == "succeeded", result.error
+    row = store.adapter(result.version)
+    m = row["metrics_json"]
+    assert (m["objective"], m["pairs"], m["votes"], m["dpo_steps"], m["kto_steps"]) == ("dpo+kto", 8, 8, 4, 4)
+    checks = [c["check"] for c in row["eval_json"]["checks"]]
+    assert checks[:6] == ["preference accuracy", "reward margin", "behaviour", "regression set", "fluency",
+                          "answer length"] and checks[6:] == ["vote accuracy", "vote margin"]
+
+
+def test_objective_dpo_ignores_lone_votes_and_kto_takes_pairs_as_votes(store, tmp_path, checkpoint):
+    from tuning.trainer import train_adapter
+
+    common = dict(votes=toy_votes(4), eval_votes=toy_votes(2, start=200, prefix="f"), store=store, data_dir=tmp_path,
+                  base_model_dir=checkpoint, gate_config=gate_config())
+    dpo = train_adapter(toy_pairs(4), toy_pairs(2, start=100, prefix="e"), config=JOB.replace(objective="dpo", epochs=1),
+                        **common)
+    m = store.adapter(dpo.version)["metrics_json"]
+    assert (m["objective"], m["votes"], m["pairs"]) == ("dpo", 0, 4) and "kto_steps" not in m
+    kto = train_adapter(toy_pairs(4), toy_pairs(2, start=100, prefix="e"), config=JOB.replace(objective="kto", epochs=1),
+                        **common)
+    row = store.adapter(kto.version)
+    m = row["metrics_json"]
+    assert (m["objective"], m["votes"], m["votes_up"], m["pairs"], m["kto_steps"]) == ("kto", 12, 6, 0, 3)
+    assert row["pair_ids_json"] == [p["id"] for p in toy_pairs(4)] + [v["id"] for v in toy_votes(4)]
+    assert row["eval_json"]["votes"] == 6  # 2 held-out votes + 2 held-out pairs as 4 votes
+
+
+def test_held_out_votes_must_not_be_training_votes(store, tmp_path, checkpoint):
+    from tuning.trainer import train_adapter
+
+    result = train_adapter([], [], votes=toy_votes(8), eval_votes=toy_votes(2), store=store, data_dir=tmp_path,
+                           base_model_dir=checkpoint, config=JOB, gate_config=gate_config())
+    assert result.status == "failed" and "held-out" in result.error
+
+
+# -- thumbs in a real store, through the job's entry point ----------------------------------
+
+
+def thumbs_store(store) -> dict:
+    """Sixteen lone votes ('yes' answers up, 'no' answers down, one conversation each), and
+    votes that must not train: opted out, cleared, on a withdrawn retry, a duplicate."""
+    from feedback_scenario import ask
+
+    kept = {}
+    for i in range(16):
+        up = i % 2 == 0
+        _, (a,) = ask(store, f"u{i % 4}", f"question {i}?", [f"{'yes' if up else 'no'} {i}{'.' if up else '!'}"])
+        store.rate(a, f"u{i % 4}", 1 if up else -1)
+        kept[a] = up
+    cid, (a,) = ask(store, "dave", "question 90?", ["yes 90."])
+    store.rate(a, "dave", 1)
+    store.update_conversation(cid, "dave", exclude_from_training=True)
+    _, (a,) = ask(store, "erin", "question 91?", ["no 91!"])
+    store.rate(a, "erin", -1)
+    store.rate(a, "erin", 0)  # cleared
+    _, (a, b) = ask(store, "erin", "question 92?", ["no 92!", "yes 92."])
+    store.rate(b, "erin", 1)
+    store.withdraw_answer(b, "erin")  # an undone retry: its vote goes with it
+    _, (a,) = ask(store, "frank", "question 0?", ["yes 0."])  # the same wording, up again
+    store.rate(a, "frank", 1)
+    return kept
+
+
+def test_votes_are_selected_as_pairs_are(store):
+    from feedback_scenario import TopicEmbedder
+
+    from tuning.pairs import PairConfig, build_preferences
+
+    kept = thumbs_store(store)
+    data = build_preferences(store, PairConfig(eval_fraction=0.25), TopicEmbedder())
+    assert data.pairs == []
+    assert {u.answer_id: u.label for u in data.unpaired} == kept  # none of the excluded ones, one of the duplicates
+    assert data.summary["dropped_unpaired"]["duplicate"] == 1
+    text = repr(data.unpaired)
+    assert not any(f"question {n}" in text for n in (90, 91, 92))  # opted out, cleared, withdrawn
+    assert len(data.eval_unpaired) == 4 and len(data.train_unpaired) == 12
+    # A prompt group (question 0 asked twice) is on one side only.
+    assert {u.split for u in data.unpaired if u.prompt[-1]["content"] == "question 0?"} == {"train"}
+
+
+def test_a_thumbs_only_store_trains_a_kto_version_through_the_job_entry_point(store, tmp_path, checkpoint, monkeypatch,
+                                                                            capsys):
+    from feedback_scenario import TopicEmbedder
+
+    import tuning.pairs
+    from loop import reports
+    from tuning.train import parser, run
+
+    monkeypatch.setattr(tuning.pairs, "MiniLMEmbedder", TopicEmbedder)  # no sentence model in fast tests
+    thumbs_store(store)
+    store.create_user("root", "root-password", is_admin=True)
+    code = run(parser().parse_args(["--data-dir", str(tmp_path), "--as", "root", "--model", str(checkpoint),
+                                    "--priority", "normal", "--set", "learning_rate=0.005", "--set", "rank=4",
+                                    "--set", "alpha=8", "--set", "dtype=float32", "--set", "epochs=1"]))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "training by KTO on 14 votes, gate on 2 held-out votes" in out
+    (job,) = store.jobs()
+    row = store.adapter(job["adapter_version"])
+    assert (row["metrics_json"]["objective"], row["metrics_json"]["votes"]) == ("kto", 14)
+    assert job["config_json"]["objective"] == "kto"
+    sentence = reports.job_view(job, row)["sentence"]
+    assert sentence.startswith(f"v{row['version']} trained by KTO on 14 votes (")
