@@ -325,3 +325,55 @@ def test_a_thumbs_only_store_trains_a_kto_version_through_the_job_entry_point(st
     assert job["config_json"]["objective"] == "kto"
     sentence = reports.job_view(job, row)["sentence"]
     assert sentence.startswith(f"v{row['version']} trained by KTO on 14 votes (")
+
+
+# -- the KTO gate's verdict on made-up figures ----------------------------------------------
+
+
+def kto_metrics(signed, distance, labels, golden=(True,) * 60, length=40.0, chosen_tokens=None):
+    n = len(signed)
+    return {
+        "votes": n, "votes_up": sum(labels), "vote_accuracy": sum(s > 0 for s in signed) / n,
+        "vote_margin": sum(signed) / n, "vote_signed_rewards": list(signed),
+        "vote_distance": list(distance), "vote_distance_labels": list(labels),
+        "preference_accuracy": None, "reward_margin": None, "logratios": [],
+        "golden": {f"q{i}": {"answer": "", "passed": ok} for i, ok in enumerate(golden)},
+        "golden_passed": sum(golden), "golden_total": len(golden),
+        "mean_answer_tokens": length, "chosen_tokens": chosen_tokens, "damaged": {}, "answered": len(golden) + n,
+    }
+
+
+LABELS = [True, False] * 12
+BASE = kto_metrics([0.0] * 24, [0.1] * 24, LABELS)
+
+
+def test_the_kto_gate_passes_a_version_that_separates_votes_and_moves_answers():
+    from tuning.gate import decide_kto
+
+    # Rewards on the vote's side on 22 of 24 votes; answers moved off the down-voted ones.
+    good = kto_metrics([0.5] * 22 + [-0.2] * 2, [0.1 if up else 0.6 for up in LABELS], LABELS)
+    result = decide_kto(good, BASE)
+    assert result.passed, result.summary()
+    assert [c["check"] for c in result.checks] == ["vote accuracy", "vote margin", "behaviour", "regression set",
+                                                   "fluency", "answer length"]
+    assert "22/24 votes" in result.checks[1]["detail"] and result.checks[2]["value"] == 0.25
+
+
+def test_the_kto_gate_refuses_luck_scores_without_behaviour_and_lost_facts():
+    from tuning.gate import decide_kto
+
+    failed = lambda r: {c["check"] for c in r.checks if not c["passed"]}  # noqa: E731
+    # A few big rewards lift the mean, but only 13 of 24 votes moved the right way.
+    assert "vote margin" in failed(decide_kto(kto_metrics([3.0] * 13 + [-0.5] * 11, [0.1] * 24, LABELS), BASE))
+    # Scores separate, but the answers did not move (or moved toward down-voted answers).
+    stuck = kto_metrics([0.5] * 24, [0.1] * 24, LABELS)
+    assert failed(decide_kto(stuck, BASE)) == {"behaviour"}
+    wrong_way = kto_metrics([0.5] * 24, [0.5 if up else 0.1 for up in LABELS], LABELS)
+    assert failed(decide_kto(wrong_way, BASE)) == {"behaviour"}
+    # Facts lost: the regression set refuses it, as for any version.
+    forgetful = kto_metrics([0.5] * 24, [0.1 if up else 0.6 for up in LABELS], LABELS, golden=(True,) * 50 + (False,) * 10)
+    assert failed(decide_kto(forgetful, BASE)) == {"regression set"}
+    # No held-out votes: nothing to measure, refused with the reason.
+    empty = {**BASE, "vote_accuracy": None, "vote_margin": None, "vote_distance": [], "votes": 0}
+    result = decide_kto(empty, empty)
+    assert not result.passed and "no held-out votes" in result.checks[0]["detail"]

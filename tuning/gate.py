@@ -33,6 +33,11 @@ verdict with one line per check:
   the live version's, unless it moved toward the length of the chosen answers (a
   preference for shorter answers legitimately halves them; DPO's verbosity does not).
 
+A version trained on lone votes alone (KTO, ``tuning.kto``) has no held-out pairs: it is
+judged on held-out votes instead (``measure_kto``, ``decide_kto``: vote accuracy, vote
+margin, behaviour) and by the same regression-set, fluency and length checks; see the
+section "KTO versions" below. SFT versions: ``measure_sft``, ``decide_sft``.
+
 An admin may promote a version that failed; the Controller (``loop.control``) records who and why.
 """
 

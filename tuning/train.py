@@ -1,4 +1,4 @@
-"""A training job's process: preference pairs in, one gated adapter version out.
+"""A training job's process: users' feedback (or an admin's data set) in, one gated adapter version out.
 
     python app.py train --as ADMIN [--set epochs=1]                  # what an admin types
     python -m tuning.train --data-dir data --as system:launcher --job J   # what the app's launcher runs
@@ -6,9 +6,11 @@
         --set learning_rate=1e-4 --price-per-hour 0.2
     python app.py train --sft domain.jsonl --heldout questions.jsonl --as ADMIN   # SFT on an admin's data set
 
-The pairs are built from the feedback in the store (``tuning.pairs.build_preferences``), or
-read from ``--pairs`` and ``--eval-pairs`` (one JSON preference pair per line, TRL
-conversational form with an id). With ``--sft FILE`` (or ``--set method=sft --set
+The pairs and lone votes are built from the feedback in the store
+(``tuning.pairs.build_preferences``), or read from ``--pairs`` and ``--eval-pairs`` (one JSON
+record per line, TRL conversational form with an id: a pair ``{prompt, chosen, rejected}``
+or a vote ``{prompt, completion, label}``). ``TrainConfig.objective`` ("auto") trains pairs
+by DPO, lone votes by KTO, or both in one job (``tuning.kto``), and says which it was. With ``--sft FILE`` (or ``--set method=sft --set
 dataset=HASH`` for a data set added before, which is what a job queued by the console
 holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
 (``tuning.dataset``: the report is printed, and nothing is queued when it refuses), kept
