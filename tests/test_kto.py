@@ -211,7 +211,7 @@ def test_a_votes_only_job_trains_kto_and_is_gated_on_held_out_votes(store, tmp_p
     assert (job["objective"], job["votes"], job["eval_votes"]) == ("kto", 16, 8)
     assert [c["check"] for c in ev["checks"]] == ["vote accuracy", "vote margin", "behaviour", "regression set",
                                                   "fluency", "answer length"]
-    assert ev["live"]["vote_margin"] == 0 and ev["live"]["vote_accuracy"] == 0  # the base against itself
+    assert ev["live"]["vote_margin"] == 0 and ev["live"]["vote_accuracy"] == 0.5  # the base against itself
     assert ev["votes"] == 8 and ev["vote_margin"] > 0  # the learnable preference shows on held-out votes
     assert row["gate_passed"] == int(result.gate.passed)
 
@@ -344,7 +344,22 @@ def kto_metrics(signed, distance, labels, golden=(True,) * 60, length=40.0, chos
 
 
 LABELS = [True, False] * 12
-BASE = kto_metrics([0.0] * 24, [0.1] * 24, LABELS)
+BASE = {**kto_metrics([0.0] * 24, [0.1] * 24, LABELS), "vote_accuracy": 0.5}  # what the base scores
+
+
+def test_vote_separation_ignores_a_shift_of_every_reward():
+    from tuning.gate import vote_separation
+
+    labels = [True, True, False, False]
+    sep = vote_separation([0.3, 0.1, -0.1, -0.3], labels)
+    assert (sep["vote_accuracy"], sep["vote_margin"]) == (1.0, 0.4)
+    assert sep["vote_signed_rewards"] == [0.3, 0.1, 0.1, 0.3]
+    shifted = vote_separation([1.3, 1.1, 0.9, 0.7], labels)  # everything likelier, down-voted answers too
+    assert shifted == sep
+    assert vote_separation([0.0] * 4, labels)["vote_accuracy"] == 0.5  # the base: all ties
+    # One label only: no shift to remove, the share on the vote's side of the base.
+    assert vote_separation([0.2, -0.1], [True, True]) == {"vote_accuracy": 0.5, "vote_margin": 0.05,
+                                                          "vote_signed_rewards": [0.2, -0.1]}
 
 
 def test_the_kto_gate_passes_a_version_that_separates_votes_and_moves_answers():

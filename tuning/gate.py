@@ -534,11 +534,13 @@ def domain_kept(candidate: dict, live: dict, config: GateConfig = GateConfig()) 
 # Held-out votes (whole conversations and prompt groups kept out of training, tuning.split)
 # take the place of held-out pairs. The implicit KTO reward of an answer is ``kto_beta *
 # (log pi(y|x) - log pi_base(y|x))``; the base scores 0 on every vote by construction.
-# - vote accuracy: the share of held-out votes whose reward has the vote's sign (up-voted
-#   answers made likelier than the base made them, down-voted ones less likely), DPO's
-#   preference accuracy for votes; it must beat the live version's;
-# - vote margin: the mean reward signed by the vote (+ for up, - for down) must beat the
-#   live version's, and improve on more votes than luck would (the sign test over votes);
+# - vote accuracy: the share of (up, down) combinations of held-out votes where the
+#   up-voted answer has the higher reward (``vote_separation``; the base scores 0.5), DPO's
+#   preference accuracy for votes; it must beat the live version's. Blind to a shift of
+#   every reward alike (the NLL term raises down-voted answers in the same style too);
+# - vote margin: mean up minus mean down reward (TRL's rewards/margins) must beat the live
+#   version's, and each vote's reward, signed and centred, must improve on more votes than
+#   luck would (the sign test over votes);
 # - behaviour: what users read must move: greedy answers to the held-out prompts closer to
 #   the up-voted answers and farther from the down-voted ones than the live version's, on
 #   average and on more votes than not. Votes are on-policy (the model's own answers), so
@@ -582,15 +584,38 @@ def measure_votes(model, tokenizer, votes: list[dict], base_logratios: list[floa
     vote's signed reward (for the sign test)."""
     lps = vote_logratios(model, tokenizer, votes, adapter_off=adapter_off, batch_size=config.batch_size,
                          max_length=max_length)
-    signed = [round(beta * (lp - b) * (1 if v["label"] else -1), 5) for lp, b, v in zip(lps, base_logratios, votes)]
-    n = len(signed)
-    return {
-        "votes": n,
-        "votes_up": sum(bool(v["label"]) for v in votes),
-        "vote_accuracy": round(sum(s > 0 for s in signed) / n, 4) if n else None,
-        "vote_margin": round(sum(signed) / n, 4) if n else None,
-        "vote_signed_rewards": signed,
-    }
+    rewards = [beta * (lp - b) for lp, b in zip(lps, base_logratios)]
+    return {"votes": len(votes), "votes_up": sum(bool(v["label"]) for v in votes),
+            **vote_separation(rewards, [bool(v["label"]) for v in votes])}
+
+
+def vote_separation(rewards: list[float], labels: list[bool]) -> dict:
+    """How well implicit rewards separate up from down votes, blind to a shift that moves
+    every answer alike (the NLL term on up-voted answers makes the model likelier to say
+    anything in their style, down-voted answers included; KTO itself judges against a
+    moving reference point, not against 0).
+
+    With both labels: accuracy = the share of (up, down) vote combinations whose up-voted
+    answer has the higher reward (ties half; 0.5 for the base, whose rewards are all 0),
+    margin = mean up reward - mean down reward (TRL's rewards/margins), and each vote's
+    reward signed by its label after subtracting the midpoint of the two means (the
+    per-vote figures the sign test compares). With one label there is no shift to remove:
+    rewards are signed as they are, accuracy is the share on the vote's side of 0."""
+    n = len(rewards)
+    if n == 0:
+        return {"vote_accuracy": None, "vote_margin": None, "vote_signed_rewards": []}
+    up = [r for r, lab in zip(rewards, labels) if lab]
+    down = [r for r, lab in zip(rewards, labels) if not lab]
+    if up and down:
+        mid = (sum(up) / len(up) + sum(down) / len(down)) / 2
+        signed = [(r - mid) * (1 if lab else -1) for r, lab in zip(rewards, labels)]
+        wins = sum((u > d) + 0.5 * (u == d) for u in up for d in down)
+        accuracy, margin = wins / (len(up) * len(down)), sum(up) / len(up) - sum(down) / len(down)
+    else:
+        signed = [r * (1 if lab else -1) for r, lab in zip(rewards, labels)]
+        accuracy, margin = sum(s > 0 for s in signed) / n, sum(signed) / n
+    return {"vote_accuracy": round(accuracy, 4), "vote_margin": round(margin, 4),
+            "vote_signed_rewards": [round(s, 5) for s in signed]}
 
 
 def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float], *, adapter_off: bool,
@@ -649,8 +674,10 @@ def vote_checks(candidate: dict, live: dict, config: GateConfig = GateConfig()) 
         return checks
     ok = ca > la + config.min_accuracy_gain or (la >= 1.0 and ca >= 1.0)
     checks.append({"check": "vote accuracy", "passed": bool(ok),
-                   "detail": f"{ca:.3f} vs live {la:.3f} of {candidate['votes']} held-out votes "
-                             f"({candidate['votes_up']} up) on the side their vote asks for",
+                   "detail": f"{ca:.3f} vs live {la:.3f}: the share of up/down combinations of {candidate['votes']} "
+                             f"held-out votes ({candidate['votes_up']} up) where the up-voted answer has the higher "
+                             "reward" + ("" if 0 < candidate["votes_up"] < candidate["votes"] else
+                                         " (one label only: the share on the vote's side of the base)"),
                    "value": ca, "live": la,
                    "threshold": f"above {la + config.min_accuracy_gain:.3f}" + (" (or both 1.0)" if la >= 1.0 else "")})
     cm, lm = candidate["vote_margin"], live["vote_margin"]
