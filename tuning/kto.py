@@ -57,6 +57,16 @@ def pairs_as_votes(pairs: list[dict]) -> list[dict]:
     return out
 
 
+def objective_data(objective: str, pairs: list, eval_pairs: list, votes: list, eval_votes: list) -> tuple:
+    """(pairs, eval_pairs, votes, eval_votes) as ``objective`` trains and gates on them: DPO
+    leaves lone votes out, KTO on everything turns each pair into two votes."""
+    if objective == "dpo":
+        return list(pairs), list(eval_pairs), [], []
+    if objective == "kto":
+        return [], [], list(votes) + pairs_as_votes(pairs), list(eval_votes) + pairs_as_votes(eval_pairs)
+    return list(pairs), list(eval_pairs), list(votes), list(eval_votes)
+
+
 def data_problem(objective: str, pairs: list, eval_pairs: list, votes: list, eval_votes: list) -> str | None:
     """Why a job with this objective and data cannot train and be gated, or None."""
     if objective == "dpo":

@@ -10,9 +10,9 @@ The pairs and lone votes are built from the feedback in the store
 (``tuning.pairs.build_preferences``), or read from ``--pairs`` and ``--eval-pairs`` (one JSON
 record per line, TRL conversational form with an id: a pair ``{prompt, chosen, rejected}``
 or a vote ``{prompt, completion, label}``). ``TrainConfig.objective`` ("auto") trains pairs
-by DPO, lone votes by KTO, or both in one job (``tuning.kto``), and says which it was. With ``--sft FILE`` (or ``--set method=sft --set
-dataset=HASH`` for a data set added before, which is what a job queued by the console
-holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
+by DPO, lone votes by KTO, or both in one job (``tuning.kto``), and says which it was.
+With ``--sft FILE`` (or ``--set method=sft --set dataset=HASH`` for a data set added before,
+which is what a job queued by the console holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
 (``tuning.dataset``: the report is printed, and nothing is queued when it refuses), kept
 under its hash in ``DATA_DIR/datasets/``, and the job reads it from there by that hash. ``--as`` names an admin account; the app's launcher names
 ``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
@@ -21,9 +21,9 @@ job left running by a process that died counts until it is recovered
 (``loop.jobs.recover_stale_jobs``): by ``app.py train`` before it queues, by the app at its
 start and before each launch.
 
-Prints one progress line per step (loss, reward accuracy and margin or, for SFT, the answer
-tokens' probability, seconds) and the
-gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
+Prints one progress line per step (loss, reward accuracy and margin; for a KTO step the KTO
+loss, its reference point z0 and the up-minus-down reward; for SFT the answer tokens'
+probability; seconds) and the gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
 adapter is kept. Exit status: 0 when a version was registered (whatever the gate said), 1
 failed, 2 a setting refused, 3 refused (who, or another job active), 130 cancelled.
 """
@@ -251,7 +251,7 @@ def _train_job(a, store, config, job_id: str, beating):
 
     from assistant.model_files import resolve_model
 
-    from .kto import choose_objective, data_problem
+    from .kto import choose_objective, data_problem, objective_data
     from .pairs import build_preferences, format_summary
     from .trainer import train_adapter
 
@@ -284,7 +284,7 @@ def _train_job(a, store, config, job_id: str, beating):
     if lineage is None:
         # Pairs train by DPO, lone votes by KTO, both in one job (config.objective decides).
         objective = choose_objective(config.objective, train, votes)
-        problem = data_problem(objective, *_as_objective(objective, train, held, votes, held_votes))
+        problem = data_problem(objective, *objective_data(objective, train, held, votes, held_votes))
         if problem:
             reason = (f"not enough preference data for {objective.upper()}: {problem} ({len(train)} training and "
                       f"{len(held)} held-out pairs, {len(votes)} training and {len(held_votes)} held-out votes)")
@@ -305,18 +305,6 @@ def _train_job(a, store, config, job_id: str, beating):
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
                          job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage, domain=domain,
                          **({} if lineage is not None else {"votes": votes, "eval_votes": held_votes}))
-
-
-def _as_objective(objective: str, pairs: list, held: list, votes: list, held_votes: list) -> tuple:
-    """The data as the objective sees it (``train_adapter`` does the same): DPO ignores lone
-    votes, KTO on everything counts each pair as two votes."""
-    from .kto import pairs_as_votes
-
-    if objective == "dpo":
-        return pairs, held, [], []
-    if objective == "kto":
-        return [], [], votes + pairs_as_votes(pairs), held_votes + pairs_as_votes(held)
-    return pairs, held, votes, held_votes
 
 
 def _learned_domain(store, data_dir: Path, config) -> list[dict]:

@@ -33,7 +33,7 @@ from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import (GateConfig, GateResult, decide, decide_kto, decide_sft, domain_kept, measure, measure_kto,
                    measure_sft, measure_votes, pair_logratios, vote_checks, vote_logratios)
-from .kto import choose_objective, data_problem, pairs_as_votes, train_kto, vote_counts
+from .kto import choose_objective, data_problem, objective_data, train_kto, vote_counts
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -114,12 +114,11 @@ def train_adapter(
     config = config.replace(dtype=fmt.dtype)
     sft = config.method == "sft"
     objective = "sft" if sft else choose_objective(config.objective, pairs, votes)
-    if objective in ("dpo", "sft"):  # lone votes are not this objective's data
+    if sft:
         votes, eval_votes = [], []
-    ids = [p.get("id") for p in pairs] + [v.get("id") for v in votes]  # what the version trained on, as recorded
-    if objective == "kto":  # KTO on everything: each pair is an up and a down vote
-        votes, eval_votes = list(votes) + pairs_as_votes(pairs), list(eval_votes) + pairs_as_votes(eval_pairs)
-        pairs, eval_pairs = [], []
+    ids = [p.get("id") for p in pairs] + ([] if objective in ("dpo", "sft") else [v.get("id") for v in votes])
+    if not sft:  # DPO leaves lone votes out; KTO on everything makes each pair an up and a down vote
+        pairs, eval_pairs, votes, eval_votes = objective_data(objective, pairs, eval_pairs, votes, eval_votes)
     counts = {} if sft else {"objective": objective, "votes": len(votes), "eval_votes": len(eval_votes),
                              "votes_up": vote_counts(votes)["up"], "votes_down": vote_counts(votes)["down"]}
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
