@@ -184,7 +184,7 @@ def main() -> int:
     fmt = machine_format()
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
           f"{a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
-    data_col = "votes (up/down) -> train/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
+    data_col = "votes -> train (up/down)/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
     print(f"| preference | {data_col} | follows: base | follows: version | words base -> version "
           "| regression set | gate | steps, train s |")
     print("| --- | --- | ---: | ---: | --- | --- | --- | --- |")
@@ -192,7 +192,7 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['kind']} | job failed: {r['error']} | | | | | | |")
             continue
-        data = (f"{r['edits']} ({r['up']}/{r['down']}) -> {r['train votes']}/{r['held-out votes']}, {r['objective']}"
+        data = (f"{r['edits']} -> {r['train votes']} ({r['up']}/{r['down']})/{r['held-out votes']}, {r['objective']}"
                 if a.thumbs else f"{r['edits']} -> {r['train pairs']}/{r['held-out pairs']}")
         print(f"| {r['kind']} | {data} | {r['base follows']}/{r['held-out']} "
               f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} | {r['regression']} "
