@@ -392,3 +392,12 @@ def test_the_kto_gate_refuses_luck_scores_without_behaviour_and_lost_facts():
     empty = {**BASE, "vote_accuracy": None, "vote_margin": None, "vote_distance": [], "votes": 0}
     result = decide_kto(empty, empty)
     assert not result.passed and "no held-out votes" in result.checks[0]["detail"]
+
+
+def test_votes_with_trls_trainer_fail_the_job_with_the_reason(store, tmp_path, checkpoint):
+    from tuning.trainer import train_adapter
+
+    result = train_adapter([], [], votes=toy_votes(4), eval_votes=toy_votes(2, start=100, prefix="e"), store=store,
+                           data_dir=tmp_path, base_model_dir=checkpoint, config=JOB.replace(trainer="trl"),
+                           gate_config=gate_config())
+    assert result.status == "failed" and "DPO only" in result.error and store.adapters() == []
