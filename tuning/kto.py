@@ -24,14 +24,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
-from .dpo import TokenizedPair, collate, optimise, pair_loss, tokenize_pair
+from .dpo import TokenizedPair, collate, optimise, pair_loss, sequence_logps, tokenize_pair
 from .sft import TokenizedExample, collate_examples, tokenize_example
-
-OBJECTIVES = ("dpo", "kto", "dpo+kto")
-
 
 # -- which objective ----------------------------------------------------------------------
 
@@ -161,8 +157,6 @@ class VoteStats:
 def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool) -> tuple[torch.Tensor, VoteStats]:
     """Forward the reference (adapter off) on votes and mismatched sequences, the policy on
     the mismatched ones without gradient (TRL's KL estimate), then the policy on the votes."""
-    from .dpo import sequence_logps
-
     labels = batch["labels"]
     n = labels.shape[0]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
