@@ -3,6 +3,7 @@ through the real store, pair builder, trainer and gate, and checked on held-out 
 
     .venv/bin/python bench/preference_suite.py                    # every kind, defaults
     .venv/bin/python bench/preference_suite.py --kinds opening closing --edits 128
+    .venv/bin/python bench/preference_suite.py --thumbs --edits 128   # a thumbs-only deployment (KTO)
 
 For each kind: 4 users ask questions (``tuning.synthetic.prompts``), see the base model's
 greedy answer (on-policy, as the app shows it) and edit it by the kind's rewrite rule; the
@@ -11,6 +12,13 @@ recipe (``TrainConfig()``) and the default gate decides (``GateConfig()``). Then
 version and the base answer 32 held-out questions (never asked in training) greedily in
 float32, and the kind's checker counts the answers that follow the preference. Prints one
 table. Not a test: nothing is asserted.
+
+``--thumbs``: a deployment where users only vote. Each user sees one answer per question and
+votes it up when it follows the preference, down when not; nobody edits, so there are no
+pairs and the job trains by KTO (``objective`` auto) and is judged by the KTO gate. The
+base model rarely follows a preference on its own, so half the answers shown are the
+kind's rewrite of the base answer (standing in for the sampled answers that happen to
+follow it) and half the base answer itself. At most 256 votes.
 """
 
 from __future__ import annotations
@@ -125,8 +133,11 @@ def greedy(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
                                          max_new_tokens=tokens)]
 
 
+MAX_VOTES = 256
+
+
 def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
-             work: Path, tokens: int, settings: dict) -> dict:
+             work: Path, tokens: int, settings: dict, thumbs: bool = False) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,16 +155,23 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         user = f"user{i % 4}"
         cid = store.create_conversation(user)
         mid = store.add_message(cid, user, question)
+        if thumbs:  # one answer shown, one vote: up when it follows the preference
+            answer = kind.rewrite(answer) if i % 2 == 0 else answer
         aid = store.log_answer(message_id=mid, user_id=user, prompt=[{"role": "user", "content": question}],
                                content=answer, model=model_dir.name)
+        if thumbs:
+            store.rate(aid, user, 1 if kind.follows(answer) else -1)
+            continue
         edit = kind.rewrite(answer, i) if kind.bad else kind.rewrite(answer)
         if edit is not None and edit.strip() != answer.strip():
             store.edit_answer(aid, user, edit)
     prefs = build_preferences(store, PairConfig())
     train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
+    votes, held_votes = [asdict(u) for u in prefs.train_unpaired], [asdict(u) for u in prefs.eval_unpaired]
     start = time.monotonic()
     result = train_adapter(train, held, store=store, data_dir=data, base_model_dir=model_dir,
-                           config=TrainConfig().replace(**settings), gate_config=GateConfig(), created_by="bench")
+                           config=TrainConfig().replace(**settings), gate_config=GateConfig(), created_by="bench",
+                           votes=votes, eval_votes=held_votes)
     job_s = time.monotonic() - start
     if result.status != "succeeded":
         return {"kind": kind.name, "error": result.error}
@@ -166,6 +184,8 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     words = lambda xs: round(sum(len(x.split()) for x in xs) / len(xs), 1)  # noqa: E731
     return {
         "kind": kind.name, "edits": len(shown), "train pairs": len(train), "held-out pairs": len(held),
+        "objective": row["metrics_json"].get("objective"), "train votes": len(votes), "held-out votes": len(held_votes),
+        "up": row["metrics_json"].get("votes_up"), "down": row["metrics_json"].get("votes_down"),
         "base follows": sum(map(kind.follows, base_held)), "version follows": sum(map(kind.follows, answers)),
         "held-out": len(held_q), "words base": words(base_held), "words version": words(answers),
         "regression": f"{ev['golden_passed']}/{ev['golden_total']} (live {ev['live']['golden_passed']})",
@@ -183,7 +203,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kinds", nargs="+", default=GOOD, choices=list(KINDS) + ["good", "bad"],
                    help="kinds to teach (default: the good ones); 'bad' adds the corrupted feedback the gate must refuse")
-    p.add_argument("--edits", type=int, default=128, help="edited answers per kind (4 users)")
+    p.add_argument("--edits", type=int, default=128, help="edited (or, with --thumbs, voted) answers per kind (4 users)")
+    p.add_argument("--thumbs", action="store_true",
+                   help=f"users only vote (up when an answer follows the preference): KTO, at most {MAX_VOTES} votes")
     p.add_argument("--held-out", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -192,6 +214,8 @@ def main() -> int:
                    help="keep the base model's greedy answers here and reuse them on the next run")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
+    if a.thumbs and a.edits > MAX_VOTES:
+        p.error(f"--thumbs takes at most {MAX_VOTES} votes (--edits)")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,6 +227,8 @@ def main() -> int:
 
     settings = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
     a.kinds = [k for name in a.kinds for k in ({"good": GOOD, "bad": BAD}.get(name) or [name])]
+    if a.thumbs and any(KINDS[k].bad for k in a.kinds):
+        p.error("--thumbs teaches the good kinds only")
     model_dir = prepare_embedded_model(a.models_dir)
     qs = prompts()
     held_q = qs[: a.held_out]
@@ -223,19 +249,23 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
         for name in a.kinds:
-            rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings))
+            rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings,
+                                 a.thumbs))
             print(json.dumps(rows[-1]), flush=True)
     fmt = machine_format()
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
           f"{a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
-    print("| preference | edits -> train/held-out pairs | follows: base | follows: version | words base -> version "
+    data_col = "votes -> train (up/down)/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
+    print(f"| preference | {data_col} | follows: base | follows: version | words base -> version "
           "| regression set | gate | steps, train s |")
     print("| --- | --- | ---: | ---: | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['kind']} | job failed: {r['error']} | | | | | | |")
             continue
-        print(f"| {r['kind']} | {r['edits']} -> {r['train pairs']}/{r['held-out pairs']} | {r['base follows']}/{r['held-out']} "
+        data = (f"{r['edits']} -> {r['train votes']} ({r['up']}/{r['down']})/{r['held-out votes']}, {r['objective']}"
+                if a.thumbs else f"{r['edits']} -> {r['train pairs']}/{r['held-out pairs']}")
+        print(f"| {r['kind']} | {data} | {r['base follows']}/{r['held-out']} "
               f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} | {r['regression']} "
               f"| {r['gate']} | {r['steps']}, {r['train s']:.0f} |")
     judged = [(r, KINDS[r["kind"]].bad) for r in rows if "error" not in r]

@@ -70,7 +70,8 @@ def versions_table(store: Any) -> str:
         gate = "-" if v is None else ("passed" if a.get("gate_passed") else "failed")
         golden = f"{ev['golden_passed']}/{ev['golden_total']}" if ev.get("golden_total") else "-"
         domain = f"{ev['domain_passed']}/{ev['domain_total']}" if ev.get("domain_total") else "-"  # SFT data sets
-        method = "-" if v is None else (a.get("config_json") or {}).get("method", "dpo")
+        method = "-" if v is None else ((a.get("metrics_json") or {}).get("objective")  # dpo, kto, dpo+kto
+                                        or (a.get("config_json") or {}).get("method", "dpo"))
         rows.append(["base" if v is None else f"v{v}", status, gate, method, len(a.get("pair_ids_json") or []),
                      reports.figure(ev.get("preference_accuracy")), reports.figure(ev.get("reward_margin")),
                      golden, domain, rate, a.get("name", "-")])

@@ -96,6 +96,10 @@ def job_view(job: dict, adapter: dict | None = None, now: dt.datetime | None = N
         "curves": {label: [(h["step"], h[key]) for h in history if key in h] for key, label in CURVES},
         "last": {label: p.get(key) for key, label in CURVES},
         "pairs": (job.get("config_json") or {}).get("pairs"),
+        # A feedback job's objective (tuning.kto.choose_objective) and the votes KTO trained on.
+        "objective": (job.get("config_json") or {}).get("objective"),
+        "votes": {"n": (job.get("config_json") or {}).get("votes"), "up": (job.get("config_json") or {}).get("votes_up"),
+                  "down": (job.get("config_json") or {}).get("votes_down")},
         "version": job.get("adapter_version"), "error": job.get("error"),
         "gate_passed": None if adapter is None else bool(adapter.get("gate_passed")),
     }
@@ -128,7 +132,15 @@ def job_sentence(view: dict, adapter: dict | None = None) -> str:
     if view["status"] == "succeeded" and view["version"]:
         pairs = view["pairs"] if view["pairs"] is not None else len((adapter or {}).get("pair_ids_json") or [])
         sft = ((adapter or {}).get("config_json") or {}).get("method") == "sft"
-        head = f"v{view['version']} trained on {pairs} {'rows of a data set' if sft else 'pairs'} in {took}"
+        votes, objective = view.get("votes") or {}, view.get("objective")
+        updown = f" ({votes.get('up', 0)} up, {votes.get('down', 0)} down)"
+        if objective == "kto":
+            head = f"v{view['version']} trained by KTO on {votes.get('n', 0)} votes{updown} in {took}"
+        elif objective == "dpo+kto":
+            head = (f"v{view['version']} trained by DPO on {pairs} pairs and KTO on {votes.get('n', 0)} "
+                    f"votes{updown} in {took}")
+        else:
+            head = f"v{view['version']} trained on {pairs} {'rows of a data set' if sft else 'pairs'} in {took}"
         if adapter is None:
             return head + "."
         checks = verdict(adapter.get("eval_json") or {})

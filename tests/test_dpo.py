@@ -181,7 +181,7 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     rng = _random.Random(0)
     items = [TokenizedPair([1] * 5, [2] * n, [3] * (n // 2 + 1)) for n in [rng.randrange(1, 300) for _ in range(64)]]
     width = lambda bs: sum(max(5 + len(items[i].chosen) for i in b) * len(b) for b in bs)  # noqa: E731
-    plain, grouped = _batches(items, 4, _random.Random(1), False), _batches(items, 4, _random.Random(1), True)
+    plain, grouped = _batches(items, 4, _random.Random(1)), _batches(items, 4, _random.Random(1), by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(64)) and len(grouped) == len(plain) == 16
     assert width(grouped) < 0.8 * width(plain)
 

@@ -54,6 +54,26 @@ class TrainConfig:
     # without a forward per pair per epoch).
     reference: str = "step"
 
+    # Which objective a feedback job trains. "auto": what the data supports (tuning.kto.
+    # choose_objective): pairs only -> DPO, lone up/down votes only -> KTO, both -> one job
+    # with both losses (DPO steps on pairs, KTO steps on votes). "dpo": pairs only, as
+    # before KTO existed (lone votes are ignored). "kto": KTO on everything, each pair
+    # split into a desirable and an undesirable example (TRL's unpaired conversion).
+    objective: str = "auto"
+    # KTO's temperature, its own setting so tuning DPO's beta does not move KTO: 0.1 is the
+    # paper's and TRL's KTOConfig default.
+    kto_beta: float = 0.1
+    # Weights of the desirable and undesirable losses (TRL's desirable_weight and
+    # undesirable_weight, both 1.0 there). The paper advises weighting so that
+    # desirable_weight * n_up / (undesirable_weight * n_down) is within [1, 4/3]; with
+    # skewed votes, set them (the job records the up and down counts it saw).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # NLL per token on the desirable (up-voted) answers next to the KTO loss, for the reason
+    # nll_weight exists for DPO: a preference only scored did not move greedy answers here,
+    # the NLL term on the preferred side did. 0 turns it off.
+    kto_nll_weight: float = 1.0
+
     # -- optimisation -------------------------------------------------------------------
     # 5e-5: 1e-4 over-optimised within an epoch; 1e-6 (TRL's default) moves nothing on CPU
     # budgets. Linear decay to zero, AdamW, clip 1.0: TRL's defaults, so both trainers match.
@@ -77,7 +97,8 @@ class TrainConfig:
     seed: int = 0
 
     # -- what is learned ----------------------------------------------------------------
-    # "dpo": preferences from users' feedback (the default, the online loop). "sft": the
+    # "dpo": users' feedback (the default, the online loop; ``objective`` says whether
+    # pairs train by DPO, lone votes by KTO, or both). "sft": the
     # answers of an admin's data set (``dataset``), e.g. to teach a domain; its gate checks
     # the data set's held-out questions instead of preference pairs (tuning.gate.decide_sft).
     method: str = "dpo"
@@ -146,6 +167,16 @@ class TrainConfig:
             raise ValueError("method 'sft' needs dataset=<the data set's 64-digit hash> (app.py dataset add FILE prints it).")
         if self.method == "dpo" and self.dataset is not None:
             raise ValueError("dataset is for method 'sft'; DPO trains on users' feedback.")
+        if self.objective not in ("auto", "dpo", "kto"):
+            raise ValueError(f"objective must be auto, dpo or kto, not {self.objective!r}.")
+        if self.method == "sft" and self.objective != "auto":
+            raise ValueError("objective is for feedback jobs (method 'dpo'); an SFT job trains on its data set.")
+        if self.trainer == "trl" and self.objective == "kto":
+            raise ValueError("trainer 'trl' runs DPO only; KTO runs in our own loop (trainer 'loop').")
+        if not (self.kto_beta > 0 and self.desirable_weight >= 0 and self.undesirable_weight >= 0
+                and self.kto_nll_weight >= 0):
+            raise ValueError("kto_beta must be positive; desirable_weight, undesirable_weight and kto_nll_weight "
+                             "at least 0.")
         if self.trainer not in ("loop", "trl"):
             raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
         for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):

@@ -12,6 +12,7 @@ import difflib
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -288,24 +289,32 @@ def train_loop(
 
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
-             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> tuple[list[dict], int]:
-    """The optimisation loop both trainers share: AdamW with linear decay to zero, shuffled
+             progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+             kind_of: Callable[[object], str] | None = None) -> tuple[list[dict], int]:
+    """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
     between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
     returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
-    a batch. Returns (per-step rows, steps per epoch)."""
-    per_epoch = math.ceil(len(items) / config.batch_size)
+    a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
+    and cut into batches of its own, and the batches are shuffled together (a job with DPO
+    pairs and KTO votes: each step is one loss, each example seen once per epoch).
+    Returns (per-step rows, steps per epoch)."""
+    rng = random.Random(config.seed)
+    if kind_of is None:
+        per_epoch = math.ceil(len(items) / config.batch_size)
+    else:
+        sizes = Counter(kind_of(it) for it in items)
+        per_epoch = sum(math.ceil(n / config.batch_size) for n in sizes.values())
     steps = per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = random.Random(config.seed)
     model.train()
     history: list[dict] = []
     start = time.monotonic()
     step = 0
     for epoch in range(config.epochs):
-        batches = _batches(items, config.batch_size, rng, config.by_length)
+        batches = _batches(items, config.batch_size, rng, kind_of, config.by_length)
         for b, chosen in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise Cancelled(f"cancelled at step {step} of {steps}")
@@ -329,23 +338,28 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
 
 
 def _length(item) -> int:
-    answers = [len(getattr(item, k)) for k in ("chosen", "rejected", "answer") if hasattr(item, k)]
-    return len(item.prompt) + max(answers)
+    answers = [len(getattr(item, k)) for k in ("chosen", "rejected", "answer", "completion") if hasattr(item, k)]
+    return len(getattr(item, "prompt", ())) + max(answers, default=0)
 
 
-def _batches(items: list, size: int, rng: random.Random, by_length: bool) -> list[list[int]]:
-    """One epoch's batches of item indices. Shuffled; with ``by_length``, each run of 8
-    batches' worth of shuffled items is sorted by length before it is cut into batches (as
-    transformers' group_by_length does), so a batch pads to a similar length, and the
-    batches' order is shuffled again."""
+def _batches(items: list, size: int, rng: random.Random, kind_of=None, by_length: bool = False) -> list[list[int]]:
+    """One epoch's batches of item indices, shuffled; of one kind each when ``kind_of`` is
+    given. With ``by_length``, each run of 8 batches' worth of shuffled items (of one kind)
+    is sorted by length before it is cut into batches (as transformers' group_by_length
+    does), so a batch pads to a similar length, and the batches' order is shuffled again."""
     order = list(range(len(items)))
     rng.shuffle(order)
-    if by_length:
-        chunk = size * 8
-        order = [i for c in range(0, len(order), chunk)
-                 for i in sorted(order[c : c + chunk], key=lambda i: _length(items[i]), reverse=True)]
-    batches = [order[b : b + size] for b in range(0, len(order), size)]
-    if by_length:
+    groups: dict = {}
+    for i in order:
+        groups.setdefault(kind_of(items[i]) if kind_of is not None else None, []).append(i)
+    batches = []
+    for idx in groups.values():
+        if by_length:
+            chunk = size * 8
+            idx = [i for c in range(0, len(idx), chunk)
+                   for i in sorted(idx[c : c + chunk], key=lambda i: _length(items[i]), reverse=True)]
+        batches += [idx[i : i + size] for i in range(0, len(idx), size)]
+    if kind_of is not None or by_length:
         rng.shuffle(batches)
     return batches
 

@@ -36,6 +36,11 @@ verdict with one line per check:
   the live version's, unless it moved toward the length of the chosen answers (a
   preference for shorter answers legitimately halves them; DPO's verbosity does not).
 
+A version trained on lone votes alone (KTO, ``tuning.kto``) has no held-out pairs: it is
+judged on held-out votes instead (``measure_kto``, ``decide_kto``: vote accuracy, vote
+margin, behaviour) and by the same regression-set, fluency and length checks; see the
+section "KTO versions" below. SFT versions: ``measure_sft``, ``decide_sft``.
+
 An admin may promote a version that failed; the Controller (``loop.control``) records who and why.
 """
 
@@ -559,3 +564,190 @@ def domain_kept(candidate: dict, live: dict, config: GateConfig = GateConfig()) 
                       f"gained: worse by at most {max(upper, 0):.1%} (95%), limit {config.regression_tolerance:.0%}",
             "value": f"{right}/{len(ids)}", "live": f"{was}/{len(ids)}",
             "threshold": f"worse by at most {config.regression_tolerance:.0%} at 95% confidence"}
+
+
+# -- KTO versions (objective "kto": lone thumbs up and down, no pairs) --------------------------
+#
+# Held-out votes (whole conversations and prompt groups kept out of training, tuning.split)
+# take the place of held-out pairs. The implicit KTO reward of an answer is ``kto_beta *
+# (log pi(y|x) - log pi_base(y|x))``; the base scores 0 on every vote by construction.
+# - vote accuracy: the share of (up, down) combinations of held-out votes where the
+#   up-voted answer has the higher reward (``vote_separation``; the base scores 0.5), DPO's
+#   preference accuracy for votes; it must beat the live version's. Blind to a shift of
+#   every reward alike (the NLL term raises down-voted answers in the same style too);
+# - vote margin: mean up minus mean down reward (TRL's rewards/margins) must beat the live
+#   version's, and each vote's reward, signed and centred, must improve on more votes than
+#   luck would (the sign test over votes);
+# - behaviour: what users read must move: greedy answers to the held-out prompts closer to
+#   the up-voted answers and farther from the down-voted ones than the live version's, on
+#   average and on more votes than not. Votes are on-policy (the model's own answers), so
+#   the live version often says the up-voted answer already: this check mostly sees the
+#   down-voted answers being left;
+# - regression set, fluency, answer length: ``decide``'s checks, unchanged (the length
+#   target is the up-voted answers' length).
+# A job with pairs and votes is gated as a DPO version, plus the two vote checks when it
+# has held-out votes (``vote_checks``).
+
+
+def vote_logratios(model, tokenizer, votes: list[dict], *, adapter_off: bool, batch_size: int = 8,
+                   max_length: int = 512) -> list[float]:
+    """Per vote: log pi(answer | prompt) summed over the answer's tokens, in the model's dtype."""
+    from .kto import tokenize_vote
+    from .sft import TokenizedExample, collate_examples
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    items = [tokenize_vote(tokenizer, v, max_length) for v in votes]
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = collate_examples([TokenizedExample(it.prompt, it.answer) for it in items[i : i + batch_size]], pad)
+            with torch.inference_mode():
+                if adapter_off:
+                    with model.disable_adapter():
+                        logps, _ = sequence_logps(model, batch)
+                else:
+                    logps, _ = sequence_logps(model, batch)
+            out += logps.tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def measure_votes(model, tokenizer, votes: list[dict], base_logratios: list[float], *, adapter_off: bool,
+                  beta: float, config: GateConfig, max_length: int = 512) -> dict:
+    """One version's implicit rewards on held-out votes: vote accuracy and margin, and each
+    vote's signed reward (for the sign test)."""
+    lps = vote_logratios(model, tokenizer, votes, adapter_off=adapter_off, batch_size=config.batch_size,
+                         max_length=max_length)
+    rewards = [beta * (lp - b) for lp, b in zip(lps, base_logratios)]
+    return {"votes": len(votes), "votes_up": sum(bool(v["label"]) for v in votes),
+            **vote_separation(rewards, [bool(v["label"]) for v in votes])}
+
+
+def vote_separation(rewards: list[float], labels: list[bool]) -> dict:
+    """How well implicit rewards separate up from down votes, blind to a shift that moves
+    every answer alike (the NLL term on up-voted answers makes the model likelier to say
+    anything in their style, down-voted answers included; KTO itself judges against a
+    moving reference point, not against 0).
+
+    With both labels: accuracy = the share of (up, down) vote combinations whose up-voted
+    answer has the higher reward (ties half; 0.5 for the base, whose rewards are all 0),
+    margin = mean up reward - mean down reward (TRL's rewards/margins), and each vote's
+    reward signed by its label after subtracting the midpoint of the two means (the
+    per-vote figures the sign test compares). With one label there is no shift to remove:
+    rewards are signed as they are, accuracy is the share on the vote's side of 0."""
+    n = len(rewards)
+    if n == 0:
+        return {"vote_accuracy": None, "vote_margin": None, "vote_signed_rewards": []}
+    up = [r for r, lab in zip(rewards, labels) if lab]
+    down = [r for r, lab in zip(rewards, labels) if not lab]
+    if up and down:
+        mid = (sum(up) / len(up) + sum(down) / len(down)) / 2
+        signed = [(r - mid) * (1 if lab else -1) for r, lab in zip(rewards, labels)]
+        wins = sum((u > d) + 0.5 * (u == d) for u in up for d in down)
+        accuracy, margin = wins / (len(up) * len(down)), sum(up) / len(up) - sum(down) / len(down)
+    else:
+        signed = [r * (1 if lab else -1) for r, lab in zip(rewards, labels)]
+        accuracy, margin = sum(s > 0 for s in signed) / n, sum(signed) / n
+    return {"vote_accuracy": round(accuracy, 4), "vote_margin": round(margin, 4),
+            "vote_signed_rewards": [round(s, 5) for s in signed]}
+
+
+def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float], *, adapter_off: bool,
+                beta: float, config: GateConfig, max_length: int = 512) -> dict:
+    """One version's gate metrics for a KTO version: ``measure_votes``, plus greedy answers
+    to the regression set and the held-out votes' prompts (the keys ``decide`` reads)."""
+    out = measure_votes(model, tokenizer, votes, base_logratios, adapter_off=adapter_off, beta=beta,
+                        config=config, max_length=max_length)
+    prompts: list[list[dict]] = []
+    for v in votes:
+        if v["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
+            prompts.append(v["prompt"])
+    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
+    answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
+                             frequency_penalty=config.frequency_penalty)
+    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
+              for g, (a, _) in zip(config.golden, answers)}
+    held = answers[len(golden_convs):]
+    by_prompt = {_key(c): a for c, (a, _) in zip(prompts, held)}
+    # Per vote whose prompt was answered: the answer's distance to the voted answer, cut to
+    # what max_new_tokens lets an answer say; signed by the vote (closer is better for up).
+    distances, labels = [], []
+    for v in votes:
+        answer = by_prompt.get(_key(v["prompt"]))
+        if answer is not None:
+            distances.append(round(answer_distance(answer, _cut(tokenizer, _text(v["completion"]), config.max_new_tokens)), 4))
+            labels.append(bool(v["label"]))
+    damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))}
+    ups = [v for v in votes if v["label"]]
+    return {
+        **out,
+        "method": "kto",
+        "pairs": 0, "preference_accuracy": None, "reward_margin": None, "logratios": [],
+        "golden": golden,
+        "golden_passed": sum(g["passed"] for g in golden.values()),
+        "golden_total": len(golden),
+        "mean_answer_tokens": _mean([t for _, t in held]),
+        "chosen_tokens": _mean([min(len(tokenizer(_text(v["completion"]))["input_ids"]), config.max_new_tokens)
+                                for v in ups]),
+        "vote_distance": distances,
+        "vote_distance_labels": labels,
+        "damaged": damaged,
+        "answered": len(answers),
+        "answers": [{"prompt": c[-1]["content"], "answer": a} for c, (a, _) in zip(prompts, held)],
+    }
+
+
+def vote_checks(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> list[dict]:
+    """The "vote accuracy" and "vote margin" checks (``measure_votes`` results on the same votes)."""
+    checks = []
+    ca, la = candidate.get("vote_accuracy"), live.get("vote_accuracy")
+    if ca is None or la is None:
+        checks.append({"check": "vote accuracy", "passed": False, "detail": "no held-out votes to measure on"})
+        checks.append({"check": "vote margin", "passed": False, "detail": "no held-out votes to measure on"})
+        return checks
+    ok = ca > la + config.min_accuracy_gain or (la >= 1.0 and ca >= 1.0)
+    checks.append({"check": "vote accuracy", "passed": bool(ok),
+                   "detail": f"{ca:.3f} vs live {la:.3f}: the share of up/down combinations of {candidate['votes']} "
+                             f"held-out votes ({candidate['votes_up']} up) where the up-voted answer has the higher "
+                             "reward" + ("" if 0 < candidate["votes_up"] < candidate["votes"] else
+                                         " (one label only: the share on the vote's side of the base)"),
+                   "value": ca, "live": la,
+                   "threshold": f"above {la + config.min_accuracy_gain:.3f}" + (" (or both 1.0)" if la >= 1.0 else "")})
+    cm, lm = candidate["vote_margin"], live["vote_margin"]
+    c_s, l_s = candidate.get("vote_signed_rewards") or [], live.get("vote_signed_rewards") or []
+    wins = sum(c > lv for c, lv in zip(c_s, l_s))
+    p = sign_test_p(wins, len(c_s))
+    checks.append({"check": "vote margin", "passed": bool(cm > lm and p <= config.max_p_value),
+                   "detail": f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_s)} votes (p={p:.3g})",
+                   "value": cm, "live": lm,
+                   "threshold": f"above {lm:.3f}, better on enough votes to rule out luck (sign test p <= {config.max_p_value})"})
+    return checks
+
+
+def decide_kto(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> GateResult:
+    """The verdict on a KTO version: the vote checks, behaviour on the held-out votes, then
+    ``decide``'s regression-set, fluency and answer-length checks (``measure_kto`` results)."""
+    checks = vote_checks(candidate, live, config)
+    c_d, l_d = candidate.get("vote_distance") or [], live.get("vote_distance") or []
+    labels = candidate.get("vote_distance_labels") or []
+    if not c_d or len(c_d) != len(l_d):
+        checks.append({"check": "behaviour", "passed": False, "detail": "no held-out answers to compare with the voted ones"})
+    else:
+        # Per vote, how much the answer moved the way the vote asks: toward an up-voted
+        # answer, away from a down-voted one (in word distance; > 0 is the right way).
+        moved = [(lv - c) if up else (c - lv) for c, lv, up in zip(c_d, l_d, labels)]
+        better, worse = sum(m > 0 for m in moved), sum(m < 0 for m in moved)
+        mean = sum(moved) / len(moved)
+        checks.append({"check": "behaviour", "passed": bool(mean > 0 and better > worse),
+                       "detail": f"answers moved {mean:+.3f} in word distance the way the votes ask (toward up-voted, "
+                                 f"away from down-voted answers); the right way on {better}, the wrong way on {worse} "
+                                 f"of {len(moved)} votes (must be above 0, and right on more)",
+                       "value": round(mean, 3), "live": 0.0,
+                       "threshold": "above 0, the right way on more votes than the wrong way"})
+    shared = decide(candidate, live, config)
+    checks += [c for c in shared.checks if c["check"] in ("regression set", "fluency", "answer length")]
+    return GateResult(all(c["passed"] for c in checks), checks)

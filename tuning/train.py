@@ -1,4 +1,4 @@
-"""A training job's process: preference pairs in, one gated adapter version out.
+"""A training job's process: users' feedback (or an admin's data set) in, one gated adapter version out.
 
     python app.py train --as ADMIN [--set epochs=1]                  # what an admin types
     python -m tuning.train --data-dir data --as system:launcher --job J   # what the app's launcher runs
@@ -6,11 +6,13 @@
         --set learning_rate=1e-4 --price-per-hour 0.2
     python app.py train --sft domain.jsonl --heldout questions.jsonl --as ADMIN   # SFT on an admin's data set
 
-The pairs are built from the feedback in the store (``tuning.pairs.build_preferences``), or
-read from ``--pairs`` and ``--eval-pairs`` (one JSON preference pair per line, TRL
-conversational form with an id). With ``--sft FILE`` (or ``--set method=sft --set
-dataset=HASH`` for a data set added before, which is what a job queued by the console
-holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
+The pairs and lone votes are built from the feedback in the store
+(``tuning.pairs.build_preferences``), or read from ``--pairs`` and ``--eval-pairs`` (one JSON
+record per line, TRL conversational form with an id: a pair ``{prompt, chosen, rejected}``
+or a vote ``{prompt, completion, label}``). ``TrainConfig.objective`` ("auto") trains pairs
+by DPO, lone votes by KTO, or both in one job (``tuning.kto``), and says which it was.
+With ``--sft FILE`` (or ``--set method=sft --set dataset=HASH`` for a data set added before,
+which is what a job queued by the console holds) the job is supervised fine-tuning on an admin's data set: the file is checked first
 (``tuning.dataset``: the report is printed, and nothing is queued when it refuses), kept
 under its hash in ``DATA_DIR/datasets/``, and the job reads it from there by that hash. ``--as`` names an admin account; the app's launcher names
 ``system:launcher``, accepted only with ``--job`` naming a queued job (``_refusal``). With
@@ -19,9 +21,9 @@ job left running by a process that died counts until it is recovered
 (``loop.jobs.recover_stale_jobs``): by ``app.py train`` before it queues, by the app at its
 start and before each launch.
 
-Prints one progress line per step (loss, reward accuracy and margin or, for SFT, the answer
-tokens' probability, seconds) and the
-gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
+Prints one progress line per step (loss, reward accuracy and margin; for a KTO step the KTO
+loss, its reference point z0 and the up-minus-down reward; for SFT the answer tokens'
+probability; seconds) and the gate's verdict at the end. Ctrl-C (or SIGTERM) cancels: the job is marked cancelled and no
 adapter is kept. Exit status: 0 when a version was registered (whatever the gate said), 1
 failed, 2 a setting refused, 3 refused (who, or another job active), 130 cancelled.
 """
@@ -249,6 +251,7 @@ def _train_job(a, store, config, job_id: str, beating):
 
     from assistant.model_files import resolve_model
 
+    from .kto import choose_objective, data_problem, objective_data
     from .pairs import build_preferences, format_summary
     from .trainer import train_adapter
 
@@ -269,26 +272,39 @@ def _train_job(a, store, config, job_id: str, beating):
                    "format": kept.get("format"), "source": kept.get("source")}
         print(f"supervised fine-tuning on data set {config.dataset[:12]}: {len(train)} rows, "
               f"gate on {len(held)} held-out questions; Ctrl-C cancels", flush=True)
-    elif a.pairs is not None:
+    elif a.pairs is not None:  # pair lines ({prompt, chosen, rejected}) and vote lines ({prompt, completion, label})
         train, held = read_pairs(a.pairs), read_pairs(a.eval_pairs)
+        votes, held_votes = [r for r in train if "label" in r], [r for r in held if "label" in r]
+        train, held = [r for r in train if "label" not in r], [r for r in held if "label" not in r]
     else:
         data = build_preferences(store)
         print(format_summary(data.summary), flush=True)
-        if not data.train_pairs or not data.eval_pairs:
-            reason = (f"not enough preference data: {len(data.train_pairs)} training and "
-                      f"{len(data.eval_pairs)} held-out pairs (both are needed)")
-            store.update_job(job_id, status="failed", error=reason)
+        train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
+        votes, held_votes = [asdict(u) for u in data.train_unpaired], [asdict(u) for u in data.eval_unpaired]
+    if lineage is None:
+        # Pairs train by DPO, lone votes by KTO, both in one job (config.objective decides).
+        objective = choose_objective(config.objective, train, votes)
+        problem = data_problem(objective, *objective_data(objective, train, held, votes, held_votes))
+        if problem:
+            reason = (f"not enough preference data for {objective.upper()}: {problem} ({len(train)} training and "
+                      f"{len(held)} held-out pairs, {len(votes)} training and {len(held_votes)} held-out votes)")
+            store.update_job(job_id, status="failed", error=reason, finished_utc=utc_now())
             print(f"error: {reason}", file=sys.stderr)
             return None
-        train, held = [asdict(p) for p in data.train_pairs], [asdict(p) for p in data.eval_pairs]
     domain = None if lineage is not None else _learned_domain(store, a.data_dir, config)
     if lineage is None:
-        print(f"training on {len(train)} pairs, gate on {len(held)} held-out pairs"
-              + (f" and {len(domain)} held-out domain questions" if domain else "") + "; Ctrl-C cancels", flush=True)
+        what = {"dpo": f"DPO on {len(train)} pairs, gate on {len(held)} held-out pairs",
+                "kto": f"KTO on {len(votes)} votes" + (f" and {len(train)} pairs as votes" if train else "")
+                       + f", gate on {len(held_votes) + len(held)} held-out votes" + (" and pairs" if held else ""),
+                "dpo+kto": f"DPO on {len(train)} pairs and KTO on {len(votes)} votes, gate on {len(held)} held-out "
+                           f"pairs and {len(held_votes)} held-out votes"}[objective]
+        print(f"training by {what}" + (f" and {len(domain)} held-out domain questions" if domain else "")
+              + "; Ctrl-C cancels", flush=True)
     model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
     beating.set()  # train_adapter starts its own heartbeat: one writer per job, not two
     return train_adapter(train, held, store=store, data_dir=a.data_dir, base_model_dir=model_dir, config=config,
-                         job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage, domain=domain)
+                         job_id=job_id, created_by=a.actor, progress=print_progress, dataset=lineage, domain=domain,
+                         **({} if lineage is not None else {"votes": votes, "eval_votes": held_votes}))
 
 
 def _learned_domain(store, data_dir: Path, config) -> list[dict]:
@@ -313,6 +329,10 @@ def print_progress(row: dict) -> None:
     if "loss" in row and row.get("phase") == "training" and "token_prob" in row:
         print(f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
               f"answer token prob {row['token_prob']:.3f}  {row['seconds']:.0f}s", flush=True)
+    elif "loss" in row and row.get("phase") == "training" and row.get("objective") == "kto":
+        margin = "" if row.get("reward_margin") is None else f"  up-down reward {row['reward_margin']:+.3f}"
+        print(f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "
+              f"KTO {row['kto_loss']:.4f}  z0 {row['kl']:.3f}{margin}  {row['seconds']:.0f}s", flush=True)
     elif "loss" in row and row.get("phase") == "training":
         print(
             f"step {row['step']}/{row['steps']}  epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  "

@@ -31,7 +31,9 @@ from store.rows import utc_now
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
-from .gate import GateConfig, GateResult, decide, decide_sft, domain_kept, measure, measure_sft, pair_logratios
+from .gate import (GateConfig, GateResult, decide, decide_kto, decide_sft, domain_kept, measure, measure_kto,
+                   measure_sft, measure_votes, pair_logratios, vote_checks, vote_logratios)
+from .kto import choose_objective, data_problem, objective_data, train_kto, vote_counts
 
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"v\d+-[0-9a-f]{12}")
@@ -93,6 +95,8 @@ def train_adapter(
     cancel: threading.Event | None = None,
     dataset: dict | None = None,
     domain: list[dict] | None = None,
+    votes: list[dict] = (),
+    eval_votes: list[dict] = (),
 ) -> TrainResult:
     """Train, validate, gate and register one adapter version; never raises for a failed run.
 
@@ -102,8 +106,11 @@ def train_adapter(
     "expect"?}``, tuning.dataset), and ``dataset`` is its lineage (hash, rows, source),
     recorded on the job and the version. ``domain``: for a DPO version, held-out questions
     of data sets its parent or the live version learned; the gate adds "domain kept".
-    ``progress`` receives a dict after every step and at each phase change; ``cancel``
-    stops the run between steps.
+    ``votes`` and ``eval_votes``: lone up/down votes (``{prompt, completion, label, id}``);
+    ``config.objective`` and the data choose DPO, KTO or both (``tuning.kto.choose_objective``),
+    the objective and the counts are recorded on the job and the version, and a KTO-only
+    version gets the KTO gate (``tuning.gate.decide_kto``). ``progress`` receives a dict
+    after every step and at each phase change; ``cancel`` stops the run between steps.
     """
     from assistant.precision import machine_format
 
@@ -114,8 +121,17 @@ def train_adapter(
     fmt = machine_format(config.dtype)
     config = config.replace(dtype=fmt.dtype)
     sft = config.method == "sft"
+    objective = "sft" if sft else choose_objective(config.objective, pairs, votes)
+    if sft:
+        votes, eval_votes = [], []
+    ids = [p.get("id") for p in pairs] + ([] if objective in ("dpo", "sft") else [v.get("id") for v in votes])
+    if not sft:  # DPO leaves lone votes out; KTO on everything makes each pair an up and a down vote
+        pairs, eval_pairs, votes, eval_votes = objective_data(objective, pairs, eval_pairs, votes, eval_votes)
+    counts = {} if sft else {"objective": objective, "votes": len(votes), "eval_votes": len(eval_votes),
+                             "votes_up": vote_counts(votes)["up"], "votes_down": vote_counts(votes)["down"]}
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
-                  "pairs": len(pairs), "eval_pairs": len(eval_pairs), **({"dataset": dataset} if dataset else {})}
+                  "pairs": len(pairs), "eval_pairs": len(eval_pairs), **counts,
+                  **({"dataset": dataset} if dataset else {})}
     if job_id is None:
         job_id = store.queue_job(created_by, job_config)  # JobConflict while another job is active
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
@@ -151,14 +167,16 @@ def train_adapter(
     # the dot keeps it out of any listing of versions.
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{job_id}-", dir=root))
     try:
-        ids = [p.get("id") for p in pairs]
-        overlap = set(ids) & {p.get("id") for p in eval_pairs}
-        if not pairs:
-            raise ValueError("there are no training " + ("rows" if sft else "pairs"))
-        if not eval_pairs and not sft:  # an SFT set without held-out questions: the gate says so
-            raise ValueError("there are no held-out pairs for the evaluation gate")
+        overlap = ({p.get("id") for p in pairs} & {p.get("id") for p in eval_pairs}) | (
+            {v.get("id") for v in votes} & {v.get("id") for v in eval_votes})
+        if sft and not pairs:  # an SFT set without held-out questions: the gate says so
+            raise ValueError("there are no training rows")
+        problem = None if sft else data_problem(objective, pairs, eval_pairs, votes, eval_votes)
+        if problem:
+            raise ValueError(problem)
         if overlap - {None}:
-            raise ValueError(f"{len(overlap)} evaluation pair(s) are also training pairs; the gate needs held-out data")
+            raise ValueError(f"{len(overlap)} evaluation pair(s) or vote(s) are also training ones; "
+                             "the gate needs held-out data")
         report({"phase": "loading", "format": fmt.dtype})
         print(f"training in {fmt.describe()}", flush=True)
         model, tokenizer = load_for_training(base_model_dir, config, store, data_dir)
@@ -170,6 +188,11 @@ def train_adapter(
             from .sft import train_sft
 
             metrics = train_sft(model, tokenizer, pairs, config, report, should_stop)
+        elif objective != "dpo":
+            if config.trainer == "trl":
+                raise ValueError("trainer 'trl' runs DPO only; these votes train by KTO in our own loop "
+                                 "(set trainer=loop, or objective=dpo to train on the pairs alone)")
+            metrics = train_kto(model, tokenizer, pairs, votes, config, report, should_stop)
         elif config.trainer == "trl":
             from .trl_trainer import train_trl
 
@@ -195,8 +218,17 @@ def train_adapter(
         model.to(torch.float32)
         if should_stop():
             raise Cancelled("cancelled before evaluation")
-        evaluate = _evaluate_sft if sft else _evaluate
-        evaluation, gate = evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+        if sft:
+            evaluation, gate = _evaluate_sft(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config,
+                                             gate_config)
+        elif not eval_pairs:  # KTO, or both with only votes held out: the KTO gate
+            evaluation, gate = _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
+                                             gate_config)
+        else:
+            evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+            if eval_votes:
+                evaluation, gate = _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
+                                                    gate_config, evaluation, gate)
         if domain and not sft:
             evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
                                             evaluation, gate)
@@ -204,14 +236,14 @@ def train_adapter(
             raise Cancelled("cancelled before registration")
 
         report({"phase": "registering"})
-        newest = max((p.get("created_utc") or "" for p in pairs), default="") or None
+        newest = max((p.get("created_utc") or "" for p in list(pairs) + list(votes)), default="") or None
         version, name = register_version(store, data_dir, tmp, info, base_model_dir, {
             "parent_version": config.continue_from,
             "job_id": job_id,
             "pair_ids_json": ids,
             "config_json": {**config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
                             **({"dataset_lineage": dataset} if dataset else {})},
-            "metrics_json": {**metrics, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+            "metrics_json": {**metrics, "pairs": len(pairs), "eval_pairs": len(eval_pairs), **counts,
                              "newest_feedback_utc": newest, "job_seconds": round(time.monotonic() - started, 1)},
             "eval_json": evaluation,
             "gate_passed": int(gate.passed),
@@ -247,7 +279,9 @@ def record_step(history: list[dict], row: dict, limit: int = HISTORY_POINTS) -> 
     """``history`` with one more step (its curve values only), the console's training
     curves. Past ``limit`` points every other older point goes (the last is always kept),
     so a long run keeps its whole shape at a coarser grain."""
-    history = history + [{k: round(row[k], 5) if isinstance(row[k], float) else row[k] for k in CURVE_KEYS if k in row}]
+    # A KTO step on votes of one label has no reward margin (None): no point, not a gap.
+    history = history + [{k: round(row[k], 5) if isinstance(row[k], float) else row[k]
+                          for k in CURVE_KEYS if row.get(k) is not None}]
     if len(history) > limit:
         history = history[:-1][::2] + history[-1:]
     return history
@@ -298,6 +332,36 @@ def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config
         lambda adapter_off: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, **kw))
     gate = decide(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
+
+
+def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config):
+    """``_evaluate`` for a KTO version: held-out votes, the regression set, fluency and length
+    (tuning.gate.decide_kto), the new adapter against the live version."""
+    base_lr = vote_logratios(model, tokenizer, eval_votes, adapter_off=True, batch_size=gate_config.batch_size,
+                             max_length=config.max_length)
+    kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
+    live_version, candidate, live = _live_and_candidate(
+        model, store, data_dir, base_shapes, config,
+        lambda adapter_off: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw))
+    gate = decide_kto(candidate, live, gate_config)
+    return _evaluation(candidate, live_version, live, gate), gate
+
+
+def _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config, evaluation,
+                     gate):
+    """A version trained on pairs and votes, gated as DPO: the held-out votes add the vote
+    accuracy and vote margin checks (``tuning.gate.vote_checks``)."""
+    base_lr = vote_logratios(model, tokenizer, eval_votes, adapter_off=True, batch_size=gate_config.batch_size,
+                             max_length=config.max_length)
+    kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
+    _, candidate, live = _live_and_candidate(
+        model, store, data_dir, base_shapes, config,
+        lambda adapter_off: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw))
+    checks = vote_checks(candidate, live, gate_config)
+    gate = GateResult(gate.passed and all(c["passed"] for c in checks), gate.checks + checks)
+    evaluation = {**evaluation, **candidate, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
+                  "live": {**evaluation["live"], **live}}
+    return evaluation, gate
 
 
 def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):

@@ -110,15 +110,20 @@ def version_details(a: dict) -> str:
     items = [
         ("name", a.get("name")), ("parent", reports.version_label(a.get("parent_version"))),
         ("created", (a.get("created_utc") or "")[:19].replace("T", " ")),
-        ("pairs trained on", len(a.get("pair_ids_json") or [])), ("held-out pairs", m.get("eval_pairs")),
+        # A version trained on lone votes (KTO) lists their ids with the pairs' (pair_ids_json).
+        ("pairs trained on", m["pairs"] if "votes" in m else len(a.get("pair_ids_json") or [])),
+        ("held-out pairs", m.get("eval_pairs")),
         ("steps", m.get("steps")), ("training loss (first → last epoch)", f"{reports.figure(m.get('first_loss'))} → {reports.figure(m.get('loss'))}"),
         ("training time", reports.duration(a.get("train_seconds"))),
         ("trainable parameters", f"{a.get('trainable_params') or 0:,} ({(a.get('trainable_share') or 0):.1%})"),
         ("cost", f"${cost.get('estimated_usd', 0):.4f} (full fine-tuning ${cost.get('full_finetune_usd', 0):.4f})"),
         ("settings", ", ".join(f"{k} {cfg[k]}" for k in ("learning_rate", "epochs", "rank", "beta") if k in cfg)),
         ("number format", (cfg.get("format") or {}).get("dtype", cfg.get("dtype"))),
-        ("method", cfg.get("method", "dpo")),
+        ("method", m.get("objective") or cfg.get("method", "dpo")),  # dpo, kto, dpo+kto or sft
     ]
+    if m.get("votes"):
+        items.insert(4, ("votes trained on", f"{m['votes']} ({m.get('votes_up')} up, {m.get('votes_down')} down), "
+                                             f"{m.get('eval_votes')} held out"))
     lineage = cfg.get("dataset_lineage")
     if lineage:  # an SFT version: what it learned from
         items.append(("data set", f"{str(lineage.get('hash'))[:12]}: {lineage.get('rows')} rows, "
