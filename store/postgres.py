@@ -20,10 +20,11 @@ path stays byte-for-byte what it was and tested. See docs/architecture.md.
 from __future__ import annotations
 
 import functools
+import re
 import sqlite3
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import sql as pgsql
@@ -60,18 +61,27 @@ def is_url(target: Any) -> bool:
     return isinstance(target, str) and "://" in target
 
 
+# scheme://user:PASSWORD@ ... up to the last @, so a password with an unencoded @ goes whole
+# (a regex, not urlsplit: a malformed URL, which urlsplit refuses, must be redacted too).
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(.*)@")
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced by ***: the only form of it that is printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    return _PASSWORD.sub(lambda m: f"{m.group(1)}:***@", url, count=1)
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL's password (as written and percent-decoded) replaced by ***."""
+    m = _PASSWORD.match(url)
+    if m and m.group(2):
+        for form in sorted({m.group(2), unquote(m.group(2))}, key=len, reverse=True):
+            text = text.replace(form, "***")
+    return text
 
 
 def check_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
+    scheme = url.partition("://")[0]
     if scheme not in ("postgresql", "postgres"):
         raise DatabaseUnavailable(
             f"Cannot use the database {redact(url)!r}: only postgresql://user[:password]@host[:port]/name "
@@ -83,8 +93,8 @@ def connect(url: str) -> "PgDatabase":
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as e:
-        # libpq's messages name host, port, user and database, never the password.
-        raise DatabaseUnavailable(f"Cannot open the database {redact(url)}: {str(e).strip()}") from None
+        # libpq names host, port, user and database; a malformed URL it may quote whole.
+        raise DatabaseUnavailable(f"Cannot open the database {redact(url)}: {_scrub(str(e).strip(), url)}") from None
     conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
     return PgDatabase(conn)
 

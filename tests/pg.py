@@ -53,11 +53,11 @@ def postgres_server() -> Iterator[str]:
     try:
         subprocess.run(prefix + [str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust",
                                  "-E", "UTF8", "--no-sync", "--no-instructions"],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=600)
         # -F: no fsync (a test server; durability is PostgreSQL's, not under test here).
-        subprocess.run(prefix + [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+        subprocess.run(prefix + [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "300",
                                  "-o", f"-h 127.0.0.1 -p {port} -k {root} -F -c max_connections=200", "start"],
-                       check=True, capture_output=True, timeout=90)
+                       check=True, capture_output=True, timeout=360)
     except subprocess.CalledProcessError as e:
         text = log.read_text() if log.exists() else ""
         shutil.rmtree(root, ignore_errors=True)
