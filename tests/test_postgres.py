@@ -280,3 +280,28 @@ def test_a_training_process_gets_the_database_in_its_environment_not_its_command
     store.update_job(job, status="succeeded")  # so the watcher has nothing to do
     jobs.launcher(ServeConfig(data_dir=tmp_path, database=url, pause_training_at=0), [], store)(job)
     assert "hunter2" not in " ".join(seen["cmd"]) and seen["env"][DATABASE_ENV] == url
+
+
+def test_a_lock_held_too_long_or_a_lost_connection_is_the_error_chat_already_reports(pg_url, monkeypatch):
+    """assistant.chat turns sqlite3.OperationalError into "could not be saved, try again";
+    PostgreSQL's lock timeout and a dropped connection arrive as that, and the next call
+    opens a new connection."""
+    import sqlite3
+
+    import psycopg
+
+    monkeypatch.setattr("store.postgres.LOCK_TIMEOUT_S", 1)
+    store = Store(pg_url)
+    aid = _answer(store)
+    with psycopg.connect(pg_url) as other:
+        other.execute("LOCK TABLE ratings IN EXCLUSIVE MODE")
+        with pytest.raises(sqlite3.OperationalError, match="lock timeout"):
+            store.rate(aid, "alice", 1)
+    store.rate(aid, "alice", 1)
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops this thread's connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid != pg_backend_pid()")
+    with pytest.raises(sqlite3.OperationalError):
+        store.rate(aid, "alice", -1)
+    store.rate(aid, "alice", -1)
+    assert store.current_rating(aid, "alice") == -1
