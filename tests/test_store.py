@@ -10,13 +10,11 @@ from store.rows import hash_prompt
 PROMPT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
+@pytest.fixture
+def store(store_on_each):
     """Every test of the store's behaviour runs on both databases; the tests below that
     take ``sqlite_store`` are about the file itself (WAL, its mode, its migrations table)."""
-    if request.param == "sqlite":
-        return Store(tmp_path / "assistant.db")
-    return Store(request.getfixturevalue("pg_url"))
+    return store_on_each
 
 
 @pytest.fixture
