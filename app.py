@@ -43,7 +43,7 @@ from pathlib import Path
 
 from assistant.config import ServeConfig
 from assistant.engine import Sampling
-from assistant.paths import DataPaths
+from assistant.paths import DataPaths, database_option
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -86,6 +86,10 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=ServeConfig().data_dir, help="where the database, models and adapters live")
+    p.add_argument("--database", default=database_option(), metavar="URL",
+                   help="postgresql://user@host:port/db shared by several app replicas, or a SQLite file "
+                        "(default DATA_DIR/assistant.db, or $ASSISTANT_DATABASE; give a password in "
+                        "PGPASSWORD or ~/.pgpass rather than the URL)")
     sub = p.add_subparsers(dest="command")
     _serve_options(sub.add_parser("serve", help="start the chat app (the default command)"))
 
@@ -155,7 +159,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
     sampling = Sampling(temperature=a.temperature, top_p=d.sampling.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
                         frequency_penalty=a.frequency_penalty)
     return ServeConfig(
-        data_dir=a.data_dir, model=a.model, engine=a.engine, host=a.host, port=a.port,
+        data_dir=a.data_dir, database=a.database, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
         vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, dtype=a.dtype,
         pause_training_at=a.pause_training_at,
@@ -201,6 +205,7 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
 
     closers = closers if closers is not None else []
     store = Store(config.db_path)
+    print(f"store: {store.location}", flush=True)  # the URL without its password
     ensure_first_admin(store)
     model_path = resolve_model(config.model, config.models_dir)
     # Measured on this machine, never assumed: bf16 on a CPU without it runs 50x slower.
@@ -333,7 +338,7 @@ def dataset(a: argparse.Namespace) -> int:
     from tuning.train import add_dataset
 
     try:
-        commands.require_admin(Store(DataPaths(a.data_dir).database), a.actor)
+        commands.require_admin(Store(DataPaths(a.data_dir).database_target(a.database)), a.actor)
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -386,14 +391,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve", "users", "keys", "versions", "jobs", "feedback", "compare", "promote", "rollback", "canary",
                 "train", "export", "dataset"}
-    # `python app.py [--data-dir D] [serve options]` means serve, so `make run ARGS=...` works.
+    # `python app.py [--data-dir D] [--database URL] [serve options]` means serve, so
+    # `make run ARGS=...` works.
     if not any(arg in commands for arg in argv) and not {"-h", "--help"} & set(argv):
         data = []
-        if "--data-dir" in argv:
-            i = argv.index("--data-dir")
-            data, argv = argv[i : i + 2], argv[:i] + argv[i + 2 :]
+        for option in ("--data-dir", "--database"):
+            if option in argv:
+                i = argv.index(option)
+                data, argv = data + argv[i : i + 2], argv[:i] + argv[i + 2 :]
         argv = data + ["serve"] + argv
     a = parser().parse_args(argv)
+    from store.postgres import DatabaseUnavailable
+
+    try:
+        return _run(a)
+    except DatabaseUnavailable as e:  # a wrong URL, a server down: said once, without the password
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.command == "serve":
         return serve(a)
     from store import NotFound, Store, UserError
@@ -409,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "export":
         from tuning.export import main as export_main
 
-        export_main(["--data-dir", str(a.data_dir)] + (["--out", str(a.out)] if a.out else []))
+        export_main(["--data-dir", str(a.data_dir)] + (["--database", a.database] if a.database else [])
+                    + (["--out", str(a.out)] if a.out else []))
         return 0
-    store = Store(DataPaths(a.data_dir).database)
+    store = Store(DataPaths(a.data_dir).database_target(a.database))
     try:
         if a.command == "keys":
             return api_keys(a, store)

@@ -14,6 +14,9 @@ from .paths import DataPaths
 class ServeConfig:
     # Everything the app writes (database, prepared model, adapters) lives here.
     data_dir: Path = Path("data")
+    # None: the SQLite file in data_dir. A postgresql:// URL: a database several app
+    # replicas share (store.postgres); adapters, models and logs stay in data_dir.
+    database: str | None = None
     # None: the embedded SmolLM2-135M-Instruct; else a local Hugging Face checkpoint folder.
     model: str | None = None
     # vLLM batches concurrent chats (5x+ the throughput of "hf" on 8 chats) and swaps
@@ -57,8 +60,9 @@ class ServeConfig:
         return DataPaths(self.data_dir)
 
     @property
-    def db_path(self) -> Path:
-        return self.paths.database
+    def db_path(self) -> str | Path:
+        """What the store opens: ``database``, or the SQLite file in the data folder."""
+        return self.paths.database_target(self.database)
 
     @property
     def adapters_dir(self) -> Path:

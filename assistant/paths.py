@@ -8,15 +8,28 @@
 It sits in ``assistant/`` rather than ``store/`` because serving needs it too (the
 configuration's database path, the adapters folder the zero base adapter is written to)
 and ``assistant/`` may import nothing of the other packages, while ``tuning/``, ``loop/``
-and ``app.py`` may all import ``assistant/``. The store itself takes only a file path.
+and ``app.py`` may all import ``assistant/``. The store itself takes only a file path,
+or a postgresql:// URL: ``--database`` (or $ASSISTANT_DATABASE) names one instead of the
+file here, so several app replicas can share it (``database_target``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import InvalidAdapter
+
+# The environment variable every entry point reads --database's default from; the launcher
+# hands the app's database to a training process this way, never on its command line,
+# where a password in the URL would show in ``ps``.
+DATABASE_ENV = "ASSISTANT_DATABASE"
+
+
+def database_option() -> str | None:
+    """``--database``'s default: $ASSISTANT_DATABASE, or None (the file in the data folder)."""
+    return os.environ.get(DATABASE_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,11 @@ class DataPaths:
     @property
     def database(self) -> Path:
         return self.root / "assistant.db"
+
+    def database_target(self, chosen: str | None = None) -> str | Path:
+        """What ``store.Store`` opens: ``chosen`` (``--database``: a postgresql:// URL or a
+        SQLite file) when given, else the SQLite file in this folder."""
+        return chosen or self.database
 
     @property
     def adapters(self) -> Path:

@@ -109,7 +109,7 @@ CREATE TABLE "training_jobs" (
    "created_utc" TEXT NOT NULL,
    "started_utc" TEXT,
    "finished_utc" TEXT
-, "cancel_requested" INTEGER NOT NULL DEFAULT 0, "pid" INTEGER, "heartbeat_utc" TEXT);
+, "cancel_requested" INTEGER NOT NULL DEFAULT 0, "pid" INTEGER, "heartbeat_utc" TEXT, "host" TEXT);
 
 CREATE TABLE "users" (
    "name" TEXT PRIMARY KEY,

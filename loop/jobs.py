@@ -13,6 +13,10 @@ after a reboot or a container restart it may belong to any process. So a process
 the job's only when it exists, was created no later than the job started (a reused pid
 belongs to a process created after the job's own died) and its command line is a training
 command (``is_training_command``). Only such a process is ever signalled.
+
+With several app replicas on one PostgreSQL database a job may run on another machine
+(its row's ``host``): a pid proves nothing here, so such a job is judged by its heartbeat
+alone, and a job another machine queued is not this app's to fail at start.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent  # where ``python -m tuning.train`
 STALE_AFTER = dt.timedelta(seconds=10 * HEARTBEAT_S)
 # psutil derives start times from the boot time, which Linux gives in whole seconds.
 _CLOCK_SLACK_S = 1.0
+# This machine, as jobs' rows name it (tuning.train records the same).
+HOST = socket.gethostname()
+
+
+def elsewhere(job: dict) -> bool:
+    """Whether the job was queued on or runs on another machine (rows before hosts: here)."""
+    return job.get("host") not in (None, HOST)
 
 
 def _time(ts: str | None) -> dt.datetime | None:
@@ -131,6 +143,12 @@ def recover_stale_jobs(store: Any, data_dir: Path, is_ours: Callable[[dict], boo
 
     failed = []
     for job in store.jobs("running"):
+        if elsewhere(job):  # another replica's machine: its pid means nothing here
+            if is_stale(job):
+                end_job(store, job, "failed", f"the training process on {job['host']} sent {silence(job)}; "
+                        "nothing was registered", None)
+                failed.append(job["id"])
+            continue
         process = job_process(job) if is_ours is None else None
         ours = process is not None if is_ours is None else is_ours(job)
         stale = is_stale(job)
@@ -153,6 +171,8 @@ def recover_at_start(store: Any, data_dir: Path) -> list[str]:
     stopped before launching them."""
     failed = recover_stale_jobs(store, data_dir)
     for job in store.jobs("queued"):
+        if elsewhere(job):
+            continue  # another replica queued it and is starting it
         store.update_job(job["id"], status="failed", error="the app stopped before this job started")
     return failed
 
@@ -163,13 +183,14 @@ def recover_at_start(store: Any, data_dir: Path) -> list[str]:
 def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[[], int] = lambda: 0,
              closers: list | None = None) -> Callable[[str], subprocess.Popen]:
     """``launch(job_id)``: start ``python -m tuning.train --as system:launcher --job J`` for a
-    queued job, with the app's model options (``config``: an ``assistant.config.ServeConfig``)
-    and ``train_set`` (``--set KEY=VALUE`` items), its output in ``DATA_DIR/train-J.log``.
+    queued job, with the app's model options and database (``config``: an
+    ``assistant.config.ServeConfig``; the database URL goes in $ASSISTANT_DATABASE) and ``train_set`` (``--set KEY=VALUE`` items), its output in ``DATA_DIR/train-J.log``.
 
     The job yields the CPU to chats: it runs at background priority (tuning.priority), and
     while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
     stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
     is asked for, and when the app stops (``closers``, which it leaves once the job ended)."""
+    from assistant.paths import DATABASE_ENV
     from store.actors import LAUNCHER
     from tuning.priority import PauseWhileBusy
 
@@ -183,8 +204,12 @@ def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[
             cmd += ["--model", config.model]
         for item in train_set:
             cmd += ["--set", item]
+        env = None
+        if config.database:  # in the environment, not the command line: ps would show a password
+            env = dict(os.environ, **{DATABASE_ENV: config.database})
         with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                    env=env)
         pauser = None
         if config.pause_training_at > 0:
             pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,

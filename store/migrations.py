@@ -242,3 +242,11 @@ def m008_api_keys(db: Database) -> None:
         foreign_keys=[("user_id", "users", "name")],
     )
     db["api_keys"].create_index(["key_hash"], unique=True)
+
+
+@MIGRATIONS()
+def m009_job_host(db: Database) -> None:
+    # The machine a job was queued on and runs on (socket.gethostname()): with several app
+    # replicas on one PostgreSQL database, a job's pid means something only on its own
+    # machine, so another replica judges it by its heartbeat alone. NULL: rows from before.
+    db["training_jobs"].add_column("host", str)

@@ -52,7 +52,7 @@ class RegistryMixin:
 
     # -- training jobs ---------------------------------------------------------------
 
-    def create_job(self, created_by: str, config: dict, status: str = "queued") -> str:
+    def create_job(self, created_by: str, config: dict, status: str = "queued", host: str | None = None) -> str:
         job_id = new_id()
         self.db["training_jobs"].insert(
             {
@@ -62,21 +62,23 @@ class RegistryMixin:
                 "config_json": canonical_json(config),
                 "progress_json": "{}",
                 "created_utc": utc_now(),
+                "host": host,
             }
         )
         return job_id
 
-    def queue_job(self, created_by: str, config: dict) -> str:
+    def queue_job(self, created_by: str, config: dict, host: str | None = None) -> str:
         """Queue a job unless one is queued or running (JobConflict then): the check and the
         insert are one transaction holding the write lock, so two starts (the console, the
-        scheduler, ``app.py train``) can never both get a job and race for a version number."""
+        scheduler, ``app.py train``, another replica's) can never both get a job and race
+        for a version number. ``host``: the machine that will run it (``loop.jobs.HOST``)."""
         with self._write() as db:
             active = db.execute(
                 "SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running') "
                 "ORDER BY created_utc LIMIT 1").fetchone()
             if active:
                 raise JobConflict({"id": active[0], "status": active[1]})
-            return self.create_job(created_by, config, status="queued")
+            return self.create_job(created_by, config, status="queued", host=host)
 
     def update_job(self, job_id: str, **changes: Any) -> None:
         if not self.db["training_jobs"].count_where("id = ?", [job_id]):

@@ -1,4 +1,7 @@
-"""Read-only figures for the admin console: feedback per day and per version, canary counts."""
+"""Read-only figures for the admin console: feedback per day and per version, canary counts.
+
+The SQL is the part SQLite and PostgreSQL share: counts of CASE (PostgreSQL sums no
+booleans), a named subquery, a typed NULL test of a parameter."""
 
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ class StatsMixin:
         """[{day, up, down}] for the last ``days`` days that had votes, oldest first."""
         return list(self.db.query(
             f"""SELECT substr(created_utc, 1, 10) AS day,
-                       SUM(value = 1) AS up, SUM(value = -1) AS down
-                FROM ({_VOTES}) GROUP BY day ORDER BY day DESC LIMIT ?""",
+                       COUNT(CASE WHEN value = 1 THEN 1 END) AS up,
+                       COUNT(CASE WHEN value = -1 THEN 1 END) AS down
+                FROM ({_VOTES}) AS votes GROUP BY day ORDER BY day DESC LIMIT ?""",
             [days],
         ))[::-1]
 
@@ -30,8 +34,9 @@ class StatsMixin:
         """[{version, up, down, rate}] per adapter version (None: base), votes since a time."""
         where, params = ("WHERE created_utc >= ?", [since_utc]) if since_utc else ("", [])
         rows = list(self.db.query(
-            f"""SELECT version, SUM(value = 1) AS up, SUM(value = -1) AS down
-                FROM ({_VOTES}) {where} GROUP BY version ORDER BY version""",
+            f"""SELECT version, COUNT(CASE WHEN value = 1 THEN 1 END) AS up,
+                       COUNT(CASE WHEN value = -1 THEN 1 END) AS down
+                FROM ({_VOTES}) AS votes {where} GROUP BY version ORDER BY version""",
             params,
         ))
         for r in rows:
@@ -60,14 +65,14 @@ class StatsMixin:
         votes = self.db.execute(
             """SELECT COUNT(*) FROM current_ratings r JOIN answers a ON a.id = r.answer_id
                JOIN conversations c ON c.id = a.conversation_id
-               WHERE r.value != 0 AND a.withdrawn_utc IS NULL AND NOT c.exclude_from_training
-               AND (? IS NULL OR r.created_utc > ?)""",
+               WHERE r.value != 0 AND a.withdrawn_utc IS NULL AND c.exclude_from_training = 0
+               AND (CAST(? AS TEXT) IS NULL OR r.created_utc > ?)""",
             [since_utc, since_utc],
         ).fetchone()[0]
         edits = self.db.execute(
             """SELECT COUNT(*) FROM answers a JOIN conversations c ON c.id = a.conversation_id
-               WHERE a.source = 'edit' AND a.withdrawn_utc IS NULL AND NOT c.exclude_from_training
-               AND (? IS NULL OR a.created_utc > ?)""",
+               WHERE a.source = 'edit' AND a.withdrawn_utc IS NULL AND c.exclude_from_training = 0
+               AND (CAST(? AS TEXT) IS NULL OR a.created_utc > ?)""",
             [since_utc, since_utc],
         ).fetchone()[0]
         return votes + edits

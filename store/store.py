@@ -1,8 +1,10 @@
-"""The one owner of the SQLite file: conversations, answers, feedback.
+"""The one owner of the database: conversations, answers, feedback.
 
-``Store(path)`` opens (or creates) the file, switches it to WAL with a busy timeout and
-applies pending migrations. Every method is safe to call from any thread (Gradio runs
-handlers in a thread pool): each thread gets its own connection.
+``Store(path)`` opens (or creates) the SQLite file, switches it to WAL with a busy timeout
+and applies pending migrations. ``Store("postgresql://user[:password]@host[:port]/db")``
+does the same on a PostgreSQL server (``store.postgres``), which several app processes
+can share; the methods and their guarantees are the same. Every method is safe to call
+from any thread (Gradio runs handlers in a thread pool): each thread gets its own connection.
 
 Every read or write that concerns a conversation takes the acting ``user_id`` and refuses
 rows of other users exactly as it refuses rows that do not exist, so one user cannot learn
@@ -25,6 +27,7 @@ from .api_keys import ApiKeysMixin
 from .errors import InvalidFeedback, NotFound
 from .feedback import FeedbackMixin
 from .migrations import MIGRATIONS
+from . import postgres
 from .registry import RegistryMixin
 from .rows import canonical_json, hash_prompt, new_id, utc_now
 from .stats import StatsMixin
@@ -55,19 +58,34 @@ class Turn:
 
 
 class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin, ApiKeysMixin):
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, target: str | Path):
+        """``target``: a SQLite file path, or a postgresql:// URL (``DatabaseUnavailable``,
+        with the password left out, when it is malformed or its server cannot be reached)."""
+        self._local = threading.local()
+        if postgres.is_url(target):
+            self.url, self.path = postgres.check_url(str(target)), None
+            postgres.apply_migrations(self.db, MIGRATIONS)
+            return
+        self.url, self.path = None, Path(target)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner_only(self.path)
-        self._local = threading.local()
         db = self.db
         db.execute("PRAGMA journal_mode=WAL")
         MIGRATIONS.apply(db)
 
     @property
+    def location(self) -> str:
+        """Where the rows live, fit to print: the file, or the URL without its password."""
+        return postgres.redact(self.url) if self.url else str(self.path)
+
+    @property
     def db(self) -> sqlite_utils.Database:
-        """This thread's connection (sqlite3 connections must not cross threads)."""
+        """This thread's connection (sqlite3 connections must not cross threads): a
+        sqlite-utils ``Database``, or on PostgreSQL a ``store.postgres.PgDatabase`` that
+        answers the same calls."""
         db = getattr(self._local, "db", None)
+        if self.url and (db is None or not db.usable):
+            db = self._local.db = postgres.connect(self.url)
         if db is None:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
             conn.execute("PRAGMA foreign_keys=ON")
@@ -86,8 +104,14 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin, ApiKeysMixin):
         "database is locked" while another connection writes: the busy timeout does not
         apply (waiting could deadlock). The load test (bench/load_test.py) lost chats to
         it with 4 users. Taking the lock up front waits its turn like any single write.
+        On PostgreSQL the same lock is an advisory lock of the transaction
+        (``PgDatabase.write``), held across every process using the database.
         """
         db = self.db
+        if self.url:
+            with db.write():
+                yield db
+            return
         if db.conn.in_transaction:  # nested: a savepoint in the outer transaction
             with db.atomic():
                 yield db
@@ -105,7 +129,10 @@ class Store(RegistryMixin, FeedbackMixin, StatsMixin, UsersMixin, ApiKeysMixin):
             raise
 
     def schema(self) -> str:
-        """The schema as SQL, migrations table excluded: what docs/schema.sql documents."""
+        """The schema as SQL, migrations table excluded: what docs/schema.sql documents.
+        SQLite's text; the PostgreSQL tables are made by the same migrations (tested)."""
+        if self.url:
+            raise NotImplementedError("docs/schema.sql documents the SQLite schema; on PostgreSQL read the tables.")
         rows = self.db.execute(
             "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL "
             "AND name NOT LIKE '_sqlite_migrations%' AND name NOT LIKE 'sqlite_%' "

@@ -19,6 +19,34 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "assistant.db")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_on_each(request, tmp_path) -> Store:
+    """A fresh store on each database in turn: a test module whose ``store`` fixture returns
+    this runs every test on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return Store(tmp_path / "assistant.db")
+    return Store(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the session (tests/pg.py); skipped where none is installed."""
+    import pg
+
+    if pg.pg_bin() is None:
+        pytest.skip("PostgreSQL binaries not found (apt-get install postgresql, or set PG_BIN)")
+    with pg.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a fresh, empty database on that server."""
+    import pg
+
+    return pg.new_database(pg_server)
+
+
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine()

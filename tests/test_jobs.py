@@ -87,6 +87,30 @@ def test_a_silent_job_of_ours_is_failed_and_stopped_and_a_live_one_kept(store, t
     assert store.job(fresh)["status"] == "running" and busy.poll() is None
 
 
+def test_another_machines_job_is_judged_by_its_heartbeat_alone(store, tmp_path, processes):
+    """Replicas on one PostgreSQL database: a job running on another machine has a pid that
+    means nothing here (here it is an unrelated process, or none); only its silence ends it,
+    and a job another machine queued is not failed by this app's start."""
+    from loop.jobs import recover_at_start
+
+    unrelated = processes("an unrelated service")
+    lively = running_job(store, unrelated.pid, ago(minutes=5), ago(seconds=20))
+    store.update_job(lively, host="gpu-box-2")
+    assert recover_at_start(store, tmp_path) == [] and store.job(lively)["status"] == "running"
+    store.update_job(lively, heartbeat_utc=ago(minutes=STALE_AFTER.total_seconds() / 60 + 1))
+    assert recover_stale_jobs(store, tmp_path) == [lively]
+    assert "on gpu-box-2 sent no heartbeat" in store.job(lively)["error"]
+    time.sleep(0.2)
+    assert unrelated.poll() is None  # never signalled
+    theirs = store.queue_job("root", {}, host="gpu-box-2")
+    recover_at_start(store, tmp_path)
+    assert store.job(theirs)["status"] == "queued"
+    store.update_job(theirs, status="cancelled")
+    ours = store.queue_job("root", {})  # queued here (or before hosts were recorded): its app stopped
+    recover_at_start(store, tmp_path)
+    assert store.job(ours)["status"] == "failed"
+
+
 class _Router:
     def set_live(self, adapter):
         pass

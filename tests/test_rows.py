@@ -7,6 +7,8 @@ they were made): rows and versions recorded then must mean the same thing now.
 
 import json
 
+import pytest
+
 from feedback_scenario import TopicEmbedder
 from store.rows import canonical_json, decode_json, encode_json, hash_prompt
 from tuning.grouping import group_prompts
@@ -27,6 +29,11 @@ def _edited(store):
     aid = store.log_answer(message_id=mid, user_id="alice", prompt=PROMPT, content="Lyon.", model="m")
     store.edit_answer(aid, "alice", "À Paris.")
     return aid
+
+
+@pytest.fixture
+def store(store_on_each):  # the same forms on SQLite and on PostgreSQL
+    return store_on_each
 
 
 def test_the_prompt_hash_is_the_one_rows_already_hold():

@@ -1,4 +1,11 @@
+import pytest
+
 from store import Store
+
+
+@pytest.fixture
+def store(store_on_each):  # the console's figures, on SQLite and on PostgreSQL
+    return store_on_each
 
 
 def _rated(store: Store, user: str, version, value, content="a", comment=None):

@@ -10,6 +10,24 @@ from store.rows import hash_prompt
 PROMPT = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture
+def store(store_on_each):
+    """Every test of the store's behaviour runs on both databases; the tests below that
+    take ``sqlite_store`` are about the file itself (WAL, its mode, its migrations table)."""
+    return store_on_each
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    return Store(tmp_path / "assistant.db")
+
+
+def _integrity_errors():
+    import psycopg
+
+    return (sqlite3.IntegrityError, psycopg.IntegrityError)
+
+
 def _answer(store, user="alice", content="hello", conversation=None):
     cid = conversation or store.create_conversation(user, system_prompt="Be brief.")
     mid = store.add_message(cid, user, "hi")
@@ -109,7 +127,8 @@ def test_writes_from_many_threads_all_land(store):
     assert store.count("ratings") == 160
 
 
-def test_wal_and_busy_timeout(store):
+def test_wal_and_busy_timeout(sqlite_store):
+    store = sqlite_store
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
@@ -132,7 +151,8 @@ def test_upgraded_file_ends_with_the_fresh_schema(tmp_path, step):
     assert upgraded.schema() == fresh.schema()
 
 
-def test_documented_schema_matches_migrations(store):
+def test_documented_schema_matches_migrations(sqlite_store):
+    store = sqlite_store
     from pathlib import Path
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "schema.sql"
@@ -178,7 +198,7 @@ def test_adapter_versions_jobs_and_promotions(store):
     _adapter_row(store, 1)
     assert store.next_adapter_version() == 2
     assert store.adapter(1)["config_json"] == {"r": 16}
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(_integrity_errors()):
         _adapter_row(store, 2, name="v1-abc1")  # a name is never reused
     with pytest.raises(NotFound):
         store.record_promotion(7, "admin")
@@ -230,13 +250,29 @@ def test_no_account_can_take_the_name_of_one_of_the_apps_own_actors(store):
     assert store.promotions()[0]["actor"] == "canary-monitor" and store.live_version() is None
 
 
+def _hold_lock(store):
+    """Another connection that holds the lock writers need: SQLite's write lock, or on
+    PostgreSQL an exclusive lock on every table plus the store's write lock."""
+    if store.url is None:
+        other = sqlite3.connect(store.path, timeout=1)
+        other.execute("BEGIN IMMEDIATE")
+        return other
+    import psycopg
+
+    from store.postgres import WRITE_LOCK
+
+    other = psycopg.connect(store.url)
+    other.execute("LOCK TABLE ratings, messages, conversations IN EXCLUSIVE MODE")
+    other.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
+    return other
+
+
 def test_a_writer_holding_the_lock_for_seconds_delays_but_loses_nothing(store):
     """Another process (a backup, a training job) locks the file; votes wait, then land."""
     import time
 
     _, _, aid = _answer(store)
-    other = sqlite3.connect(store.path, timeout=1)
-    other.execute("BEGIN IMMEDIATE")  # hold the write lock
+    other = _hold_lock(store)
     done = []
 
     def vote():
@@ -261,8 +297,7 @@ def test_a_new_message_waits_for_another_writer_instead_of_failing(store):
     import time
 
     cid = store.create_conversation("alice")
-    other = sqlite3.connect(store.path, timeout=1)
-    other.execute("BEGIN IMMEDIATE")  # another writer (a vote, a training job) holds the lock
+    other = _hold_lock(store)  # another writer (a vote, a training job) holds the lock
     outcome = []
 
     def send():

@@ -26,7 +26,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from assistant.paths import DataPaths
+from assistant.paths import DataPaths, database_option
 
 from .embeddings import Embedder
 from .pairs import PairConfig, PreferenceData, build_preferences, format_summary
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Pat
     d = PairConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True, help="the app's data folder (holds assistant.db)")
+    p.add_argument("--database", default=database_option(),
+                   help="a postgresql:// URL or SQLite file instead of DATA_DIR/assistant.db (default $ASSISTANT_DATABASE)")
     p.add_argument("--out", type=Path, default=None, help="empty or new folder to write (default DATA_DIR/exports/<UTC time>)")
     p.add_argument("--similarity", type=float, default=d.same_prompt_similarity, help="cosine at or above which two prompts are one")
     p.add_argument("--per-user-cap", type=int, default=d.per_user_cap)
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> Pat
 
     datasets.disable_progress_bars()  # the summary is the output; bars would bury it
 
-    db = DataPaths(a.data_dir).database
-    if not db.exists():
+    db = DataPaths(a.data_dir).database_target(a.database)
+    if "://" not in str(db) and not Path(db).exists():
         p.error(f"no database at {db}")
     if a.out is not None and a.out.exists() and any(a.out.iterdir()):
         p.error(f"{a.out} is not empty; exports never overwrite each other")

@@ -34,11 +34,12 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from assistant.paths import DataPaths
+from assistant.paths import DataPaths, database_option
 from store.rows import utc_now
 
 
@@ -75,6 +76,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, required=True, help="the assistant's data folder (database, adapters)")
+    p.add_argument("--database", default=database_option(),
+                   help="a postgresql:// URL or SQLite file instead of DATA_DIR/assistant.db (default $ASSISTANT_DATABASE)")
     add_options(p)
     return p
 
@@ -139,7 +142,7 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
 
     from .config import TrainConfig
 
-    store = Store(DataPaths(a.data_dir).database)
+    store = Store(DataPaths(a.data_dir).database_target(getattr(a, "database", None)))
     refusal = _refusal(store, a.actor, a.job)
     if refusal:  # before torch is imported: a refusal takes a moment, not seconds
         print(f"error: {refusal}", file=sys.stderr)
@@ -161,7 +164,7 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     job_id = a.job
     if job_id is None:  # started here: the job row first, refused while another is active
         try:
-            job_id = store.queue_job(a.actor, overrides)
+            job_id = store.queue_job(a.actor, overrides, host=socket.gethostname())
         except JobConflict as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
@@ -170,7 +173,8 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
 
     # At work from here on, pairs first (minutes on a big store): an app starting meanwhile
     # must see a running job with a live process and a heartbeat, not a queued one to fail.
-    store.update_job(job_id, status="running", pid=os.getpid(), started_utc=utc_now(), heartbeat_utc=utc_now())
+    store.update_job(job_id, status="running", pid=os.getpid(), host=socket.gethostname(), started_utc=utc_now(),
+                     heartbeat_utc=utc_now())
     beating = start_heartbeat(store, job_id)
     try:
         result = _train_job(a, store, config, job_id, beating)
@@ -214,7 +218,7 @@ def add_dataset(a: argparse.Namespace, path: Path, heldout: Path | None, keep: b
 
         from .dataset import edit_rows
 
-        extra = edit_rows(Store(DataPaths(a.data_dir).database))
+        extra = edit_rows(Store(DataPaths(a.data_dir).database_target(getattr(a, "database", None))))
     report = read_dataset(path, heldout, tokenizer=AutoTokenizer.from_pretrained(model_dir), max_length=max_length,
                           extra=extra)
     print(report.text(), flush=True)

@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -133,12 +134,12 @@ def train_adapter(
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs), **counts,
                   **({"dataset": dataset} if dataset else {})}
     if job_id is None:
-        job_id = store.queue_job(created_by, job_config)  # JobConflict while another job is active
+        job_id = store.queue_job(created_by, job_config, host=socket.gethostname())  # JobConflict while one is active
     else:  # a job queued elsewhere (admin page): keep what it recorded (overrides, trigger)
         job_config = {**(store.job(job_id).get("config_json") or {}), **job_config}
     started = time.monotonic()
     store.update_job(job_id, status="running", started_utc=utc_now(), heartbeat_utc=utc_now(), pid=os.getpid(),
-                     config_json=job_config, error=None)
+                     host=socket.gethostname(), config_json=job_config, error=None)
     # phases: [[name, job seconds when it began], ...] (a list: the store sorts a dict's keys)
     last: dict = {"history": [], "phases": []}
 
