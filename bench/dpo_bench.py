@@ -177,6 +177,7 @@ def main() -> None:
                    help="number format (default auto: what a job on this machine picks)")
     p.add_argument("--levers", action="store_true",
                    help="only the levers for a faster job (s/step of each, and a 256-pair job's training time)")
+    p.add_argument("--job-pairs", type=int, default=256, help="with --levers: the job size the estimate is for")
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["loop", "trl", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -207,9 +208,10 @@ def main() -> None:
         from tuning.config import TrainConfig
 
         epochs = TrainConfig().epochs
-        rows = run_levers(common, args.compare_steps, len(train), epochs)
-        print(f"\n| lever | s/step (steps 2..n) | before the steps (s, {rows[0].get('pairs')} pairs) "
-              f"| training of {len(train)} pairs x {epochs} epochs (s, estimated) | peak MB |")
+        rows = run_levers(common, args.compare_steps, args.job_pairs, epochs)
+        print(f"\n{time.strftime('%Y-%m-%d')}; CPU: {fmt.cpu}; format {fmt.dtype}; torch threads {os.cpu_count()}")
+        print(f"| lever | s/step (steps 2..n) | before the steps (s, {rows[0].get('pairs')} pairs) "
+              f"| training of {args.job_pairs} pairs x {epochs} epochs (s, estimated) | peak MB |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for r in rows:
             print(f"| {r['lever']} | {r.get('seconds_per_step')} | {r.get('before_steps_seconds')} | {r.get('job_train_s')} "
