@@ -93,21 +93,26 @@ KEY = "alice-key-0123456789"
 class FakeVLLM:
     """What build_api needs of a VLLMEngine; requests go to the MockTransport."""
 
-    url = "http://vllm.test"
     model_name = "fake-model"
+    auth_headers = {"Authorization": "Bearer upstream-key"}
 
     def __init__(self):
-        import httpx
+        from assistant.vllm_replicas import Replica
 
-        self._http = httpx.Client(headers={"Authorization": "Bearer upstream-key"})
+        self.replica = Replica("http://vllm.test", "upstream-key")
         self.inflight = 0
+        self.failures = []
 
     def acquire(self, adapter):
-        self.inflight += 1
-        return adapter or Adapter("fake-model", "", 0)
+        from assistant.vllm_replicas import Lease
 
-    def release(self, adapter):
+        self.inflight += 1
+        return Lease(adapter or Adapter("fake-model", "", 0), self.replica)
+
+    def release(self, lease, failed=None):
         self.inflight -= 1
+        if failed is not None:
+            self.failures.append(failed)
 
 
 @pytest.fixture
