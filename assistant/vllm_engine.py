@@ -24,7 +24,8 @@ Every server is kept in step (``vllm_replicas.Replica``, over vLLM's own API):
 - A prober thread asks every server's ``/v1/models`` each second: one that stops answering, or
   forgot an adapter (restarted behind our back), is marked down; one that is down and answers
   ``/health`` again is synced (owed unloads, every adapter loaded, checked with ``/v1/models``)
-  and only then gets requests. The app's own server is also synced from its restart hook.
+  and only then gets requests. The app's own server is judged by its process instead, and
+  synced from its restart hook.
 """
 
 from __future__ import annotations
@@ -165,17 +166,22 @@ class VLLMEngine:
         """One round over the servers: one that stopped answering, or forgot an adapter, is
         marked down; one that is down is synced if it answers again."""
         for replica in self.replicas:
-            if replica.up:
+            if replica.up and replica.server is not None:
+                # Our own server: its process says whether it restarted, and its restart
+                # hook syncs it; no HTTP probe to misread a slow answer on a busy machine.
+                if replica.restarting():
+                    self._mark_down(replica, "restarting")
+            elif replica.up:
                 with self._changes:  # what it must hold does not change while we look
                     with self._lock:
                         wanted = set(self._loaded)
                     try:
-                        missing = set() if replica.restarting() else wanted - replica.model_ids()
-                        why = "restarting" if replica.restarting() else f"forgot {', '.join(sorted(missing))}"
-                        if replica.restarting() or missing:
-                            self._mark_down(replica, why)
+                        missing = wanted - replica.model_ids()
                     except (httpx.HTTPError, ValueError, KeyError) as e:
                         self._mark_down(replica, f"{type(e).__name__}: {e}")
+                        continue
+                    if missing:
+                        self._mark_down(replica, f"forgot {', '.join(sorted(missing))}: restarted?")
             if not replica.up:
                 self.sync(replica)
 
@@ -355,6 +361,7 @@ class VLLMEngine:
                     # A server restarted behind our back forgot its adapters: load, retry once.
                     # (The prober then finds what else it forgot, and syncs it.)
                     r.read()
+                    log.warning("vLLM at %s had forgotten %s: loading it again", replica.url, adapter.name)
                     self._load_on(replica, adapter)
                     yield from self._stream(body, lease, retry=False)
                     return

@@ -20,8 +20,10 @@ from .vllm_server import VLLMServer
 
 log = logging.getLogger(__name__)
 
-# /health and /v1/models answer in milliseconds; two seconds of silence is a server in trouble.
-PROBE_TIMEOUT_S = 2.0
+# /health and /v1/models answer in milliseconds when all is well, but a CPU server starved
+# by a training job here generated 0.2 tokens/s: five seconds of silence, not one slow reply,
+# is a server in trouble.
+PROBE_TIMEOUT_S = 5.0
 
 
 class Replica:

@@ -184,3 +184,41 @@ def test_a_server_that_stops_answering_fails_that_request_then_fast_until_it_is_
 def test_a_prompt_that_fills_the_context_is_refused(vllm):
     with pytest.raises(EngineError, match="fills the whole context"):
         list(vllm.stream([{"role": "user", "content": "x" * 300}], GREEDY))
+
+
+class OwnServer:
+    """What the engine reads of the VLLMServer the app started: is it ready, its restart hook."""
+
+    def __init__(self):
+        self.is_ready = True
+        self.on_restart = lambda: None
+        self.stopped = False
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_the_apps_own_server_is_judged_by_its_process_and_synced_by_its_restart_hook(checkpoint, server):
+    own = OwnServer()
+    engine = VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="secret", base=None, server=own,
+                        transport=httpx.MockTransport(server), probe_interval_s=0)
+    engine.load_adapter(V1)
+    server.requests.clear()
+    engine.probe()
+    assert server.requests == []  # no HTTP probe: a slow answer on a busy machine cannot take it out
+    own.is_ready = False  # died; its watchdog is restarting it
+    server.restart()
+    with pytest.raises(EngineError, match="the model server stopped and is restarting"):
+        list(engine.stream(HI, GREEDY, V1))
+    engine.probe()
+    assert server.requests == [] and engine.up_replicas() == []  # no sync until the restart answers
+    own.is_ready = True
+    own.on_restart()  # what VLLMServer calls once the new process answers
+    assert server.loaded == {V1.name} and server.paths()[-1] == "/v1/models" and engine.up_replicas()
+    server.answers.append(sse(delta("back", "stop")))
+    assert [c.text for c in engine.stream(HI, GREEDY, V1)] == ["back", ""]
+    engine.close()
+    assert own.stopped
