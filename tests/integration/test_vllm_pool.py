@@ -74,12 +74,14 @@ def servers(tmp_path_factory, embedded_model):
 
 @pytest.fixture(scope="module")
 def engine(servers, data, embedded_model):
-    from assistant.config import ServeConfig
-    from assistant.vllm_engine import open_vllm_engine
+    """As ``open_vllm_engine`` makes it for --vllm-url twice (base through the zero adapter),
+    with a longer read timeout: on a CI machine starved by other work a surviving server was
+    seen silent for over the app's 60 s, and that is not what these tests are about."""
+    from assistant.base_adapter import base_adapter
+    from assistant.vllm_engine import VLLMEngine
 
-    config = ServeConfig(data_dir=data, vllm_urls=tuple(s.url for s in servers), vllm_api_key=servers[0].api_key,
-                         max_lora_rank=RANK, context_tokens=1024)
-    engine = open_vllm_engine(config, embedded_model)  # the path app.py takes with --vllm-url twice
+    engine = VLLMEngine(embedded_model, 1024, url=[s.url for s in servers], api_key=servers[0].api_key,
+                        base=base_adapter(embedded_model, data / "adapters", RANK), read_timeout_s=600)
     yield engine
     engine.close()
 
