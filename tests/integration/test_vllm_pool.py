@@ -61,6 +61,7 @@ def servers(tmp_path_factory, embedded_model):
     servers = [VLLMServer(VLLMServerConfig(
         model_path=embedded_model, served_name="smol", context_tokens=1024, max_lora_rank=RANK, kv_cache_gib=1,
         dtype="float32", log_path=root / f"vllm-{i}.log", api_key=key,
+        startup_timeout_s=600,  # a CI machine busy with other work was seen to need more than 300 s
     )) for i in range(2)]
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -161,7 +162,6 @@ def test_a_killed_server_costs_at_most_its_streams_and_the_next_requests_go_to_t
     on_killed = killed.inflight
     assert on_killed == other.inflight == 2  # least busy: two streams each
     os.killpg(servers[0].pid, signal.SIGKILL)  # mid-answer, streams open; its watchdog restarts it
-    started = time.monotonic()
     for t in users:
         t.join(timeout=180)
     failed = [o for o in outcomes if o[0] == "failed"]
@@ -173,7 +173,7 @@ def test_a_killed_server_costs_at_most_its_streams_and_the_next_requests_go_to_t
         answers = list(pool.map(lambda i: ask(engine, PROMPT, router.adapter_for(f"u{i}")), range(4)))
     assert answers == [expected[1]] * 4
     assert (other.started, killed.started) == (before[0] + 4, before[1])
-    assert time.monotonic() - started < 60 and not killed.up  # all this while it was still down
+    assert not killed.up  # all this while it was still down (its restart takes 30 s and more)
 
 
 def test_the_restarted_server_is_synced_before_it_gets_requests(engine, servers, versions, router, expected, caplog):
@@ -193,8 +193,8 @@ def test_the_restarted_server_is_synced_before_it_gets_requests(engine, servers,
     asking = threading.Thread(target=traffic)
     asking.start()
     try:
-        assert wait_for(lambda: servers[0].ready(), 240), "the killed server was not restarted"
-        assert wait_for(lambda: killed.up, 30), "the restarted server was not synced"
+        assert wait_for(lambda: servers[0].ready(), 600), "the killed server was not restarted"
+        assert wait_for(lambda: killed.up, 120), "the restarted server was not synced"
     finally:
         stop.set()
         asking.join(timeout=60)
