@@ -5,6 +5,7 @@ commands admins use.
     python app.py serve --model /path/to/hf-checkpoint --port 8000
     python app.py serve --host 0.0.0.0 # listen beyond loopback
     python app.py serve --vllm-url http://10.0.0.5:8000 --vllm-api-key KEY   # a vLLM already running
+    python app.py serve --vllm-url URL1 --vllm-url URL2 --vllm-api-key KEY   # several, kept in step (or --vllm-urls-file F)
     python app.py serve --engine hf    # transformers+peft in process, where vLLM cannot run
     python app.py serve --api          # also the OpenAI-compatible API on port+1, for key holders
     python app.py users add alice [--admin]   # password read from the terminal or stdin
@@ -59,8 +60,11 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     d = ServeConfig()
     _model_options(p)
     p.add_argument("--engine", choices=["vllm", "hf"], default=d.engine, help="serving engine (default vllm)")
-    p.add_argument("--vllm-url", default=None, help="use this running vLLM server instead of starting one")
-    p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="its API key (or env ASSISTANT_VLLM_API_KEY)")
+    p.add_argument("--vllm-url", action="append", default=[], metavar="URL",
+                   help="use this running vLLM server instead of starting one; repeat for several, kept in step")
+    p.add_argument("--vllm-urls-file", type=Path, default=None, metavar="FILE",
+                   help="more vLLM servers, one URL a line (# comments)")
+    p.add_argument("--vllm-api-key", default=os.environ.get("ASSISTANT_VLLM_API_KEY"), help="their API key (or env ASSISTANT_VLLM_API_KEY)")
     p.add_argument("--dtype", "--vllm-dtype", dest="dtype", choices=["auto", "bfloat16", "float32"], default=d.dtype,
                    help="number format for serving (default auto: bfloat16 only where this CPU/GPU computes it natively)")
     p.add_argument("--api", action="store_true", help="serve the OpenAI-compatible API (keys: app.py keys add NAME)")
@@ -154,6 +158,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def vllm_urls(a: argparse.Namespace) -> tuple[str, ...]:
+    """The --vllm-url options, then the lines of --vllm-urls-file, each once."""
+    urls = list(a.vllm_url)
+    if a.vllm_urls_file is not None:
+        for line in a.vllm_urls_file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                urls.append(line)
+    if a.vllm_urls_file is not None and not urls:
+        raise SystemExit(f"{a.vllm_urls_file} lists no vLLM server")
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))
+
+
 def serve_config(a: argparse.Namespace) -> ServeConfig:
     d = ServeConfig()
     sampling = Sampling(temperature=a.temperature, top_p=d.sampling.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
@@ -161,7 +178,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         data_dir=a.data_dir, database=a.database, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
-        vllm_url=a.vllm_url, vllm_api_key=a.vllm_api_key, dtype=a.dtype,
+        vllm_urls=vllm_urls(a), vllm_api_key=a.vllm_api_key, dtype=a.dtype,
         pause_training_at=a.pause_training_at,
         api=a.api, api_port=a.api_port,
     )

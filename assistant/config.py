@@ -23,10 +23,11 @@ class ServeConfig:
     # adapters at run time; "hf" (transformers+peft in process) is for machines where vLLM
     # cannot run.
     engine: str = "vllm"
-    # Connect to a vLLM server already running (replicas, tensor parallelism) instead of
-    # starting one; it must have been started with LoRA and runtime loading enabled and
-    # see the adapter folders at the same paths.
-    vllm_url: str | None = None
+    # Connect to vLLM servers already running (one or several, kept in step: see
+    # assistant.vllm_engine) instead of starting one; each must serve the same base model,
+    # have been started with LoRA and runtime loading enabled, see the adapter folders at the
+    # same paths, and take the same API key.
+    vllm_urls: tuple[str, ...] = ()
     vllm_api_key: str | None = None
     # vLLM's LoRA limits: see assistant.vllm_server.VLLMServerConfig and assistant.limits for why.
     max_loras: int = 4

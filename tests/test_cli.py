@@ -160,3 +160,17 @@ def test_train_from_the_command_line_first_fails_a_job_whose_process_died(tmp_pa
     assert store.job(dead)["status"] == "failed" and "ended without finishing" in store.job(dead)["error"]
     (new,) = [j for j in store.jobs() if j["id"] != dead]
     assert r.returncode == 1 and new["error"].startswith("not enough preference data")  # not refused: it ran
+
+
+def test_vllm_servers_come_from_repeated_urls_and_a_file_each_once(tmp_path):
+    import app
+
+    listed = tmp_path / "vllm-servers.txt"
+    listed.write_text("# the pool\nhttp://10.0.0.6:8000/\n\nhttp://10.0.0.5:8000  # again\nhttp://10.0.0.7:8000\n")
+    a = app.parser().parse_args(["serve", "--vllm-url", "http://10.0.0.5:8000", "--vllm-url", "http://10.0.0.6:8000",
+                                 "--vllm-urls-file", str(listed)])
+    assert app.serve_config(a).vllm_urls == ("http://10.0.0.5:8000", "http://10.0.0.6:8000", "http://10.0.0.7:8000")
+    assert app.serve_config(app.parser().parse_args(["serve"])).vllm_urls == ()  # the app starts its own: a pool of one
+    listed.write_text("# nobody\n")
+    with pytest.raises(SystemExit, match="lists no vLLM server"):
+        app.serve_config(app.parser().parse_args(["serve", "--vllm-urls-file", str(listed)]))

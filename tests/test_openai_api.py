@@ -93,21 +93,26 @@ KEY = "alice-key-0123456789"
 class FakeVLLM:
     """What build_api needs of a VLLMEngine; requests go to the MockTransport."""
 
-    url = "http://vllm.test"
     model_name = "fake-model"
+    auth_headers = {"Authorization": "Bearer upstream-key"}
 
     def __init__(self):
-        import httpx
+        from assistant.vllm_replicas import Replica
 
-        self._http = httpx.Client(headers={"Authorization": "Bearer upstream-key"})
+        self.replica = Replica("http://vllm.test", "upstream-key")
         self.inflight = 0
+        self.failures = []
 
     def acquire(self, adapter):
-        self.inflight += 1
-        return adapter or Adapter("fake-model", "", 0)
+        from assistant.vllm_replicas import Lease
 
-    def release(self, adapter):
+        self.inflight += 1
+        return Lease(adapter or Adapter("fake-model", "", 0), self.replica)
+
+    def release(self, lease, failed=None):
         self.inflight -= 1
+        if failed is not None:
+            self.failures.append(failed)
 
 
 @pytest.fixture
@@ -213,3 +218,24 @@ def test_a_user_with_two_answers_generating_on_the_page_gets_429_from_the_api(ap
     assert streamed.status_code == 200 and b"the capital" in streamed.content and engine.inflight == 0
     with client.slots.hold("alice"), client.slots.hold("alice"):
         pass  # every API request gave its place back
+
+
+def test_a_server_that_does_not_answer_gets_503_and_is_reported_to_the_engine(tmp_path):
+    """The engine marks that server down (VLLMEngine.release with failed), so the client's
+    retry goes to another server of the pool."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from assistant.openai_api import build_api
+
+    def down(request: httpx.Request) -> httpx.Response:
+        assert str(request.url) == "http://vllm.test/v1/chat/completions"  # the lease's server
+        raise httpx.ConnectError("connection refused")
+
+    engine = FakeVLLM()
+    app = build_api(engine, lambda user: None, {KEY: "alice"}.get, store=Store(tmp_path / "a.db"),
+                    transport=httpx.MockTransport(down))
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        r = client.post("/v1/chat/completions", json=ask(stream=True))
+    assert r.status_code == 503 and "not answering" in r.json()["detail"]
+    assert engine.inflight == 0 and [type(e) for e in engine.failures] == [httpx.ConnectError]

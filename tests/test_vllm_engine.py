@@ -8,74 +8,18 @@ real server is exercised once per behaviour in tests/integration/test_vllm.py.
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
 from assistant.engine import Adapter, Chunk, EngineError, Sampling
 from assistant.vllm_engine import VLLMEngine, sse_event
+from fake_vllm import FakeVLLM, delta, sse
 from tiny import save_tiny_checkpoint
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=16)
 HI = [{"role": "user", "content": "Hi"}]
 V1 = Adapter("v1-000000000001", "/adapters/v1", 1)
 V2 = Adapter("v2-000000000002", "/adapters/v2", 2)
-
-
-def sse(*events: dict, done: bool = True) -> bytes:
-    text = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events)
-    return (text + ("data: [DONE]\n\n" if done else "")).encode()
-
-
-def delta(text: str, finish: str | None = None) -> dict:
-    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
-
-
-def pieces(data: bytes, size: int = 1):
-    """The bytes as the network may deliver them, at worst: one at a time, so every line and
-    every multi-byte character is split across reads."""
-    return iter([data[i : i + size] for i in range(0, len(data), size)])
-
-
-class FakeVLLM:
-    """vLLM's routes as the engine uses them: it records every request, holds the adapters
-    it was asked to load, and answers chat requests with the event streams queued in
-    ``answers`` (a request for an adapter it does not hold gets vLLM's 404)."""
-
-    def __init__(self, base_name: str):
-        self.base_name = base_name
-        self.requests: list[tuple[str, dict]] = []
-        self.loaded: set[str] = set()
-        self.answers: list[bytes] = []
-        self.refuse_loads = False  # answer loads with 400
-        self.forgetful = False  # accept loads but keep nothing (a server that keeps restarting)
-        self.keys: set[str] = set()
-
-    def paths(self) -> list[str]:
-        return [p for p, _ in self.requests]
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        request.read()
-        body = json.loads(request.content) if request.content else {}
-        self.requests.append((request.url.path, body))
-        self.keys.add(request.headers.get("authorization", ""))
-        if request.url.path == "/v1/load_lora_adapter":
-            if self.refuse_loads:
-                return httpx.Response(400, text="invalid adapter")
-            if body["lora_name"] in self.loaded:
-                return httpx.Response(400, text=f"The lora adapter '{body['lora_name']}' has already been loaded.")
-            if not self.forgetful:
-                self.loaded.add(body["lora_name"])
-            return httpx.Response(200, text="Success")
-        if request.url.path == "/v1/unload_lora_adapter":
-            self.loaded.discard(body["lora_name"])
-            return httpx.Response(200, text="Success")
-        if request.url.path == "/v1/chat/completions":
-            if body["model"] != self.base_name and body["model"] not in self.loaded:
-                return httpx.Response(404, json={"error": {"message": f"The model `{body['model']}` does not exist."}})
-            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pieces(self.answers.pop(0)))
-        return httpx.Response(404)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +33,11 @@ def server(checkpoint) -> FakeVLLM:
 
 
 def open_engine(checkpoint, server, base: Adapter | None = None) -> VLLMEngine:
-    return VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="secret", base=base,
-                      transport=httpx.MockTransport(server))
+    """An engine on ``server`` (a pool of one), with what it asked at start forgotten."""
+    engine = VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="secret", base=base,
+                        transport=httpx.MockTransport(server), probe_interval_s=0)
+    server.requests.clear()
+    return engine
 
 
 @pytest.fixture
@@ -160,7 +107,7 @@ def test_a_rollback_to_a_draining_adapter_keeps_it(vllm, server):
     vllm.load_adapter(V1)  # rolled back to before it drained: no second load, no unload
     vllm.release(held)
     assert server.paths().count("/v1/load_lora_adapter") == 1 and "/v1/unload_lora_adapter" not in server.paths()
-    assert vllm.acquire(V1) == V1
+    assert vllm.acquire(V1).adapter == V1
 
 
 def test_a_server_that_forgot_an_adapter_gets_it_again_and_the_request_is_retried_once(vllm, server):
@@ -186,16 +133,17 @@ def test_the_plain_base_model_is_never_loaded_as_an_adapter(vllm, server):
     assert server.paths() == ["/v1/chat/completions"]
 
 
-def test_after_a_restart_every_adapter_is_loaded_again_base_first(checkpoint, server):
+def test_after_a_restart_every_adapter_is_loaded_again_base_first_and_checked(checkpoint, server):
     base = Adapter("base-000000000000", "/adapters/base", 0)  # the zero adapter
     engine = open_engine(checkpoint, server, base=base)
     engine.load_adapter(V1)
     engine.load_adapter(V2)
     server.requests.clear()
     server.loaded.clear()
-    engine.reload_adapters()
+    assert engine.sync(engine.replicas[0])  # what the app's server calls when it restarted
     loads = [body["lora_name"] for path, body in server.requests if path == "/v1/load_lora_adapter"]
     assert loads[0] == base.name and sorted(loads) == sorted([base.name, V1.name, V2.name])
+    assert server.paths()[0] == "/health" and server.paths()[-1] == "/v1/models"  # checked, not assumed
     engine.close()
 
 
@@ -208,19 +156,69 @@ def test_a_refused_load_is_not_recorded_and_already_loaded_counts_as_loaded(vllm
     server.refuse_loads = False
     server.loaded.add(V1.name)  # loaded by an earlier engine on the same server
     vllm.load_adapter(V1)
-    assert vllm.acquire(V1) == V1
+    assert vllm.acquire(V1).adapter == V1
 
 
 def test_an_unreachable_server_and_a_full_context_are_engine_errors(checkpoint):
     def down(request):
         raise httpx.ConnectError("connection refused")
 
-    engine = VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="k", base=None,
-                        transport=httpx.MockTransport(down))
+    with pytest.raises(EngineError, match=r"no model server answered at http://vllm.test"):
+        VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="k", base=None, transport=httpx.MockTransport(down))
+
+
+def test_a_server_that_stops_answering_fails_that_request_then_fast_until_it_is_back(vllm, server):
+    server.down = True
     with pytest.raises(EngineError, match=r"the model server at http://vllm.test did not answer \(ConnectError"):
-        list(engine.stream(HI, GREEDY))
-    with pytest.raises(EngineError, match="did not answer"):
-        engine.load_adapter(V1)
+        list(vllm.stream(HI, GREEDY))
+    with pytest.raises(EngineError, match="the model server at http://vllm.test is not answering; try again"):
+        list(vllm.stream(HI, GREEDY))
+    with pytest.raises(EngineError, match="not answering"):
+        vllm.load_adapter(V1)
+    server.down = False
+    vllm.probe()  # what the prober thread does each second
+    server.answers.append(sse(delta("back", "stop")))
+    assert [c.text for c in vllm.stream(HI, GREEDY)] == ["back", ""]
+
+
+def test_a_prompt_that_fills_the_context_is_refused(vllm):
     with pytest.raises(EngineError, match="fills the whole context"):
-        list(engine.stream([{"role": "user", "content": "x" * 300}], GREEDY))
+        list(vllm.stream([{"role": "user", "content": "x" * 300}], GREEDY))
+
+
+class OwnServer:
+    """What the engine reads of the VLLMServer the app started: is it ready, its restart hook."""
+
+    def __init__(self):
+        self.is_ready = True
+        self.on_restart = lambda: None
+        self.stopped = False
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_the_apps_own_server_is_judged_by_its_process_and_synced_by_its_restart_hook(checkpoint, server):
+    own = OwnServer()
+    engine = VLLMEngine(checkpoint, 256, url="http://vllm.test", api_key="secret", base=None, server=own,
+                        transport=httpx.MockTransport(server), probe_interval_s=0)
+    engine.load_adapter(V1)
+    server.requests.clear()
+    engine.probe()
+    assert server.requests == []  # no HTTP probe: a slow answer on a busy machine cannot take it out
+    own.is_ready = False  # died; its watchdog is restarting it
+    server.restart()
+    with pytest.raises(EngineError, match="the model server stopped and is restarting"):
+        list(engine.stream(HI, GREEDY, V1))
+    engine.probe()
+    assert server.requests == [] and engine.up_replicas() == []  # no sync until the restart answers
+    own.is_ready = True
+    own.on_restart()  # what VLLMServer calls once the new process answers
+    assert server.loaded == {V1.name} and server.paths()[-1] == "/v1/models" and engine.up_replicas()
+    server.answers.append(sse(delta("back", "stop")))
+    assert [c.text for c in engine.stream(HI, GREEDY, V1)] == ["back", ""]
     engine.close()
+    assert own.stopped

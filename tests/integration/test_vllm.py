@@ -207,7 +207,7 @@ def test_older_versions_are_unloaded_and_rollback_needs_no_load(vllm, router, co
     control.promote("root", 1)
     control.promote("root", 2)
     control.promote("root", 3)  # v1 is neither live nor previous now
-    served = {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}
+    served = vllm.replicas[0].model_ids()
     assert versions[1].name not in served
     assert {versions[2].name, versions[3].name, vllm.base.name} <= served
     started = time.perf_counter()
@@ -314,10 +314,11 @@ def test_killed_server_is_reported_then_restarted_with_the_live_version(vllm, ro
     while not server.ready() and time.monotonic() < deadline:
         time.sleep(1)
     assert server.ready() and server.restarts == 1
-    for _ in range(30):  # on_restart reloads adapters just after ready
-        if {versions[1].name} <= {m["id"] for m in vllm._http.get("/v1/models").json()["data"]}:
+    for _ in range(30):  # on_restart syncs the adapters just after ready; only then does it take requests
+        if vllm.up_replicas():
             break
         time.sleep(0.5)
+    assert {versions[1].name} <= vllm.replicas[0].model_ids()
     assert ask(vllm, PROMPTS[0], router.adapter_for("alice")) == alone[(1, PROMPTS[0])]
     assert ask(vllm, PROMPTS[0]) == alone[(None, PROMPTS[0])]
     service.sampling = GREEDY
