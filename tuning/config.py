@@ -43,12 +43,12 @@ class TrainConfig:
     # Which chosen tokens the NLL term counts: "answer" (all, TRL's "sft" loss), "edit"
     # (only those the user's edit changed: tuning.dpo.edited_tokens) or "both" (the sum of
     # the two per-token means).
-    nll_tokens: str = "answer"
+    nll_tokens: str = "both"
     # Which answer tokens DPO's log-ratios count: "answer" (all) or "edit" (in each answer,
     # only what tells it from the other: tuning.dpo.edited_tokens). With an added opening,
     # "answer" also pushes down the unchanged rest of the rejected answer in its own
     # context, and the model lost facts where it did not open with the phrase.
-    dpo_tokens: str = "answer"
+    dpo_tokens: str = "edit"
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
     # without a forward per pair per epoch).
@@ -77,7 +77,7 @@ class TrainConfig:
     # -- optimisation -------------------------------------------------------------------
     # 5e-5: 1e-4 over-optimised within an epoch; 1e-6 (TRL's default) moves nothing on CPU
     # budgets. Linear decay to zero, AdamW, clip 1.0: TRL's defaults, so both trainers match.
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     epochs: int = 2
     # 4 pairs (8 sequences) per step: bigger batches gained no tokens/s on two cores.
     batch_size: int = 4
