@@ -95,7 +95,8 @@ def main() -> int:
         for r in range(1, a.rounds + 2):
             questions = pool[(r - 1) * a.per_round : r * a.per_round]
             shown = answers_of(model_dir, data, store, live, questions, a.tokens)
-            edits = [kind.rewrite(x) for x in shown]
+            # A user edits only answers that do not follow the preference yet.
+            edits = [x if kind.follows(x) else kind.rewrite(x) for x in shown]
             row = {
                 "round": r, "live": f"v{live}" if live else "base",
                 "follows": sum(map(kind.follows, shown)), "answers": len(shown),
