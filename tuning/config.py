@@ -52,7 +52,7 @@ class TrainConfig:
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
     # without a forward per pair per epoch).
-    reference: str = "step"
+    reference: str = "once"
 
     # Which objective a feedback job trains. "auto": what the data supports (tuning.kto.
     # choose_objective): pairs only -> DPO, lone up/down votes only -> KTO, both -> one job
