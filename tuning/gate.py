@@ -310,18 +310,7 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     lr, per_token = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
                                    batch_size=config.batch_size, max_length=max_length)
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
-    prompts: list[list[dict]] = []
-    for p in eval_pairs:
-        if p["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
-            prompts.append(p["prompt"])
-    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
-    answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
-                             frequency_penalty=config.frequency_penalty)
-    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
-              for g, (a, _) in zip(config.golden, answers)}
-    held = answers[len(golden_convs):]
-    by_prompt = {_key(c): a for c, (a, _) in zip(prompts, held)}
+    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off)
     # Each held-out pair whose prompt was answered: how far the answer is from the chosen
     # one, cut to what max_new_tokens lets an answer say.
     distances, toward = [], []
@@ -331,7 +320,6 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
             chosen = _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens)
             distances.append(round(answer_distance(answer, chosen), 4))
             toward.append(round(toward_chosen(answer, chosen, _cut(tokenizer, _text(p["rejected"]), config.max_new_tokens)), 4))
-    damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))}
     n = len(lr)
     return {
         "pairs": n,
@@ -340,15 +328,35 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
         "likelihood_accuracy": round(sum(x > 0 for x in lr) / n, 4) if n else None,
         "likelihood_accuracy_per_token": round(sum(x > 0 for x in per_token) / n, 4) if n else None,
         "logratios": [round(x, 4) for x in lr],
-        "golden": golden,
-        "golden_passed": sum(g["passed"] for g in golden.values()),
-        "golden_total": len(golden),
-        "mean_answer_tokens": round(sum(t for _, t in held) / len(held), 2) if held else None,
+        **answered,
         "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), config.max_new_tokens)
                                 for p in eval_pairs]),
         "chosen_distance": distances,
         "toward_chosen": toward,
-        "damaged": damaged,
+    }
+
+
+def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool) -> tuple[dict, dict]:
+    """Greedy answers, as served, to the regression set and to the rows' distinct prompts
+    (at most ``config.max_length_prompts``). Returns (answer by prompt key, the metrics every
+    measure records: the regression verdicts, mean answer tokens, damaged answers, answers)."""
+    prompts: list[list[dict]] = []
+    for r in rows:
+        if r["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
+            prompts.append(r["prompt"])
+    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
+    answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
+                             frequency_penalty=config.frequency_penalty)
+    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
+              for g, (a, _) in zip(config.golden, answers)}
+    held = answers[len(golden_convs):]
+    return {_key(c): a for c, (a, _) in zip(prompts, held)}, {
+        "golden": golden,
+        "golden_passed": sum(g["passed"] for g in golden.values()),
+        "golden_total": len(golden),
+        "mean_answer_tokens": _mean([t for _, t in held]),
+        "damaged": {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))},
         "answered": len(answers),
         "answers": [{"prompt": c[-1]["content"], "answer": a} for c, (a, _) in zip(prompts, held)],
     }
@@ -661,18 +669,7 @@ def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float]
     to the regression set and the held-out votes' prompts (the keys ``decide`` reads)."""
     out = measure_votes(model, tokenizer, votes, base_logratios, adapter_off=adapter_off, beta=beta,
                         config=config, max_length=max_length)
-    prompts: list[list[dict]] = []
-    for v in votes:
-        if v["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
-            prompts.append(v["prompt"])
-    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
-    answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
-                             frequency_penalty=config.frequency_penalty)
-    golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
-              for g, (a, _) in zip(config.golden, answers)}
-    held = answers[len(golden_convs):]
-    by_prompt = {_key(c): a for c, (a, _) in zip(prompts, held)}
+    by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off)
     # Per vote whose prompt was answered: the answer's distance to the voted answer, cut to
     # what max_new_tokens lets an answer say; signed by the vote (closer is better for up).
     distances, labels = [], []
@@ -681,23 +678,16 @@ def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float]
         if answer is not None:
             distances.append(round(answer_distance(answer, _cut(tokenizer, _text(v["completion"]), config.max_new_tokens)), 4))
             labels.append(bool(v["label"]))
-    damaged = {c[-1]["content"]: why for c, (a, _) in zip(golden_convs + prompts, answers) if (why := damage(a))}
     ups = [v for v in votes if v["label"]]
     return {
         **out,
         "method": "kto",
         "pairs": 0, "preference_accuracy": None, "reward_margin": None, "logratios": [],
-        "golden": golden,
-        "golden_passed": sum(g["passed"] for g in golden.values()),
-        "golden_total": len(golden),
-        "mean_answer_tokens": _mean([t for _, t in held]),
+        **answered,
         "chosen_tokens": _mean([min(len(tokenizer(_text(v["completion"]))["input_ids"]), config.max_new_tokens)
                                 for v in ups]),
         "vote_distance": distances,
         "vote_distance_labels": labels,
-        "damaged": damaged,
-        "answered": len(answers),
-        "answers": [{"prompt": c[-1]["content"], "answer": a} for c, (a, _) in zip(prompts, held)],
     }
 
 
