@@ -3,7 +3,10 @@
 Mixed into ``store.Store``; ``tuning.pairs`` calls :meth:`FeedbackMixin.training_feedback`
 and never sees SQL. Two rules are enforced here, at the source, so no caller can forget
 them: conversations marked "not for training" contribute nothing (they are only counted),
-and withdrawn answers (an undone retry or edit) are not feedback (also only counted).
+withdrawn answers (an undone retry or edit) are not feedback (also only counted), and
+nothing a disabled account wrote or voted trains (an admin disables an abusive user; their
+past feedback stops counting at once, and is counted, not deleted: enabling them again
+brings it back).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ _FEEDBACK_MESSAGES = """
 _ANSWERS = f"""
     SELECT a.rowid AS seq, a.id, a.conversation_id, a.message_id, a.user_id, a.source,
            a.edited_from_id, a.prompt_json, a.prompt_hash, a.content, a.created_utc,
-           a.withdrawn_utc, c.exclude_from_training
+           a.withdrawn_utc, c.exclude_from_training,
+           EXISTS (SELECT 1 FROM users u WHERE u.name = a.user_id AND u.disabled = 1) AS by_disabled
     FROM answers a JOIN conversations c ON c.id = a.conversation_id
     WHERE a.message_id IN ({_FEEDBACK_MESSAGES})
     ORDER BY a.created_utc, a.rowid
 """
 
 _VOTES = """
-    SELECT answer_id, user_id, value, created_utc FROM current_ratings WHERE value != 0
+    SELECT r.answer_id, r.user_id, r.value, r.created_utc,
+           EXISTS (SELECT 1 FROM users u WHERE u.name = r.user_id AND u.disabled = 1) AS by_disabled
+    FROM current_ratings r WHERE r.value != 0
 """
 
 
@@ -40,18 +46,23 @@ class FeedbackMixin:
     def training_feedback(self) -> dict:
         """Every answer with training signal, its current votes, and what was left out.
 
-        Returns ``{"answers": [...], "opted_out": {...}, "withdrawn": {...}}``. Each answer
+        Returns ``{"answers": [...], "opted_out": {...}, "withdrawn": {...}, "disabled":
+        {...}}``. Each answer
         is a dict: ``id, conversation_id, message_id, user_id, source ('model'|'edit'),
         edited_from_id, prompt (the message list the model saw), prompt_hash, content,
         created_utc, shown`` (True for the answer the conversation shows for its turn:
         the newest live one, which the user kept) and ``votes`` (list of ``{user_id,
         value (+1|-1), created_utc}``, each user's current vote; cleared votes are absent).
         Answers are ordered oldest first and include every live sibling of a rated turn.
-        ``opted_out`` and ``withdrawn`` count the conversations, answers and votes that
-        were left out for those two reasons.
+        ``opted_out``, ``withdrawn`` and ``disabled`` count the conversations, answers and
+        votes left out for those three reasons.
         """
         votes: dict[str, list[dict]] = {}
-        for answer_id, user_id, value, created in self.db.execute(_VOTES).fetchall():
+        disabled = {"answers": 0, "votes": 0}
+        for answer_id, user_id, value, created, by_disabled in self.db.execute(_VOTES).fetchall():
+            if by_disabled:
+                disabled["votes"] += 1
+                continue
             votes.setdefault(answer_id, []).append(
                 {"user_id": user_id, "value": value, "created_utc": created}
             )
@@ -70,6 +81,9 @@ class FeedbackMixin:
                 withdrawn["answers"] += 1
                 withdrawn["votes"] += len(row_votes)
                 continue
+            if row.pop("by_disabled"):  # its votes are the owner's own, already counted above
+                disabled["answers"] += 1
+                continue
             row["prompt"] = json.loads(row.pop("prompt_json") or "[]")
             row["votes"] = row_votes
             row["shown"] = False
@@ -78,4 +92,4 @@ class FeedbackMixin:
         for row in newest.values():
             row["shown"] = True
         opted_out["conversations"] = len(opted_out["conversations"])
-        return {"answers": answers, "opted_out": opted_out, "withdrawn": withdrawn}
+        return {"answers": answers, "opted_out": opted_out, "withdrawn": withdrawn, "disabled": disabled}

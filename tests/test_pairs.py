@@ -172,3 +172,24 @@ def test_tuning_reads_feedback_only_through_the_store():
 
     for path in (Path(__file__).resolve().parent.parent / "tuning").glob("*.py"):
         assert "sqlite" not in path.read_text(), f"{path.name}: SQL belongs in store/"
+
+
+def test_a_disabled_accounts_feedback_stops_training_and_is_counted(store):
+    """An admin disables an abusive user: nothing they edited or voted becomes training data
+    (counted, not deleted); enabling them again brings it back."""
+    ids = build_scenario(store)
+    store.create_user("noisy", "noisy-password")
+    store.set_disabled("noisy", True)
+    data = build_preferences(store, CONFIG, TopicEmbedder(SAME))
+    used = {p.chosen_answer_id for p in data.pairs} | {p.rejected_answer_id for p in data.pairs}
+    assert not any(ids.get(f"N_{t}") in used for t in ["cats", "frogs", "whales", "ants"])
+    assert all(p.user_id != "noisy" for p in data.pairs + data.unpaired)
+    left = data.summary["left_out"]["disabled"]
+    assert left["answers"] == 12 and left["votes"] == 12  # six turns of two answers, each voted
+    assert "12 answers and 12 votes by disabled accounts" in format_summary(data.summary)
+    store.set_disabled("noisy", False)
+    again = build_preferences(store, CONFIG, TopicEmbedder(SAME))
+    assert again.summary["left_out"]["disabled"] == {"answers": 0, "votes": 0}
+    assert {(p.chosen_answer_id, p.rejected_answer_id) for p in again.pairs} == \
+        {(p.chosen_answer_id, p.rejected_answer_id) for p in build_preferences(store, CONFIG, TopicEmbedder(SAME)).pairs}
+    assert any(p.user_id == "noisy" for p in again.pairs)

@@ -175,7 +175,8 @@ def build_preferences(store, config: PairConfig = PairConfig(), embedder: Embedd
             "prompt_groups": grouping.groups,
             "paraphrases_merged": grouping.merged_by_embedding,
         },
-        "left_out": {"opted_out": feedback["opted_out"], "withdrawn": feedback["withdrawn"]},
+        "left_out": {"opted_out": feedback["opted_out"], "withdrawn": feedback["withdrawn"],
+                     "disabled": feedback.get("disabled", {"answers": 0, "votes": 0})},
         "dropped_votes": {"contradictory": dropped_votes},
         "candidates": dict(Counter(c[2] for c in candidates)),
         "pairs": {
@@ -397,7 +398,9 @@ def format_summary(summary: dict) -> str:
             f"({read['paraphrases_merged']} paraphrased wordings merged).",
             f"Left out: {left['opted_out']['answers']} answers and {left['opted_out']['votes']} votes in "
             f"{left['opted_out']['conversations']} conversations marked not for training; "
-            f"{left['withdrawn']['answers']} withdrawn answers ({left['withdrawn']['votes']} votes).",
+            f"{left['withdrawn']['answers']} withdrawn answers ({left['withdrawn']['votes']} votes); "
+            f"{left.get('disabled', {}).get('answers', 0)} answers and {left.get('disabled', {}).get('votes', 0)} votes "
+            "by disabled accounts.",
             f"Contradictory votes dropped: {summary['dropped_votes']['contradictory']}.",
             f"Pairs: {pairs['total']} ({by_signal}); train {pairs['train']}, eval {pairs['eval']}.",
             f"Pairs dropped: {dropped}.",
