@@ -507,7 +507,8 @@ def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, con
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     domain_convs = [r["messages"][:-1] for r in heldout]
     answers = greedy_answers(model, tokenizer, golden_convs + domain_convs, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off)
+                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
+                             frequency_penalty=config.frequency_penalty)  # as served, like the DPO measure
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]
