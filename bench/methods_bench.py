@@ -2,9 +2,10 @@
 LoRA at two ranks and IA3, each trained the same way on the same rows.
 
     # the full run: 164 Quorvia rows x 4 epochs per method (84 steps each), 41 held-out
-    # paraphrases and the 63-question regression set: about 20 min on 2 quiet cores, about
-    # 1 h beside one other training job. Not under nice beside a busy job: the figures are
-    # ratios between methods run one after another (README, "Methods compared").
+    # paraphrases and the 63-question regression set: 8.5 min measured on 2 EPYC cores in
+    # bf16 (2026-11-30; about 1 s a step), longer beside another training job. Not under
+    # nice beside a busy job: the figures are ratios between methods run one after another
+    # (README, "Methods compared").
     HF_HUB_OFFLINE=1 ASSISTANT_MODELS_DIR=/tmp/data/models .venv/bin/python bench/methods_bench.py
     # a smoke run: 2 steps on 8 rows, 4 held-out questions, no regression set
     HF_HUB_OFFLINE=1 .venv/bin/python bench/methods_bench.py --steps 2 --limit 8 --heldout-limit 4 --no-regression
