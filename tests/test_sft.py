@@ -67,7 +67,12 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert [c["check"] for c in ev["checks"]] == ["domain", "regression set", "fluency"]
     assert ev["domain_total"] == 6 and ev["live"]["domain_total"] == 6
     assert ev["domain_passed"] > ev["live"]["domain_passed"]  # the tiny model learns "zed"
-    assert row["metrics_json"]["steps"] == 120 and row["metrics_json"]["loss"] < row["metrics_json"]["first_loss"]
+    # 24 rows and the base's replayed answers (tuning.sft.replay_rows; the tiny base answers
+    # most with nothing, and an empty answer is not replayed), 8 to a batch, 40 epochs
+    replayed = row["metrics_json"]["replay_rows"]
+    assert row["config_json"]["replay"] == 128 and 0 <= replayed <= 128
+    assert row["metrics_json"]["steps"] == -(-(24 + replayed) // 8) * 40
+    assert row["metrics_json"]["loss"] < row["metrics_json"]["first_loss"]
 
     # The console's path: a job queued with the data set's hash, run as the app's launcher;
     # and the next version continues from the first (parent recorded).
@@ -76,7 +81,10 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert main(tmp, checkpoint, "train", "--as", "system:launcher", "--job", queued, "--priority", "normal") == 0
     second = store.adapter(store.job(queued)["adapter_version"])
     assert second["parent_version"] == version and second["config_json"]["dataset"] == digest
-    assert second["metrics_json"]["steps"] == 12 and second["config_json"]["epochs"] == 4  # SFT_DEFAULTS
+    assert second["config_json"]["epochs"] == 4  # SFT_DEFAULTS
+    # the parent says "zed" to everything: its answers are replayed, so they all count
+    assert second["metrics_json"]["steps"] == -(-(24 + second["metrics_json"]["replay_rows"]) // 8) * 4
+    assert second["metrics_json"]["replay_rows"] > replayed
 
     # DPO from feedback continues from the SFT version: parent recorded, and its gate also
     # checks that the domain's held-out questions stay answered.
@@ -165,3 +173,61 @@ def test_the_sft_gate_wants_the_domain_learned_and_the_regression_set_kept():
     assert not broken.passed and not broken.checks[2]["passed"]
     none = decide_sft(_sft_result([], [True] * 60), _sft_result([], [True] * 60))
     assert not none.passed and "no held-out domain questions" in none.checks[0]["detail"]
+
+
+def test_replayed_answers_are_the_starting_models_own_on_general_questions(checkpoint):
+    """tuning.sft.replay_rows: the model's greedy answers to general questions none of which
+    is in the gate's regression set; an answer cut at the token limit trains without its
+    end-of-turn token, a finished one with it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.gate import REGRESSION
+    from tuning.generation import greedy_answers
+    from tuning.sft import replay_rows, tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = replay_rows(model, tok, 10, max_new_tokens=3)
+    asked = [r["messages"][0]["content"] for r in rows]
+    assert len(set(asked)) == len(asked) and not set(asked) & {g.prompt for g in REGRESSION}
+    expected = greedy_answers(model, tok, [r["messages"][:1] for r in rows], max_new_tokens=3)
+    assert [r["messages"][1]["content"] for r in rows] == [a for a, _ in expected]
+    assert [r["cut"] for r in rows] == [n >= 3 for _, n in expected]
+    assert replay_rows(model, tok, 0) == []
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "zed zed"}]}
+    whole, cut = tokenize_example(tok, row, 64), tokenize_example(tok, {**row, "cut": True}, 64)
+    assert whole.answer[-1] == tok.eos_token_id and cut.answer == whole.answer[:-1]
+    with pytest.raises(ValueError, match="replay"):
+        TrainConfig(replay=500).check()
+
+
+def test_kl_replay_holds_the_version_to_the_starting_models_distribution(checkpoint):
+    """replay_loss="kl": replayed rows train toward the starting model's top-k next-token
+    distribution, computed once. At the start the loss on a replayed row is only the mass
+    outside the top k (-log of the kept share: the model is its own reference); a job with
+    it trains and its loss falls."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.sft import collate_examples, sft_loss, tokenize_example, train_sft, with_replay_reference
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "zed zed"}]}
+    (item,) = with_replay_reference(model, [tokenize_example(tok, row, 64)], tok.eos_token_id, False, top_k=8)
+    assert item.ref_ids.shape == item.ref_logps.shape == (len(item.answer), 8)
+    loss, _ = sft_loss(model, collate_examples([item], tok.eos_token_id), False)
+    kept = torch.logsumexp(item.ref_logps, dim=-1)  # log of the top 8's share at each position
+    assert float(loss.detach()) == pytest.approx(float(-kept.mean()), abs=1e-4)
+
+    rows = [{"id": f"d{i}", "messages": [{"role": "user", "content": f"code {i}?"},
+                                         {"role": "assistant", "content": "zed 1."}]} for i in range(8)]
+    config = TrainConfig(learning_rate=0.02, epochs=20, batch_size=8, replay=8, replay_loss="kl")
+    metrics = train_sft(model, tok, rows, config)
+    assert metrics["replay_rows"] >= 0 and metrics["loss"] < metrics["first_loss"]
+    with pytest.raises(ValueError, match="replay_loss"):
+        TrainConfig(replay_loss="mse").check()

@@ -179,14 +179,10 @@ def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: boo
     return out
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
-    """Summed log-probabilities of the completion tokens and their count, each (N,).
-
-    Runs the backbone, then the LM head only at the M positions that predict an answer
-    token: (M, V) logits instead of (N, T, V), as TRL's fused LM head does. With a 49k
-    vocabulary the head is a fifth of the model's work per token, and about half the
-    tokens of a pair are prompt. For plain causal LMs (no logit soft-capping or scaling).
-    """
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at the M positions that predict an answer token (``completion_mask``):
+    (M, V) float32 logits, (M,) the sequence each belongs to, (M,) the tokens they predict.
+    The backbone runs on the whole batch, the LM head only at those positions."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(lm, lm.base_model_prefix)
     hidden = backbone(
@@ -195,7 +191,19 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     mask = batch["completion_mask"][:, 1:].bool()  # (N, T-1): position t predicts token t+1
     rows = mask.nonzero()[:, 0]  # (M,) which sequence each scored position belongs to
     logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (M, V)
-    targets = batch["input_ids"][:, 1:][mask]  # (M,)
+    return logits, rows, batch["input_ids"][:, 1:][mask]
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
+    """Summed log-probabilities of the completion tokens and their count, each (N,).
+
+    Runs the backbone, then the LM head only at the M positions that predict an answer
+    token: (M, V) logits instead of (N, T, V), as TRL's fused LM head does. With a 49k
+    vocabulary the head is a fifth of the model's work per token, and about half the
+    tokens of a pair are prompt. For plain causal LMs (no logit soft-capping or scaling).
+    """
+    logits, rows, targets = answer_logits(model, batch)
+    mask = batch["completion_mask"][:, 1:].bool()
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     n = batch["input_ids"].shape[0]
     counts = mask.sum(1).to(token_logps.dtype)

@@ -24,7 +24,10 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import _completion_ids, optimise, sequence_logps
+from .dpo import _completion_ids, answer_logits, optimise, sequence_logps
+from .generation import greedy_answers
+from .general import questions as general_questions
+from .synthetic import prompts as open_prompts
 
 # What ``method: sft`` changes unless a setting says otherwise (tuning.train applies them
 # before --set): DPO's 5e-5 for 2 epochs is tuned to nudge preferences, not to teach facts.
@@ -38,21 +41,57 @@ SFT_DEFAULTS = {"learning_rate": 5e-4, "epochs": 4, "batch_size": 8}
 class TokenizedExample:
     prompt: list[int]
     answer: list[int]
+    # For a replayed row with ``replay_loss="kl"``: the starting model's top-k next-token
+    # log-probabilities at each answer position, (len(answer), k) ids and values.
+    ref_ids: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+# How many of the starting model's most likely next tokens a replayed position keeps for
+# the distillation term: the top 32 of SmolLM2's 49k hold nearly all the probability of a
+# greedy answer's next token, and (positions x 32) fits in a few MB for 256 rows.
+REPLAY_TOP_K = 32
 
 
 def tokenize_example(tokenizer, row: dict, max_length: int) -> TokenizedExample:
     """The prompt as the server sends it and the last answer's tokens; over ``max_length``
-    keep the prompt's end and the answer's start (as ``tokenize_pair`` does)."""
+    keep the prompt's end and the answer's start (as ``tokenize_pair`` does). A row marked
+    ``cut`` (an answer that was cut at a token limit) has no end-of-turn token to learn."""
     head, answer = row["messages"][:-1], row["messages"][-1:]
     prompt = tokenizer.apply_chat_template(head, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     ids = _completion_ids(tokenizer, head, answer)
+    if row.get("cut") and ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
     keep_prompt = max(max_length // 2, max_length - len(ids))
     prompt = prompt[-keep_prompt:]
     return TokenizedExample(prompt, ids[: max_length - len(prompt)])
 
 
+def with_replay_reference(model, items: list[TokenizedExample], pad: int, autocast: bool,
+                          top_k: int = REPLAY_TOP_K, batch_size: int = 16) -> list[TokenizedExample]:
+    """``items`` with the model's top-k log-probabilities at each answer position, computed
+    once before training, as the model is then (the base, or the parent version when the
+    job continues one): the reference the ``kl`` replay loss holds the version to."""
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            batch = collate_examples(chunk, pad)
+            logits, rows, _ = answer_logits(model, batch)
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+            for j, it in enumerate(chunk):
+                at = rows == j
+                out.append(TokenizedExample(it.prompt, it.answer, top.indices[at].clone(), top.values[at].clone()))
+    model.train(was_training)
+    return out
+
+
 def collate_examples(items: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and completion_mask, each (B, T)."""
+    """Right-padded input_ids, attention_mask and completion_mask, each (B, T); with
+    reference rows (``with_replay_reference``) also ``replay`` (B,) and the reference's
+    ``ref_ids``/``ref_logps`` for the replayed rows' answer positions, in order (P, k)."""
     width = max(len(it.prompt) + len(it.answer) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
@@ -62,28 +101,79 @@ def collate_examples(items: list[TokenizedExample], pad_id: int) -> dict[str, to
         ids[i, :n] = torch.tensor(it.prompt + it.answer)
         attn[i, :n] = 1
         comp[i, p:n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    if any(it.ref_ids is not None for it in items):
+        batch["replay"] = torch.tensor([it.ref_ids is not None for it in items])
+        batch["ref_ids"] = torch.cat([it.ref_ids for it in items if it.ref_ids is not None])
+        batch["ref_logps"] = torch.cat([it.ref_logps for it in items if it.ref_ids is not None])
+    return batch
 
 
 def sft_loss(model, batch: dict, autocast: bool) -> tuple[torch.Tensor, float]:
-    """Mean NLL per answer token over the batch, and the share of answer tokens the model
-    already ranks first (how much of the answers it would say greedily)."""
+    """Mean loss per answer token over the batch, and the share of answer tokens the model
+    already ranks first (how much of the answers it would say greedily). The loss is the
+    answer tokens' NLL, except at replayed rows with a reference (``batch["replay"]``):
+    there, the KL divergence from the reference's top-k next-token distribution
+    (renormalised over those k) to the model's, at every answer position."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logps, counts = sequence_logps(model, batch)
-    return -logps.sum() / counts.sum().clamp(min=1), float(torch.exp(logps.detach().sum() / counts.sum().clamp(min=1)))
+        if "replay" not in batch:
+            logps, counts = sequence_logps(model, batch)
+            return -logps.sum() / counts.sum().clamp(min=1), float(torch.exp(logps.detach().sum() / counts.sum().clamp(min=1)))
+        logits, rows, targets = answer_logits(model, batch)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    token_logps = logp.gather(1, targets.unsqueeze(1)).squeeze(1)  # (M,)
+    replayed = batch["replay"][rows]  # (M,) positions in a replayed row, in collate's order
+    ref = torch.log_softmax(batch["ref_logps"], dim=-1)  # (P, k): renormalised over the top k
+    kl = (ref.exp() * (ref - logp[replayed].gather(1, batch["ref_ids"]))).sum(1)  # (P,)
+    loss = (-token_logps[~replayed].sum() + kl.sum()) / max(len(rows), 1)
+    return loss, float(torch.exp(token_logps.detach().mean()))
+
+
+# Replayed answers are cut here: long enough for most of an ordinary answer, short enough
+# that answering 64 questions costs about a minute on two cores. A cut answer trains
+# without its end-of-turn token (``cut``), so it does not teach stopping mid-sentence.
+REPLAY_TOKENS = 96
+
+
+def _spread(pool: list[str], count: int) -> list[str]:
+    return [pool[i * len(pool) // count] for i in range(count)] if count < len(pool) else list(pool)
+
+
+def replay_rows(model, tokenizer, count: int, max_new_tokens: int = REPLAY_TOKENS) -> list[dict]:
+    """``count`` general questions, each with the model's own greedy answer as it is now:
+    SFT rows (``id`` "replay-N", ``cut`` when the answer hit the token limit) that hold the
+    version to its starting behaviour outside the domain. Short facts and instructions
+    first (``tuning.general.questions``, about 100), then open questions spread over
+    ``tuning.synthetic.prompts`` (definitions, tips, whys). An empty answer is not replayed."""
+    facts = general_questions()
+    picked = _spread(facts, min(count, len(facts))) + _spread(open_prompts(), max(0, count - len(facts)))
+    if not picked:
+        return []
+    convs = [[{"role": "user", "content": q}] for q in picked]
+    answers = greedy_answers(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=16)
+    return [{"id": f"replay-{i}", "messages": c + [{"role": "assistant", "content": text}],
+             "cut": tokens >= max_new_tokens}
+            for i, (c, (text, tokens)) in enumerate(zip(convs, answers)) if text]
 
 
 def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
               progress: Callable[[dict], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> dict:
-    """Train the model's active LoRA adapter on ``rows``; the run's metrics.
+    """Train the model's active LoRA adapter on ``rows`` and ``config.replay`` replayed
+    answers of the model as it starts (:func:`replay_rows`); the run's metrics.
 
     ``progress`` gets a row after every step (step, steps, epoch, loss, token_prob: the
     geometric mean probability of the answer tokens, seconds); raises :class:`Cancelled`
     between steps once ``should_stop()`` is true (``tuning.dpo.Cancelled``)."""
     torch.manual_seed(config.seed)
-    items = [tokenize_example(tokenizer, r, config.max_length) for r in rows]
+    replay = replay_rows(model, tokenizer, config.replay)
+    if progress is not None and replay:
+        progress({"phase": "training", "replay_rows": len(replay)})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
+    if config.replay_loss == "kl" and replayed:
+        replayed = with_replay_reference(model, replayed, pad, config.dtype == "bfloat16")
+    items = [tokenize_example(tokenizer, r, config.max_length) for r in rows] + replayed
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
@@ -99,4 +189,5 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
         "seconds": history[-1]["seconds"] if history else 0.0,
         "seconds_per_step": round(history[-1]["seconds"] / len(history), 3) if history else None,
         "examples": len(rows),
+        "replay_rows": len(replay),
     }
