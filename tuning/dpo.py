@@ -159,24 +159,31 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
 
 def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: bool, batch_size: int = 8) -> list[TokenizedPair]:
     """The items with the reference's log-probabilities attached, computed once (adapter
-    off, no gradient) in batches of similar length instead of again at every step."""
+    off, no gradient) in batches of similar length instead of again at every step. With
+    several processes each rank computes every size-th batch and the ranks add up their
+    (N, 2) tables, so each has every item's numbers (the same batches as one process)."""
     import dataclasses
 
+    from . import distributed
+
+    world = distributed.start()
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(len(items[i].chosen), len(items[i].rejected)))
-    out: list[TokenizedPair | None] = [None] * len(items)
+    refs = torch.zeros((len(items), 2), dtype=torch.float64)  # (N, 2): chosen, rejected
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     was_training = model.training
     model.eval()
     with torch.no_grad(), model.disable_adapter(), ctx:
         for b in range(0, len(order), batch_size):
+            if (b // batch_size) % world.size != world.rank:
+                continue
             idx = order[b : b + batch_size]
             chunk = [dataclasses.replace(items[i], ref=None) for i in idx]
             logps, _ = sequence_logps(model, collate(chunk, pad_id))
             n = len(idx)
-            for k, i in enumerate(idx):
-                out[i] = dataclasses.replace(items[i], ref=(float(logps[k]), float(logps[n + k])))
+            refs[idx, 0], refs[idx, 1] = logps[:n].double(), logps[n:].double()
     model.train(was_training)
-    return out
+    refs = distributed.sum_across(refs)
+    return [dataclasses.replace(it, ref=(float(refs[i, 0]), float(refs[i, 1]))) for i, it in enumerate(items)]
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
@@ -290,7 +297,8 @@ def train_loop(
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-             kind_of: Callable[[object], str] | None = None) -> tuple[list[dict], int]:
+             kind_of: Callable[[object], str] | None = None,
+             weigh: Callable[[list, list], float] | None = None) -> tuple[list[dict], int]:
     """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
     between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
@@ -298,7 +306,15 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
     and cut into batches of its own, and the batches are shuffled together (a job with DPO
     pairs and KTO votes: each step is one loss, each example seen once per epoch).
-    Returns (per-step rows, steps per epoch)."""
+
+    Under a launcher with several processes (``tuning.distributed``) each rank computes the
+    loss of its share of every batch, scaled by ``weigh(share, batch)`` (its share of the
+    items by default; SFT weighs by answer tokens), the gradients are summed across ranks,
+    and every rank steps alike; the rows are the whole batch's figures, on every rank, and
+    the leader's ``should_stop`` stops them all. Returns (per-step rows, steps per epoch)."""
+    from . import distributed
+
+    world = distributed.start()
     rng = random.Random(config.seed)
     if kind_of is None:
         per_epoch = math.ceil(len(items) / config.batch_size)
@@ -307,6 +323,7 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
         per_epoch = sum(math.ceil(n / config.batch_size) for n in sizes.values())
     steps = per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.same_start(params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     model.train()
@@ -316,12 +333,22 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     for epoch in range(config.epochs):
         batches = _batches(items, config.batch_size, rng, kind_of, config.by_length)
         for b, chosen in enumerate(batches):
-            if should_stop is not None and should_stop():
+            if distributed.agree(should_stop is not None and should_stop()):
                 raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate_fn([items[i] for i in chosen], pad)
-            loss, stats = step_loss(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world.several:
+                mine = distributed.split(chosen, world)
+                share = [items[i] for i in mine]
+                weight = (weigh or _item_share)(share, [items[i] for i in chosen]) if mine else 0.0
+                stats = None
+                if mine:
+                    loss, stats = step_loss(collate_fn(share, pad))
+                    (loss * weight).backward()
+                distributed.sum_gradients(params)
+                stats = distributed.combine(weight, stats)
+            else:
+                loss, stats = step_loss(collate_fn([items[i] for i in chosen], pad))
+                loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             opt.step()
             sched.step()
@@ -335,6 +362,10 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 progress(row)
     model.eval()
     return history, per_epoch
+
+
+def _item_share(share: list, batch: list) -> float:
+    return len(share) / len(batch)
 
 
 def _length(item) -> int:

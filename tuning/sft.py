@@ -89,7 +89,11 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
         loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
         return loss, {"loss": float(loss.detach()), "token_prob": token_prob}
 
-    history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop)
+    def tokens(share: list, batch: list) -> float:  # the loss is a mean over the batch's answer tokens
+        return sum(len(it.answer) for it in share) / max(1, sum(len(it.answer) for it in batch))
+
+    history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop,
+                                  weigh=tokens)
     last = history[-per_epoch:] if history else []
     return {
         "steps": len(history),

@@ -124,7 +124,28 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     """One job: check who asks and the settings, take the job row, build or read the pairs,
     train (``tuning.trainer.train_adapter``); returns the exit status. ``recover(store,
     data_dir)`` (``app.py train`` passes ``loop.jobs.recover_stale_jobs``) fails jobs that
-    died before this one is queued, once the caller is known to be allowed."""
+    died before this one is queued, once the caller is known to be allowed.
+
+    Under torchrun or ``accelerate launch`` with several processes (``tuning.distributed``)
+    rank 0 is this job and the other ranks train beside it (``tuning.trainer.follow``):
+    ``torchrun --nproc-per-node 2 app.py train --as ADMIN``."""
+    from . import distributed
+
+    if not distributed.launched().several:
+        return _lead(a, recover)
+    _yield_cpu(a.priority)  # before torch starts its threads
+    if not distributed.start().leader:
+        from .trainer import follow
+
+        return follow()
+    try:
+        return _lead(a, recover, yielded=True)
+    finally:
+        distributed.release()  # ranks still waiting for work: there is none
+        distributed.finish()
+
+
+def _lead(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None, yielded: bool = False) -> int:
     if (a.pairs is None) != (a.eval_pairs is None):
         print("error: --pairs and --eval-pairs go together", file=sys.stderr)
         return 2
@@ -137,7 +158,8 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     if (a.heldout is not None or a.with_edits) and a.sft is None:
         print("error: --heldout and --with-edits go with --sft", file=sys.stderr)
         return 2
-    _yield_cpu(a.priority)
+    if not yielded:
+        _yield_cpu(a.priority)
     from store import JobConflict, Store
 
     from .config import TrainConfig
