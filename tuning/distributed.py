@@ -112,7 +112,8 @@ def device() -> torch.device:
     """Where this rank's collectives run: its GPU under NCCL, else the CPU."""
     import torch
 
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_backend() == "nccl"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -157,6 +157,21 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, model) -> dict:
+    """The batch's tensors where the model is (its GPU under torchrun with NCCL; else a no-op)."""
+    device = device_of(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast_on(model, enabled: bool):
+    """bf16 autocast (``dtype`` "bfloat16") on the model's kind of device."""
+    return torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: bool, batch_size: int = 8) -> list[TokenizedPair]:
     """The items with the reference's log-probabilities attached, computed once (adapter
     off, no gradient) in batches of similar length instead of again at every step. With
@@ -169,7 +184,7 @@ def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: boo
     world = distributed.start()
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(len(items[i].chosen), len(items[i].rejected)))
     refs = torch.zeros((len(items), 2), dtype=torch.float64)  # (N, 2): chosen, rejected
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    ctx = autocast_on(model, autocast)
     was_training = model.training
     model.eval()
     with torch.no_grad(), model.disable_adapter(), ctx:
@@ -178,9 +193,9 @@ def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: boo
                 continue
             idx = order[b : b + batch_size]
             chunk = [dataclasses.replace(items[i], ref=None) for i in idx]
-            logps, _ = sequence_logps(model, collate(chunk, pad_id))
+            logps, _ = sequence_logps(model, to_device(collate(chunk, pad_id), model))
             n = len(idx)
-            refs[idx, 0], refs[idx, 1] = logps[:n].double(), logps[n:].double()
+            refs[idx, 0], refs[idx, 1] = logps[:n].double().cpu(), logps[n:].double().cpu()
     model.train(was_training)
     refs = distributed.sum_across(refs)
     return [dataclasses.replace(it, ref=(float(refs[i, 0]), float(refs[i, 1]))) for i, it in enumerate(items)]
@@ -206,19 +221,19 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     n = batch["input_ids"].shape[0]
     counts = mask.sum(1).to(token_logps.dtype)
-    whole = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    whole = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     sums = whole
     if "dpo_mask" in batch:  # the log-ratios count only what tells the two answers apart
         w = batch["dpo_mask"][:, 1:][mask].to(token_logps.dtype)
-        sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
+        sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps * w)
     if not nll:
         return sums, counts
     # The NLL term's tokens (rows of nll_mask are the first sequences of the batch).
     marks = torch.zeros_like(batch["completion_mask"])
     marks[: batch["nll_mask"].shape[0]] = batch["nll_mask"]
     w = marks[:, 1:][mask].to(token_logps.dtype)  # (M,)
-    nll_sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
-    nll_counts = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, w)
+    nll_sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps * w)
+    nll_counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, w)
     return sums, counts, nll_sums, nll_counts, whole
 
 
@@ -237,7 +252,7 @@ def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool
               nll_tokens: str = "answer") -> tuple[torch.Tensor, StepStats]:
     """Forward the reference (adapter off, no grad) and the policy; DPO + NLL on chosen."""
     n = batch["input_ids"].shape[0] // 2
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    ctx = autocast_on(model, autocast)
     if "ref_logps" in batch:  # computed once before training (with_reference)
         ref_logps = batch["ref_logps"]
     else:
@@ -342,12 +357,12 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 weight = (weigh or _item_share)(share, [items[i] for i in chosen]) if mine else 0.0
                 stats = None
                 if mine:
-                    loss, stats = step_loss(collate_fn(share, pad))
+                    loss, stats = step_loss(to_device(collate_fn(share, pad), model))
                     (loss * weight).backward()
                 distributed.sum_gradients(params)
                 stats = distributed.combine(weight, stats)
             else:
-                loss, stats = step_loss(collate_fn([items[i] for i in chosen], pad))
+                loss, stats = step_loss(to_device(collate_fn([items[i] for i in chosen], pad), model))
                 loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             opt.step()

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import TokenizedPair, collate, optimise, pair_loss, sequence_logps, tokenize_pair, with_reference
+from .dpo import (TokenizedPair, autocast_on, collate, optimise, pair_loss, sequence_logps, tokenize_pair,
+                  with_reference)
 from .sft import TokenizedExample, collate_examples, tokenize_example
 
 # -- which objective ----------------------------------------------------------------------
@@ -159,7 +160,7 @@ def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool) -> tuple[
     the mismatched ones without gradient (TRL's KL estimate), then the policy on the votes."""
     labels = batch["labels"]
     n = labels.shape[0]
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    ctx = autocast_on(model, autocast)
     with torch.no_grad(), model.disable_adapter(), ctx:
         ref, _ = sequence_logps(model, _rows(batch, 0, 2 * n))
     with torch.no_grad(), ctx:
@@ -172,7 +173,7 @@ def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool) -> tuple[
     if labels.any():  # NLL per token on the up-voted answers, as DPO's on chosen
         nll = -(logps[labels] / counts[labels].clamp(min=1)).mean()
     else:
-        nll = torch.zeros((), dtype=logps.dtype)
+        nll = torch.zeros((), dtype=logps.dtype, device=logps.device)
     loss = kto + config.kto_nll_weight * nll
     up = float(rewards[labels].mean()) if labels.any() else None
     down = float(rewards[~labels].mean()) if (~labels).any() else None

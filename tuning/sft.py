@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import _completion_ids, optimise, sequence_logps
+from .dpo import _completion_ids, autocast_on, optimise, sequence_logps
 
 # What ``method: sft`` changes unless a setting says otherwise (tuning.train applies them
 # before --set): DPO's 5e-5 for 2 epochs is tuned to nudge preferences, not to teach facts.
@@ -68,7 +68,7 @@ def collate_examples(items: list[TokenizedExample], pad_id: int) -> dict[str, to
 def sft_loss(model, batch: dict, autocast: bool) -> tuple[torch.Tensor, float]:
     """Mean NLL per answer token over the batch, and the share of answer tokens the model
     already ranks first (how much of the answers it would say greedily)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with autocast_on(model, autocast):
         logps, counts = sequence_logps(model, batch)
     return -logps.sum() / counts.sum().clamp(min=1), float(torch.exp(logps.detach().sum() / counts.sum().clamp(min=1)))
 

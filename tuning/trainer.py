@@ -92,7 +92,8 @@ def build_model(base_model_dir: Path, config: TrainConfig, parent: Path | None =
                           layers_to_transform=list(top) if top is not None else None,
                           layers_pattern="layers" if top is not None else None)
         model = get_peft_model(base, lora)
-    return model, tokenizer
+    # Under torchrun on GPUs (NCCL) each rank trains on its own GPU; otherwise the CPU.
+    return model.to(distributed.device()), tokenizer
 
 
 def train_adapter(
@@ -227,7 +228,7 @@ def train_adapter(
         # tests/integration/test_loop.py). A server in bfloat16 may differ at near-ties.
         import torch
 
-        model.to(torch.float32)
+        model.to("cpu", torch.float32)  # the gate runs on the CPU, also after GPU training
         if should_stop():
             raise Cancelled("cancelled before evaluation")
         if sft:
