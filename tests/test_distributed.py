@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # uneven shares (2 and 1) and, at the last batch, one rank none.
 CONFIG = {"rank": 4, "alpha": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 3, "dtype": "float32"}
 # One process and two differ by rounding only (tuning.distributed, "What is exact"): seen
-# 1.5e-8 at most, on LoRA weights that training moved by about 1e-2.
+# 1.5e-8 (DPO) and 3e-8 (KTO) at most, on LoRA weights that training moved by about 1e-2.
 TOLERANCE = 1e-5
 LAUNCH_TIMEOUT_S = 300  # a bound for a hang, far above the ~20 s a run takes on an idle 2-core machine
 
@@ -57,17 +57,26 @@ def test_a_batch_is_shared_out_whole_and_in_order():
     assert split(batch, World()) == batch
 
 
-def test_two_processes_train_the_same_adapter_as_one(files):
+# Per-step losses of one and two processes: DPO and SFT differ by rounding; KTO's reference
+# point z0 is estimated on each rank's share (tuning.distributed), seen 2e-4 apart.
+LOSS_REL = {"dpo": 1e-5, "sft": 1e-5, "kto": 1e-3}
+
+
+@pytest.mark.parametrize("objective", ["dpo", "sft", "kto"])
+def test_two_processes_train_the_same_adapter_as_one(files, objective):
+    """DPO (shares weighed by pairs), SFT (by answer tokens), KTO (by votes, its NLL term by
+    up-votes): the same adapter, in 8 steps of uneven shares."""
     import torch
 
     from tuning.config import TrainConfig
     from tuning.trainer import build_model
 
-    folder, checkpoint, pairs = files
-    assert dist_worker.main(str(checkpoint), str(pairs), str(folder / "one.pt"), json.dumps(CONFIG)) == 0
-    done = torchrun("tests/dist_worker.py", str(checkpoint), str(pairs), str(folder / "two.pt"), json.dumps(CONFIG))
+    folder, checkpoint, _ = files
+    one_pt, two_pt = folder / f"one-{objective}.pt", folder / f"two-{objective}.pt"
+    assert dist_worker.main(str(checkpoint), str(one_pt), json.dumps(CONFIG), "train", objective) == 0
+    done = torchrun("tests/dist_worker.py", str(checkpoint), str(two_pt), json.dumps(CONFIG), "train", objective)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one, two = torch.load(folder / "one.pt"), torch.load(folder / "two.pt")
+    one, two = torch.load(one_pt), torch.load(two_pt)
     assert (one["processes"], two["processes"]) == (1, 2)
 
     initial = {k: v.detach() for k, v in build_model(checkpoint, TrainConfig().replace(**CONFIG))[0].named_parameters()}
@@ -79,8 +88,9 @@ def test_two_processes_train_the_same_adapter_as_one(files):
     # The same steps, with the whole batch's figures on both sides.
     assert [r["step"] for r in one["rows"]] == [r["step"] for r in two["rows"]] == list(range(1, 9))
     for a, b in zip(one["rows"], two["rows"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-        assert a["reward_accuracy"] == pytest.approx(b["reward_accuracy"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_REL[objective])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=100 * LOSS_REL[objective])
+        assert a.get("reward_accuracy") == pytest.approx(b.get("reward_accuracy"))
 
 
 @pytest.mark.slow
@@ -90,8 +100,7 @@ def test_a_cancel_or_a_failing_rank_ends_every_rank(files, mode, says):
     others fail at their next collective, and torchrun ends the group: nobody waits."""
     folder, checkpoint, pairs = files
     started = time.monotonic()
-    done = torchrun("tests/dist_worker.py", str(checkpoint), str(pairs), str(folder / f"{mode}.pt"),
-                    json.dumps(CONFIG), mode)
+    done = torchrun("tests/dist_worker.py", str(checkpoint), str(folder / f"{mode}.pt"), json.dumps(CONFIG), mode)
     out = done.stdout + done.stderr
     assert done.returncode != 0 and says in out, out[-3000:]
     assert not (folder / f"{mode}.pt").exists()

@@ -1,11 +1,14 @@
 """Training over several processes: data parallel workers that train one adapter together.
 
-Run a job under torchrun (it ships with torch) or ``accelerate launch``; both set RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which is all this module reads:
+Run a job under torchrun (it ships with torch); it sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT, which is all this module reads:
 
     torchrun --nproc-per-node 2 app.py train --as ADMIN [--set epochs=1]          # 2 CPU processes
     torchrun --nproc-per-node 2 -m tuning.train --data-dir data --as ADMIN ...    # the same job
-    accelerate launch --num_processes 2 --cpu app.py train --as ADMIN
+    accelerate launch --multi_gpu --num_processes 4 app.py train --as ADMIN       # GPUs: torchrun underneath
+
+(``accelerate launch --cpu --num_processes N`` starts one process unless given an MPI
+hostfile: on CPUs use torchrun.)
 
 Why the launchers and not an ``app.py train --processes N`` that re-launches itself: they
 already own the ports, several machines (``--nnodes``), restarts and killing the whole group
@@ -18,7 +21,7 @@ parent adapter) to the other ranks (``send``); they load the same model and trai
 (``tuning.trainer.follow``). Only the leader writes progress, saves the adapter, runs the gate
 and registers the version; the others exit after the last step. Every rank cuts the same
 shuffled batches from the seed (``tuning.dpo.optimise``), computes the loss of its share of
-each global batch (``split``), weighted by that share, and the gradients are summed across
+each global batch (``split``), weighted by its share, and the gradients are summed across
 ranks (``sum_gradients``), so all ranks take the same step from the same gradient. The
 leader alone asks whether to stop, and its answer is broadcast (``agree``): every rank stops
 at the same step, none is left waiting.
@@ -30,9 +33,9 @@ floating-point rounding (other matmul shapes, another summation order), about 1e
 relative per step, which AdamW can amplify where a gradient element is near zero (its first
 steps move each weight by about the learning rate, whatever the gradient's size). The test
 (tests/test_distributed.py) bounds the difference between the adapters of one and two
-processes. A KTO step is not exact: its reference point z0 is estimated from each rank's
-share of the batch (as TRL's KTOTrainer does per device) and its NLL term averages the
-up-votes of each share.
+processes. A KTO step is weighted by votes and its NLL term by up-votes (``tuning.kto.
+train_kto``), but is not exact: its reference point z0 (no gradient) is estimated from each
+rank's share of the batch, as TRL's KTOTrainer does per device.
 
 On GPUs: ``torchrun --nproc-per-node <gpus>``; the group then uses NCCL and each rank its
 own device (``device``); see docs/architecture.md "Training over several processes".
