@@ -5,6 +5,7 @@
     python -m tuning.train --data-dir data --as ADMIN --pairs train.jsonl --eval-pairs heldout.jsonl \\
         --set learning_rate=1e-4 --price-per-hour 0.2
     python app.py train --sft domain.jsonl --heldout questions.jsonl --as ADMIN   # SFT on an admin's data set
+    torchrun --nproc-per-node 2 app.py train --as ADMIN     # the same job on 2 processes (tuning.distributed)
 
 The pairs and lone votes are built from the feedback in the store
 (``tuning.pairs.build_preferences``), or read from ``--pairs`` and ``--eval-pairs`` (one JSON
@@ -126,9 +127,8 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     data_dir)`` (``app.py train`` passes ``loop.jobs.recover_stale_jobs``) fails jobs that
     died before this one is queued, once the caller is known to be allowed.
 
-    Under torchrun or ``accelerate launch`` with several processes (``tuning.distributed``)
-    rank 0 is this job and the other ranks train beside it (``tuning.trainer.follow``):
-    ``torchrun --nproc-per-node 2 app.py train --as ADMIN``."""
+    Under torchrun with several processes (``tuning.distributed``) rank 0 is this job and
+    the other ranks train beside it (``tuning.trainer.follow``)."""
     from . import distributed
 
     if not distributed.launched().several:
