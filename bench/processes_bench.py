@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 bench/processes_bench.py --model DIR [--pairs 32]   # two (1 thread each)
 
 Trains ``tuning.dpo.train_loop`` (reference once, the machine's number format, batch 4) on
-synthetic pairs (``tuning.synthetic`` questions; chosen one sentence, rejected three, about
-40 and 90 answer tokens on SmolLM2's tokenizer) and prints one JSON line from rank 0:
+synthetic pairs (``tuning.synthetic`` questions; chosen one sentence, rejected three: on
+SmolLM2's tokenizer prompts of about 35 tokens, answers of 15 and 39) and prints one JSON line from rank 0:
 processes, threads per process, steps, seconds per step (after the reference pass, the
 first step left out), the format and the CPU. Documented in docs/architecture.md
 "Training over several processes"; not a test: timings on a shared machine are noisy.
