@@ -170,8 +170,11 @@ def run_method(method: Method, model_dir: Path, args) -> dict:
     from tuning.sft import tokenize_example, train_sft
 
     fmt = machine_format(args.dtype)
+    # replay=0: the methods compared on the data set's rows alone, as the table was measured;
+    # the job's replayed general answers (tuning.sft.replay_rows) would be the same for all.
     config = TrainConfig(learning_rate=args.lr.get(method.name, method.learning_rate), epochs=args.epochs,
-                         batch_size=args.batch_size, dtype=fmt.dtype, price_per_hour=args.price_per_hour)
+                         batch_size=args.batch_size, dtype=fmt.dtype, price_per_hour=args.price_per_hour,
+                         replay=0)
     model, tok = build(model_dir, method, config)
     report = read_dataset(Path(args.train), Path(args.heldout), tokenizer=tok, max_length=config.max_length)
     if not report.ok:

@@ -157,26 +157,48 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, model) -> dict:
+    """The batch's tensors where the model is (its GPU under torchrun with NCCL; else a no-op)."""
+    device = device_of(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast_on(model, enabled: bool):
+    """bf16 autocast (``dtype`` "bfloat16") on the model's kind of device."""
+    return torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: bool, batch_size: int = 8) -> list[TokenizedPair]:
     """The items with the reference's log-probabilities attached, computed once (adapter
-    off, no gradient) in batches of similar length instead of again at every step."""
+    off, no gradient) in batches of similar length instead of again at every step. With
+    several processes each rank computes every size-th batch and the ranks add up their
+    (N, 2) tables, so each has every item's numbers (the same batches as one process)."""
     import dataclasses
 
+    from . import distributed
+
+    world = distributed.start()
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + max(len(items[i].chosen), len(items[i].rejected)))
-    out: list[TokenizedPair | None] = [None] * len(items)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    refs = torch.zeros((len(items), 2), dtype=torch.float64)  # (N, 2): chosen, rejected
+    ctx = autocast_on(model, autocast)
     was_training = model.training
     model.eval()
     with torch.no_grad(), model.disable_adapter(), ctx:
         for b in range(0, len(order), batch_size):
+            if (b // batch_size) % world.size != world.rank:
+                continue
             idx = order[b : b + batch_size]
             chunk = [dataclasses.replace(items[i], ref=None) for i in idx]
-            logps, _ = sequence_logps(model, collate(chunk, pad_id))
+            logps, _ = sequence_logps(model, to_device(collate(chunk, pad_id), model))
             n = len(idx)
-            for k, i in enumerate(idx):
-                out[i] = dataclasses.replace(items[i], ref=(float(logps[k]), float(logps[n + k])))
+            refs[idx, 0], refs[idx, 1] = logps[:n].double().cpu(), logps[n:].double().cpu()
     model.train(was_training)
-    return out
+    refs = distributed.sum_across(refs)
+    return [dataclasses.replace(it, ref=(float(refs[i, 0]), float(refs[i, 1]))) for i, it in enumerate(items)]
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,19 +229,19 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     n = batch["input_ids"].shape[0]
     counts = mask.sum(1).to(token_logps.dtype)
-    whole = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    whole = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     sums = whole
     if "dpo_mask" in batch:  # the log-ratios count only what tells the two answers apart
         w = batch["dpo_mask"][:, 1:][mask].to(token_logps.dtype)
-        sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
+        sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps * w)
     if not nll:
         return sums, counts
     # The NLL term's tokens (rows of nll_mask are the first sequences of the batch).
     marks = torch.zeros_like(batch["completion_mask"])
     marks[: batch["nll_mask"].shape[0]] = batch["nll_mask"]
     w = marks[:, 1:][mask].to(token_logps.dtype)  # (M,)
-    nll_sums = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, token_logps * w)
-    nll_counts = torch.zeros(n, dtype=token_logps.dtype).index_add(0, rows, w)
+    nll_sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps * w)
+    nll_counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, w)
     return sums, counts, nll_sums, nll_counts, whole
 
 
@@ -238,7 +260,7 @@ def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool
               nll_tokens: str = "answer") -> tuple[torch.Tensor, StepStats]:
     """Forward the reference (adapter off, no grad) and the policy; DPO + NLL on chosen."""
     n = batch["input_ids"].shape[0] // 2
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    ctx = autocast_on(model, autocast)
     if "ref_logps" in batch:  # computed once before training (with_reference)
         ref_logps = batch["ref_logps"]
     else:
@@ -298,7 +320,8 @@ def train_loop(
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-             kind_of: Callable[[object], str] | None = None) -> tuple[list[dict], int]:
+             kind_of: Callable[[object], str] | None = None,
+             weigh: Callable[[list, list], float] | None = None) -> tuple[list[dict], int]:
     """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
     between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
@@ -306,7 +329,15 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
     and cut into batches of its own, and the batches are shuffled together (a job with DPO
     pairs and KTO votes: each step is one loss, each example seen once per epoch).
-    Returns (per-step rows, steps per epoch)."""
+
+    Under a launcher with several processes (``tuning.distributed``) each rank computes the
+    loss of its share of every batch, scaled by ``weigh(share, batch)`` (its share of the
+    items by default; SFT weighs by answer tokens), the gradients are summed across ranks,
+    and every rank steps alike; the rows are the whole batch's figures, on every rank, and
+    the leader's ``should_stop`` stops them all. Returns (per-step rows, steps per epoch)."""
+    from . import distributed
+
+    world = distributed.start()
     rng = random.Random(config.seed)
     if kind_of is None:
         per_epoch = math.ceil(len(items) / config.batch_size)
@@ -315,6 +346,7 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
         per_epoch = sum(math.ceil(n / config.batch_size) for n in sizes.values())
     steps = per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.same_start(params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     model.train()
@@ -324,12 +356,22 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     for epoch in range(config.epochs):
         batches = _batches(items, config.batch_size, rng, kind_of, config.by_length)
         for b, chosen in enumerate(batches):
-            if should_stop is not None and should_stop():
+            if distributed.agree(should_stop is not None and should_stop()):
                 raise Cancelled(f"cancelled at step {step} of {steps}")
-            batch = collate_fn([items[i] for i in chosen], pad)
-            loss, stats = step_loss(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world.several:
+                mine = distributed.split(chosen, world)
+                share = [items[i] for i in mine]
+                weight = (weigh or _item_share)(share, [items[i] for i in chosen]) if mine else 0.0
+                stats = None
+                if mine:
+                    loss, stats = step_loss(to_device(collate_fn(share, pad), model))
+                    (loss * weight).backward()
+                distributed.sum_gradients(params)
+                stats = distributed.combine(weight, stats)
+            else:
+                loss, stats = step_loss(to_device(collate_fn([items[i] for i in chosen], pad), model))
+                loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             opt.step()
             sched.step()
@@ -343,6 +385,10 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 progress(row)
     model.eval()
     return history, per_epoch
+
+
+def _item_share(share: list, batch: list) -> float:
+    return len(share) / len(batch)
 
 
 def _length(item) -> int:

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import TokenizedPair, collate, optimise, pair_loss, sequence_logps, tokenize_pair, with_reference
+from .dpo import (TokenizedPair, autocast_on, collate, optimise, pair_loss, sequence_logps, tokenize_pair,
+                  with_reference)
 from .sft import TokenizedExample, collate_examples, tokenize_example
 
 # -- which objective ----------------------------------------------------------------------
@@ -154,12 +155,14 @@ class VoteStats:
     reward_margin: float | None  # mean desirable minus mean undesirable reward (TRL's rewards/margins)
 
 
-def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool) -> tuple[torch.Tensor, VoteStats]:
+def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool,
+              nll_scale: float = 1.0) -> tuple[torch.Tensor, VoteStats]:
     """Forward the reference (adapter off) on votes and mismatched sequences, the policy on
-    the mismatched ones without gradient (TRL's KL estimate), then the policy on the votes."""
+    the mismatched ones without gradient (TRL's KL estimate), then the policy on the votes.
+    ``nll_scale`` multiplies the NLL term (a rank's share of a batch, ``train_kto``)."""
     labels = batch["labels"]
     n = labels.shape[0]
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    ctx = autocast_on(model, autocast)
     with torch.no_grad(), model.disable_adapter(), ctx:
         ref, _ = sequence_logps(model, _rows(batch, 0, 2 * n))
     with torch.no_grad(), ctx:
@@ -172,8 +175,8 @@ def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool) -> tuple[
     if labels.any():  # NLL per token on the up-voted answers, as DPO's on chosen
         nll = -(logps[labels] / counts[labels].clamp(min=1)).mean()
     else:
-        nll = torch.zeros((), dtype=logps.dtype)
-    loss = kto + config.kto_nll_weight * nll
+        nll = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    loss = kto + config.kto_nll_weight * nll_scale * nll
     up = float(rewards[labels].mean()) if labels.any() else None
     down = float(rewards[~labels].mean()) if (~labels).any() else None
     return loss, VoteStats(
@@ -220,11 +223,23 @@ def train_kto(
         if batch.pop("objective") == "dpo":
             loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, autocast, config.nll_tokens)
         else:
-            loss, stats = vote_loss(model, batch, config, autocast)
+            loss, stats = vote_loss(model, batch, config, autocast, share["nll_scale"])
         return loss, {"objective": "kto" if isinstance(stats, VoteStats) else "dpo", **vars(stats)}
 
+    # With several processes (tuning.distributed) a rank's loss is scaled by its share of the
+    # batch's votes, but the NLL term is a mean over the batch's up-votes: scaled by their
+    # share instead, the ranks' gradients add up to one process's. (z0 is still each share's.)
+    share = {"nll_scale": 1.0}
+
+    def weigh(mine: list, whole: list) -> float:
+        weight = len(mine) / len(whole)
+        ups = sum(bool(getattr(it, "label", False)) for it in whole)
+        mine_up = sum(bool(getattr(it, "label", False)) for it in mine)
+        share["nll_scale"] = (mine_up / ups) / weight if mine_up else 1.0
+        return weight
+
     history, per_epoch = optimise(model, items, collate_any, pad, step_loss, config, progress, should_stop,
-                                  kind_of=kind)
+                                  kind_of=kind, weigh=weigh)
     return summarize_mixed(history, per_epoch)
 
 

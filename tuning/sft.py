@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import _completion_ids, answer_logits, optimise, sequence_logps
+from .dpo import _completion_ids, answer_logits, autocast_on, optimise, sequence_logps, to_device
 from .generation import greedy_answers
 from .general import questions as general_questions
 from .synthetic import prompts as open_prompts
@@ -75,12 +75,12 @@ def with_replay_reference(model, items: list[TokenizedExample], pad: int, autoca
     out = []
     was_training = model.training
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), autocast_on(model, autocast):
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
-            batch = collate_examples(chunk, pad)
-            logits, rows, _ = answer_logits(model, batch)
+            logits, rows, _ = answer_logits(model, to_device(collate_examples(chunk, pad), model))
             top = torch.log_softmax(logits.float(), dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+            top, rows = type(top)((top.values.cpu(), top.indices.cpu())), rows.cpu()
             for j, it in enumerate(chunk):
                 at = rows == j
                 out.append(TokenizedExample(it.prompt, it.answer, top.indices[at].clone(), top.values[at].clone()))
@@ -115,7 +115,7 @@ def sft_loss(model, batch: dict, autocast: bool) -> tuple[torch.Tensor, float]:
     answer tokens' NLL, except at replayed rows with a reference (``batch["replay"]``):
     there, the KL divergence from the reference's top-k next-token distribution
     (renormalised over those k) to the model's, at every answer position."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with autocast_on(model, autocast):
         if "replay" not in batch:
             logps, counts = sequence_logps(model, batch)
             return -logps.sum() / counts.sum().clamp(min=1), float(torch.exp(logps.detach().sum() / counts.sum().clamp(min=1)))
@@ -179,7 +179,11 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
         loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
         return loss, {"loss": float(loss.detach()), "token_prob": token_prob}
 
-    history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop)
+    def tokens(share: list, batch: list) -> float:  # the loss is a mean over the batch's answer tokens
+        return sum(len(it.answer) for it in share) / max(1, sum(len(it.answer) for it in batch))
+
+    history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop,
+                                  weigh=tokens)
     last = history[-per_epoch:] if history else []
     return {
         "steps": len(history),

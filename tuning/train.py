@@ -5,6 +5,7 @@
     python -m tuning.train --data-dir data --as ADMIN --pairs train.jsonl --eval-pairs heldout.jsonl \\
         --set learning_rate=1e-4 --price-per-hour 0.2
     python app.py train --sft domain.jsonl --heldout questions.jsonl --as ADMIN   # SFT on an admin's data set
+    torchrun --nproc-per-node 2 app.py train --as ADMIN     # the same job on 2 processes (tuning.distributed)
 
 The pairs and lone votes are built from the feedback in the store
 (``tuning.pairs.build_preferences``), or read from ``--pairs`` and ``--eval-pairs`` (one JSON
@@ -124,7 +125,27 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     """One job: check who asks and the settings, take the job row, build or read the pairs,
     train (``tuning.trainer.train_adapter``); returns the exit status. ``recover(store,
     data_dir)`` (``app.py train`` passes ``loop.jobs.recover_stale_jobs``) fails jobs that
-    died before this one is queued, once the caller is known to be allowed."""
+    died before this one is queued, once the caller is known to be allowed.
+
+    Under torchrun with several processes (``tuning.distributed``) rank 0 is this job and
+    the other ranks train beside it (``tuning.trainer.follow``)."""
+    from . import distributed
+
+    if not distributed.launched().several:
+        return _lead(a, recover)
+    _yield_cpu(a.priority)  # before torch starts its threads
+    if not distributed.start().leader:
+        from .trainer import follow
+
+        return follow()
+    try:
+        return _lead(a, recover, yielded=True)
+    finally:
+        distributed.release()  # ranks still waiting for work: there is none
+        distributed.finish()
+
+
+def _lead(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None, yielded: bool = False) -> int:
     if (a.pairs is None) != (a.eval_pairs is None):
         print("error: --pairs and --eval-pairs go together", file=sys.stderr)
         return 2
@@ -137,7 +158,8 @@ def run(a: argparse.Namespace, recover: Callable[[Any, Path], list[str]] | None 
     if (a.heldout is not None or a.with_edits) and a.sft is None:
         print("error: --heldout and --with-edits go with --sft", file=sys.stderr)
         return 2
-    _yield_cpu(a.priority)
+    if not yielded:
+        _yield_cpu(a.priority)
     from store import JobConflict, Store
 
     from .config import TrainConfig

@@ -29,6 +29,7 @@ from assistant.adapters import AdapterInfo, adapter_name, base_model_identity, b
 from assistant.paths import DataPaths
 from store.rows import utc_now
 
+from . import distributed
 from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
@@ -52,6 +53,23 @@ class TrainResult:
 
 def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, data_dir: Path):
     """(peft model with a trainable adapter named 'default', tokenizer)."""
+    return build_model(base_model_dir, config, parent_folder(base_model_dir, config, store, data_dir))
+
+
+def parent_folder(base_model_dir: Path, config: TrainConfig, store: Any, data_dir: Path) -> Path | None:
+    """The validated folder of the version ``config.continue_from`` names, or None."""
+    if config.continue_from is None:
+        return None
+    parent = store.adapter(config.continue_from)
+    folder = DataPaths(data_dir).version_folder(parent)  # never outside <data_dir>/adapters/
+    validate_adapter(folder, base_shapes=base_weight_shapes(base_model_dir), max_rank=config.max_rank,
+                     expected_hash=parent["content_hash"])
+    return folder
+
+
+def build_model(base_model_dir: Path, config: TrainConfig, parent: Path | None = None):
+    """(peft model with a trainable adapter named 'default', tokenizer): a new adapter, or
+    the one in ``parent`` (a validated version folder) to train further; no store needed."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,12 +78,8 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
     # fp32 master weights; with dtype bfloat16 the steps run under bf16 autocast.
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the adapter's initial A matrices
-    if config.continue_from is not None:
-        parent = store.adapter(config.continue_from)
-        folder = DataPaths(data_dir).version_folder(parent)  # never outside <data_dir>/adapters/
-        validate_adapter(folder, base_shapes=base_weight_shapes(base_model_dir), max_rank=config.max_rank,
-                         expected_hash=parent["content_hash"])
-        model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+    if parent is not None:
+        model = PeftModel.from_pretrained(base, parent, is_trainable=True)
     else:
         layers = base.config.num_hidden_layers
         top = range(max(0, layers - config.lora_layers), layers) if config.lora_layers else None
@@ -78,7 +92,8 @@ def load_for_training(base_model_dir: Path, config: TrainConfig, store: Any, dat
                           layers_to_transform=list(top) if top is not None else None,
                           layers_pattern="layers" if top is not None else None)
         model = get_peft_model(base, lora)
-    return model, tokenizer
+    # Under torchrun on GPUs (NCCL) each rank trains on its own GPU; otherwise the CPU.
+    return model.to(distributed.device()), tokenizer
 
 
 def train_adapter(
@@ -130,8 +145,10 @@ def train_adapter(
         pairs, eval_pairs, votes, eval_votes = objective_data(objective, pairs, eval_pairs, votes, eval_votes)
     counts = {} if sft else {"objective": objective, "votes": len(votes), "eval_votes": len(eval_votes),
                              "votes_up": vote_counts(votes)["up"], "votes_down": vote_counts(votes)["down"]}
+    world = distributed.current()
     job_config = {"train": config.to_dict(), "gate": gate_config.to_dict(), "format": fmt.as_dict(),
                   "pairs": len(pairs), "eval_pairs": len(eval_pairs), **counts,
+                  **({"processes": world.size} if world.several else {}),
                   **({"dataset": dataset} if dataset else {})}
     if job_id is None:
         job_id = store.queue_job(created_by, job_config, host=socket.gethostname())  # JobConflict while one is active
@@ -178,28 +195,23 @@ def train_adapter(
         if overlap - {None}:
             raise ValueError(f"{len(overlap)} evaluation pair(s) or vote(s) are also training ones; "
                              "the gate needs held-out data")
+        if objective not in ("dpo", "sft") and config.trainer == "trl":
+            raise ValueError("trainer 'trl' runs DPO only; these votes train by KTO in our own loop "
+                             "(set trainer=loop, or objective=dpo to train on the pairs alone)")
+        if world.several and objective == "dpo" and config.trainer == "trl":
+            raise ValueError("trainer 'trl' runs in one process; several processes train with our own loop "
+                             "(trainer=loop)")
         report({"phase": "loading", "format": fmt.dtype})
-        print(f"training in {fmt.describe()}", flush=True)
-        model, tokenizer = load_for_training(base_model_dir, config, store, data_dir)
+        print(f"training in {fmt.describe()}" + (f" on {world.size} processes" if world.several else ""), flush=True)
+        parent = parent_folder(base_model_dir, config, store, data_dir)
+        distributed.send({"objective": objective, "pairs": list(pairs), "votes": list(votes), "config": config.to_dict(),
+                          "base_model_dir": str(base_model_dir), "parent": str(parent) if parent else None})
+        model, tokenizer = build_model(base_model_dir, config, parent)
         trainable, total, share = trainable_params(model)
 
         report({"phase": "training"})
         t0 = time.monotonic()
-        if sft:
-            from .sft import train_sft
-
-            metrics = train_sft(model, tokenizer, pairs, config, report, should_stop)
-        elif objective != "dpo":
-            if config.trainer == "trl":
-                raise ValueError("trainer 'trl' runs DPO only; these votes train by KTO in our own loop "
-                                 "(set trainer=loop, or objective=dpo to train on the pairs alone)")
-            metrics = train_kto(model, tokenizer, pairs, votes, config, report, should_stop)
-        elif config.trainer == "trl":
-            from .trl_trainer import train_trl
-
-            metrics = train_trl(model, tokenizer, pairs, config, report, should_stop)
-        else:
-            metrics = train_loop(model, tokenizer, pairs, config, report, should_stop)
+        metrics = train_model(model, tokenizer, objective, pairs, votes, config, report, should_stop)
         train_seconds = time.monotonic() - t0
 
         report({"phase": "saving"})
@@ -216,7 +228,7 @@ def train_adapter(
         # tests/integration/test_loop.py). A server in bfloat16 may differ at near-ties.
         import torch
 
-        model.to(torch.float32)
+        model.to("cpu", torch.float32)  # the gate runs on the CPU, also after GPU training
         if should_stop():
             raise Cancelled("cancelled before evaluation")
         if sft:
@@ -270,6 +282,47 @@ def train_adapter(
     finally:
         beating.set()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_model(model, tokenizer, objective: str, pairs: list, votes: list, config: TrainConfig,
+                progress: Callable[[dict], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> dict:
+    """Train the model's adapter by ``objective`` (sft, dpo, kto, dpo+kto) with the trainer
+    ``config`` names; the run's metrics. The same call on every rank of a process group."""
+    if objective == "sft":
+        from .sft import train_sft
+
+        return train_sft(model, tokenizer, pairs, config, progress, should_stop)
+    if objective != "dpo":
+        return train_kto(model, tokenizer, pairs, votes, config, progress, should_stop)
+    if config.trainer == "trl":
+        from .trl_trainer import train_trl
+
+        return train_trl(model, tokenizer, pairs, config, progress, should_stop)
+    return train_loop(model, tokenizer, pairs, config, progress, should_stop)
+
+
+def follow() -> int:
+    """A rank other than the leader (``tuning.distributed``): wait for the leader's work,
+    load the same model, train in step with it, and end; the leader saves, gates and
+    registers. Exit status: 0 trained or nothing to train, 130 cancelled (by the leader)."""
+    world = distributed.start()
+    try:
+        work = distributed.receive()
+        if work is None:
+            return 0
+        config = TrainConfig().replace(**work["config"])
+        model, tokenizer = build_model(Path(work["base_model_dir"]), config,
+                                       Path(work["parent"]) if work["parent"] else None)
+        print(f"rank {world.rank}/{world.size}: training {len(work['pairs'])} pairs, {len(work['votes'])} votes",
+              flush=True)
+        try:
+            train_model(model, tokenizer, work["objective"], work["pairs"], work["votes"], config)
+        except Cancelled:
+            return 130
+        return 0
+    finally:
+        distributed.finish()
 
 
 HISTORY_POINTS = 400  # enough for a smooth curve; the row stays a few tens of kB whatever the run's length

@@ -1,0 +1,63 @@
+"""One rank of a training run under torchrun, for tests/test_distributed.py: 10 of the tiny
+model's toy pairs trained by ``tuning.trainer.train_model`` (DPO; SFT on their chosen
+answers; KTO on them as votes), the trained LoRA weights saved by rank 0.
+
+    torchrun --nproc-per-node 2 tests/dist_worker.py CHECKPOINT OUT.pt CONFIG_JSON [MODE] [OBJECTIVE]
+
+Without torchrun it is the one-process run. MODE: "train" (default); "cancel" (rank 0's stop
+check says stop from step 2); "fail" (rank 1 raises at step 2). OBJECTIVE: dpo (default),
+sft, kto.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main(checkpoint: str, out: str, config_json: str, mode: str = "train", objective: str = "dpo") -> int:
+    import torch
+
+    from tiny import toy_pairs
+    from tuning import distributed
+    from tuning.config import TrainConfig
+    from tuning.dpo import Cancelled
+    from tuning.kto import pairs_as_votes
+    from tuning.trainer import build_model, train_model
+
+    torch.set_num_threads(1)  # microsecond ops on a tiny model: threads only wait (tests/conftest.py)
+    world = distributed.start()
+    config = TrainConfig().replace(**json.loads(config_json))
+    pairs, votes = toy_pairs(10), []
+    if objective == "sft":
+        pairs = [{"id": p["id"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
+    elif objective == "kto":
+        pairs, votes = [], pairs_as_votes(pairs)[:10]
+    model, tokenizer = build_model(Path(checkpoint), config)
+    rows: list[dict] = []
+
+    def progress(row: dict) -> None:
+        rows.append(row)
+        if mode == "fail" and world.rank == 1 and row["step"] == 2:
+            raise RuntimeError("rank 1 fails on purpose")
+
+    try:
+        metrics = train_model(model, tokenizer, objective, pairs, votes, config, progress,
+                              should_stop=lambda: mode == "cancel" and world.leader and len(rows) >= 2)
+    except Cancelled as e:
+        print(f"rank {world.rank}: cancelled: {e}", flush=True)
+        distributed.finish()
+        return 130
+    if world.leader:
+        lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        torch.save({"lora": lora, "rows": rows, "metrics": metrics, "processes": world.size}, out)
+    print(f"rank {world.rank}: done, {metrics['steps']} steps, {metrics['seconds_per_step']} s/step", flush=True)
+    distributed.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
