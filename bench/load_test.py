@@ -3,6 +3,8 @@
     .venv/bin/python bench/load_test.py                          # 16 users, 60 s, vLLM
     .venv/bin/python bench/load_test.py --users 32 --seconds 120 --max-requests 500
     .venv/bin/python bench/load_test.py --engine hf              # transformers+peft in the app
+    .venv/bin/python bench/load_test.py --replicas 2 --vllm-servers 2 --database postgres
+    .venv/bin/python bench/load_test.py --replicas 2 --vllm-servers 2 --database postgres --kill-vllm-at 30
 
 It starts the real app (``app.py`` as a subprocess, as the integration tests do) on a fresh
 data folder in which it first registers one adapter version: a rank-16 all-linear LoRA made
@@ -26,6 +28,19 @@ told; and every answer must come from a version that was live at some moment bet
 request's submit and its first token (a promotion counts as taking effect anywhere between
 the admin's call and its reply). Prints one table; exits 1 if any request failed, a rating
 was lost, or an answer came from the wrong version.
+
+The deployment of docs/deploy.md, on loopback: ``--vllm-servers M`` starts M vLLM servers
+here (1 GiB of KV cache each, ``--kv-cache-gib``), as the app starts its own, and gives
+every app all of them with ``--vllm-url`` (the key in ``ASSISTANT_VLLM_API_KEY``);
+``--replicas N`` starts N apps on one data folder (the shared adapters folder), users
+assigned round robin, the admin on the first; ``--database postgres`` puts the store on a
+throwaway PostgreSQL server (``tests/pg.py``). On another replica than the admin's an
+answer may come from the version before for ``--replica-lag`` seconds after the admin's
+reply (it reads the promotions log every second); those are counted apart.
+``--kill-vllm-at S`` SIGKILLs the first server S seconds into the run; its watchdog starts
+it again, as a supervisor would. The chats it cut are then reported as what users saw
+(with the requests the apps moved to the other server before their first token, from
+their logs) and do not fail the run; lost ratings and wrong versions still do.
 """
 
 from __future__ import annotations
