@@ -15,6 +15,8 @@ validated like any other adapter, and named ``base-{hash12}`` (never a version n
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from .adapters import CONFIG, WEIGHTS, base_weight_shapes, content_hash, validate_adapter
@@ -68,8 +70,19 @@ def base_adapter(model_dir: Path, adapters_dir: Path, max_rank: int) -> Adapter:
     """The all-zero adapter that stands for the base model; created on first use."""
     folder = Path(adapters_dir) / f"base-zero-{Path(model_dir).name}"
     if not (folder / WEIGHTS).is_file():
-        tmp = folder.with_name(folder.name + ".tmp")
-        write_lora(tmp, model_dir, rank=1)
-        tmp.rename(folder)
+        # App replicas sharing one adapters folder start together: each writes a folder of
+        # its own and the first rename wins (the content is the same, seed 0). One shared
+        # ".tmp" folder had them write into each other's files and fail the second rename.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+        try:
+            write_lora(tmp, model_dir, rank=1)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another replica's rename came first
+                if not (folder / WEIGHTS).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     validate_adapter(folder, base_shapes=base_weight_shapes(model_dir), max_rank=max_rank)
     return Adapter(name=f"base-{content_hash(folder)[:12]}", path=str(folder.resolve()), version=0)

@@ -227,6 +227,8 @@ class VLLMServer:
                     self.restarts += 1
                 self.on_restart()
             except Exception:
+                if self._stopping.is_set():  # stop() cancelled the restart: nothing failed
+                    return
                 log.exception("vLLM restart failed; trying again")
                 time.sleep(5)
 

@@ -35,10 +35,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
 
 
 @contextmanager
-def running_app(data_dir: Path, *args: str, timeout_s: float = 180):
-    """Run app.py with the given options; yields its URL; stops it afterwards."""
+def running_app(data_dir: Path, *args: str, timeout_s: float = 180, log_name: str = "app.log"):
+    """Run app.py with the given options; yields its URL; stops it afterwards. Replicas on one
+    data folder each need their own ``log_name``."""
     port = free_port()
-    log = data_dir / "app.log"
+    log = data_dir / log_name
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "wb") as out:

@@ -141,3 +141,23 @@ def test_base_adapter_is_all_zero_valid_and_stable(tiny_base, tmp_path):
     validate_adapter(a.path, base_shapes=base_weight_shapes(tiny_base), max_rank=16)
     weights = load_file(f"{a.path}/adapter_model.safetensors")
     assert weights and all(not w.any() for k, w in weights.items() if "lora_B" in k)
+
+
+def test_replicas_starting_together_write_one_base_adapter(tiny_base, tmp_path, monkeypatch):
+    """App replicas on one shared adapters folder create the zero adapter at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import assistant.base_adapter as module
+
+    both_written = threading.Barrier(2, timeout=60)
+
+    def write_then_wait(*args, **kwargs):  # both have written before either renames
+        out = write_lora(*args, **kwargs)
+        both_written.wait()
+        return out
+
+    monkeypatch.setattr(module, "write_lora", write_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda _: base_adapter(tiny_base, tmp_path, max_rank=16), range(2)))
+    assert made[0] == made[1]
+    assert [p.name for p in tmp_path.iterdir()] == [f"base-zero-{tiny_base.name}"]  # no temporary folder left
