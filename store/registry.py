@@ -129,11 +129,10 @@ class RegistryMixin:
         return pid
 
     def latest_promotion(self, kind: str = "live") -> dict | None:
-        rows = list(
-            self.db["promotions"].rows_where(
-                "kind = ?", [kind], order_by="created_utc DESC, rowid DESC", limit=1
-            )
-        )
+        # The database's own order of writes (rowid), not the writers' clocks: two app
+        # replicas on one database whose clocks differ by a second would otherwise let an
+        # older promotion win over a newer one.
+        rows = list(self.db["promotions"].rows_where("kind = ?", [kind], order_by="rowid DESC", limit=1))
         return rows[0] if rows else None
 
     def live_version(self) -> int | None:
@@ -142,4 +141,4 @@ class RegistryMixin:
         return None if row is None else row["version"]
 
     def promotions(self) -> list[dict]:
-        return list(self.db["promotions"].rows_where(order_by="created_utc DESC, rowid DESC"))
+        return list(self.db["promotions"].rows_where(order_by="rowid DESC"))

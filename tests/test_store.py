@@ -207,6 +207,17 @@ def test_adapter_versions_jobs_and_promotions(store):
     store.record_promotion(None, "admin", "rollback to base")
     assert store.live_version() is None
     assert [p["version"] for p in store.promotions()] == [None, 1]
+    # A replica whose clock runs an hour fast promoted first; the newer write still wins.
+    import store.registry as registry
+
+    real = registry.utc_now
+    registry.utc_now = lambda: "2099-01-01T00:00:00.000000Z"
+    try:
+        store.record_promotion(1, "admin", "from a replica whose clock is ahead")
+    finally:
+        registry.utc_now = real
+    store.record_promotion(None, "admin", "rollback, from a replica on time")
+    assert store.live_version() is None and store.promotions()[0]["reason"] == "rollback, from a replica on time"
 
     job = store.create_job("admin", {"epochs": 2})
     store.update_job(job, status="running", progress_json={"step": 3, "loss": 0.5})
