@@ -81,9 +81,9 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert main(tmp, checkpoint, "train", "--as", "system:launcher", "--job", queued, "--priority", "normal") == 0
     second = store.adapter(store.job(queued)["adapter_version"])
     assert second["parent_version"] == version and second["config_json"]["dataset"] == digest
-    assert second["config_json"]["epochs"] == 4  # SFT_DEFAULTS
+    assert second["config_json"]["epochs"] == 6  # SFT_DEFAULTS
     # the parent says "zed" to everything: its answers are replayed, so they all count
-    assert second["metrics_json"]["steps"] == -(-(24 + second["metrics_json"]["replay_rows"]) // 8) * 4
+    assert second["metrics_json"]["steps"] == -(-(24 + second["metrics_json"]["replay_rows"]) // 8) * 6
     assert second["metrics_json"]["replay_rows"] > replayed
 
     # DPO from feedback continues from the SFT version: parent recorded, and its gate also

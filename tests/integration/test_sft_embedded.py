@@ -6,17 +6,16 @@ an admin would: ``app.py train --sft train.jsonl --heldout heldout.jsonl --as AD
 The version must answer most held-out paraphrases right where the base answers almost none,
 keep the regression set (the gate's non-inferiority check), and pass the gate on its own.
 
-Measured once (2026-11-30, AMD EPYC 2 cores shared with another training run, bfloat16,
-SFT_DEFAULTS: lr 5e-4, 4 epochs, batch 8, r=16 all-linear; 84 steps in 741 s, gate 62 s):
-held-out domain questions right 0% (base) -> 63% (26 gained, 0 lost), but the regression
-set fell from 65/65 to 38/65 ("The capital of China is ShijFel."), so the gate refused the
-version, as it should. Hence xfail until a recipe keeps general knowledge (next to try:
-mixing in the base model's own answers to general questions as replay rows, a lower rate).
+Recipe (tuning.sft.SFT_DEFAULTS and TrainConfig.replay/replay_loss): lr 5e-4, 6 epochs,
+batch 8, r=16 all-linear, and 128 general questions whose answers by the base are replayed
+by KL (top 32). Measured outside the job (2026-11-30, AMD EPYC 2 cores avx512_bf16, bf16,
+same recipe): held-out domain 0/41 -> 31/41 (76%), regression set 63/63 -> 62/63. Before
+replay: 26/41 but the regression set 65/65 -> 38/65 ("The capital of China is ShijFel."),
+and the gate refused it. The job's own figures are printed by this test.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -26,12 +25,8 @@ import pytest
 
 from store import Store
 
-# Not in the default run: it does not pass yet (the docstring's figures) and costs about
-# 13 minutes of CI's budget. ASSISTANT_DOMAIN_TEST=1 runs it, as the figures were taken.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    os.environ.get("ASSISTANT_DOMAIN_TEST") != "1",
-    reason="measured 2026-11-30: domain 0% -> 63% but regression set 65/65 -> 38/65, gate refused (docstring); "
-           "ASSISTANT_DOMAIN_TEST=1 runs it")]
+# About 8 minutes on 2 cores in bf16 (replay answers, 222 steps at ~1.5 s, the gate).
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = ROOT / "examples" / "quorvia"
 
@@ -43,7 +38,7 @@ def test_an_sft_version_learns_the_domain_keeps_the_regression_set_and_passes_th
     r = subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path), "train", "--sft", str(DOMAIN / "train.jsonl"),
          "--heldout", str(DOMAIN / "heldout.jsonl"), "--as", "root", "--model", str(embedded_model), "--priority", "normal"],
-        capture_output=True, text=True, cwd=ROOT, timeout=1800,  # 13.4 min measured on 2 shared cores
+        capture_output=True, text=True, cwd=ROOT, timeout=2400,  # ~8 min in bf16; float32 machines ~2-3x
     )
     print(r.stdout[-6000:], r.stderr[-3000:], f"{time.monotonic() - started:.0f} s", sep="\n")
     assert r.returncode == 0, r.stderr
