@@ -8,6 +8,11 @@ loss is the mean negative log-likelihood of the last assistant message's tokens,
 included, given everything before it, as the server will prompt: the chat template with its
 generation prompt.
 
+Beside the data set's rows, the job replays the starting model's own answers to general
+questions (``replay_rows``; ``TrainConfig.replay``) and, by default, trains them toward its
+top-32 next-token distributions rather than their tokens (``with_replay_reference``,
+``sft_loss``): the version learns the domain and keeps answering as before elsewhere.
+
 Why our own loop rather than TRL's SFTTrainer: the job machinery around it (progress rows
 every step, cancel between steps, the machine's number format, the same AdamW + linear decay
 + clip 1.0 as the DPO loop) is already written for the DPO loop, and the loss is four
