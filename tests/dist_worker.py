@@ -6,11 +6,14 @@ answers; KTO on them as votes), the trained LoRA weights saved by rank 0.
 
 Without torchrun it is the one-process run. MODE: "train" (default); "cancel" (rank 0's stop
 check says stop from step 2); "fail" (rank 1 raises at step 2). OBJECTIVE: dpo (default),
-sft, kto.
+sft, kto, dpo-replay (DPO with 5 fixed replayed answers standing in for the general answers
+the tiny model leaves empty, so the replay's split across ranks is exercised).
 """
 
+import contextlib
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +35,13 @@ def main(checkpoint: str, out: str, config_json: str, mode: str = "train", objec
     world = distributed.start()
     config = TrainConfig().replace(**json.loads(config_json))
     pairs, votes = toy_pairs(10), []
+    replay = contextlib.nullcontext()
+    if objective == "dpo-replay":  # patched for this run only: tests call main() in-process too
+        answers = ["the sky is blue.", "seven days.", "paris.", "four.", "water boils at 100 c."]
+        replay = mock.patch("tuning.sft.replay_rows", lambda model, tok, count, max_new_tokens=96: [
+            {"id": f"replay-{i}", "messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": a}]}
+            for i, a in enumerate(answers[:count])])
+        objective = "dpo"
     if objective == "sft":
         pairs = [{"id": p["id"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
     elif objective == "kto":
@@ -40,13 +50,16 @@ def main(checkpoint: str, out: str, config_json: str, mode: str = "train", objec
     rows: list[dict] = []
 
     def progress(row: dict) -> None:
+        if "step" not in row:  # a phase row (e.g. how many answers are replayed)
+            return
         rows.append(row)
         if mode == "fail" and world.rank == 1 and row["step"] == 2:
             raise RuntimeError("rank 1 fails on purpose")
 
     try:
-        metrics = train_model(model, tokenizer, objective, pairs, votes, config, progress,
-                              should_stop=lambda: mode == "cancel" and world.leader and len(rows) >= 2)
+        with replay:
+            metrics = train_model(model, tokenizer, objective, pairs, votes, config, progress,
+                                  should_stop=lambda: mode == "cancel" and world.leader and len(rows) >= 2)
     except Cancelled as e:
         print(f"rank {world.rank}: cancelled: {e}", flush=True)
         distributed.finish()

@@ -18,8 +18,10 @@ from tuning.distributed import World, split
 
 ROOT = Path(__file__).resolve().parent.parent
 # 10 pairs in batches of 3: global batches of 3, 3, 3 and 1 item, so the two ranks get
-# uneven shares (2 and 1) and, at the last batch, one rank none.
-CONFIG = {"rank": 4, "alpha": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 3, "dtype": "float32"}
+# uneven shares (2 and 1) and, at the last batch, one rank none. 8 replayed general answers
+# (those the tiny model does not leave empty), 3 per step, split across ranks the same way.
+CONFIG = {"rank": 4, "alpha": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 3, "dtype": "float32",
+          "replay": 8, "replay_per_step": 3}
 # One process and two differ by rounding only (tuning.distributed, "What is exact"): seen
 # 1.5e-8 (DPO) and 3e-8 (KTO) at most, on LoRA weights that training moved by about 1e-2.
 TOLERANCE = 1e-5
@@ -59,10 +61,10 @@ def test_a_batch_is_shared_out_whole_and_in_order():
 
 # Per-step losses of one and two processes: DPO and SFT differ by rounding; KTO's reference
 # point z0 is estimated on each rank's share (tuning.distributed), seen 2e-4 apart.
-LOSS_REL = {"dpo": 1e-5, "sft": 1e-5, "kto": 1e-3}
+LOSS_REL = {"dpo": 1e-5, "dpo-replay": 1e-5, "sft": 1e-5, "kto": 1e-3}
 
 
-@pytest.mark.parametrize("objective", ["dpo", "sft", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "dpo-replay", "sft", "kto"])
 def test_two_processes_train_the_same_adapter_as_one(files, objective):
     """DPO (shares weighed by pairs), SFT (by answer tokens), KTO (by votes, its NLL term by
     up-votes): the same adapter, in 8 steps of uneven shares."""
@@ -91,6 +93,9 @@ def test_two_processes_train_the_same_adapter_as_one(files, objective):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_REL[objective])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=100 * LOSS_REL[objective])
         assert a.get("reward_accuracy") == pytest.approx(b.get("reward_accuracy"))
+    if objective == "dpo-replay":  # every step also trained the replayed answers, on both sides
+        assert one["metrics"]["replay_rows"] == two["metrics"]["replay_rows"] == 5
+        assert all(r["replay_kl"] is not None for r in one["rows"] + two["rows"])
 
 
 @pytest.mark.slow

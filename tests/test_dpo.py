@@ -203,3 +203,47 @@ def test_edit_dpo_counts_only_what_tells_the_answers_apart():
         whole, _ = sequence_logps(model, collate([tokenize_pair(tok, pair, 512)], tok.pad_token_id))
     assert masked[1].item() > whole[1].item()  # fewer (negative) terms counted
     assert counts.tolist() == [len(item.chosen), len(item.rejected)]
+
+
+def test_replayed_answers_hold_a_dpo_version_to_what_it_said_elsewhere():
+    """TrainConfig.replay in a feedback job: each DPO step also trains the KL from the starting
+    model's distribution on replayed general answers (tuning.sft.Replay). The same DPO run
+    with replay ends closer to the starting model on those answers than without, and still
+    learns the preference."""
+    import copy
+
+    from tuning.sft import Replay, collate_examples, sft_loss, tokenize_example, with_replay_reference
+
+    tok = tiny_tokenizer()
+    from peft import LoraConfig, get_peft_model
+
+    start = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    rows = [{"messages": [{"role": "user", "content": f"what is {w}?"}, {"role": "assistant", "content": f"{w} is a word."}]}
+            for w in ("sky", "sea", "sun", "moon", "tree", "rock", "wind", "rain")]
+    pad = tok.eos_token_id
+    items = with_replay_reference(start, [tokenize_example(tok, r, 64) for r in rows], pad, False, top_k=8)
+
+    def replay_loss(model) -> float:
+        with torch.no_grad():
+            return float(sft_loss(model, collate_examples(items, pad), False)[0])
+
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32")
+    before = replay_loss(start)
+    plain, held = copy.deepcopy(start), copy.deepcopy(start)
+    train_loop(plain, tok, toy_pairs(16), config)
+    steps: list[dict] = []
+    metrics = train_loop(held, tok, toy_pairs(16), config, progress=steps.append,
+                         replay=Replay(items, per_step=4, weight=5.0, pad=pad, autocast=False))
+    assert all(r["replay_kl"] is not None for r in steps)
+    assert steps[0]["replay_kl"] == pytest.approx(before, abs=0.05)  # the first rows, before any update
+    assert metrics["reward_accuracy"] > 0.9 and metrics["replay_kl"] is not None
+    drift_plain, drift_held = replay_loss(plain) - before, replay_loss(held) - before
+    assert drift_plain > 0.05, "the DPO run alone should move the replayed answers' distribution"
+    assert drift_held < drift_plain / 2, (drift_held, drift_plain)
+
+
+def test_replay_settings_are_checked():
+    with pytest.raises(ValueError, match="replay_per_step"):
+        TrainConfig(replay_per_step=0).check()
+    with pytest.raises(ValueError, match="replay_weight"):
+        TrainConfig(replay_weight=-1).check()

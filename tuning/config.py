@@ -105,10 +105,10 @@ class TrainConfig:
     # With method "sft": the data set's content hash (tuning.dataset.store_dataset), never a
     # path: a job reads only what an admin added to <data_dir>/datasets/.
     dataset: str | None = None
-    # With method "sft": how many general questions (tuning.general and tuning.synthetic,
-    # none of them in the gate's regression set) the starting model answers greedily
-    # before training; those answers train beside the data set ("replay"), so the version
-    # keeps answering like the model it started from where the data set says nothing.
+    # How many general questions (tuning.general and tuning.synthetic, none of them in the
+    # gate's regression set) the starting model answers greedily before training; those
+    # answers train beside the data set or the feedback ("replay"), so the version keeps
+    # answering like the model it started from where the data says nothing.
     # Measured on the Quorvia set (164 rows, lr 5e-4, bf16; README "Teaching it a
     # domain"): without replay the regression set fell 65/65 -> 38/65; 128 replayed
     # answers by NLL 56/63, by KL 61/63 (4 epochs) and 62/63 (6 epochs). 0 turns it off.
@@ -119,6 +119,11 @@ class TrainConfig:
     # rows, KL kept 61/63 of the regression set and learned 26/41 held-out domain
     # questions; NLL kept 56/63 and learned 23/41: a distribution says more than its argmax.
     replay_loss: str = "kl"
+    # Feedback jobs (DPO, KTO): each step also trains the next replay_per_step replayed rows
+    # (cycling), their loss times replay_weight added to the step's (tuning.dpo.optimise).
+    # An SFT job mixes them into its batches instead.
+    replay_per_step: int = 4
+    replay_weight: float = 1.0
 
     # -- which trainer ------------------------------------------------------------------
     # "loop" (tuning.dpo, our own) or "trl" (TRL's DPOTrainer). The loop was kept: same
@@ -196,7 +201,9 @@ class TrainConfig:
         if self.replay_loss not in ("nll", "kl"):
             raise ValueError(f"replay_loss must be 'nll' or 'kl', not {self.replay_loss!r}.")
         if not 0 <= self.replay <= 250:  # tuning.general and tuning.synthetic: about 250 questions
-            raise ValueError("replay must be 0 to 250 (general questions answered before SFT).")
+            raise ValueError("replay must be 0 to 250 (general questions answered before training).")
+        if not (1 <= self.replay_per_step <= 64 and 0 <= self.replay_weight <= 100):
+            raise ValueError("replay_per_step must be 1 to 64 and replay_weight 0 to 100.")
         for key in ("rank", "alpha", "epochs", "batch_size", "max_length", "max_rank"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1.")

@@ -297,11 +297,13 @@ def train_loop(
     config: TrainConfig,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    replay=None,
 ) -> dict:
     """Train the model's active LoRA adapter on ``pairs``; return the run's metrics.
 
     Calls ``progress`` after every step with step, steps, epoch, loss, reward accuracy and
     margin, seconds; raises :class:`Cancelled` between steps once ``should_stop()`` is true.
+    ``replay`` (``tuning.sft.Replay``) adds the replayed rows' KL to every step.
     """
     torch.manual_seed(config.seed)
     items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
@@ -314,14 +316,15 @@ def train_loop(
                                 config.nll_tokens)
         return loss, vars(stats)
 
-    history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop)
+    history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop, replay=replay)
     return summarize(history)
 
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
              kind_of: Callable[[object], str] | None = None,
-             weigh: Callable[[list, list], float] | None = None) -> tuple[list[dict], int]:
+             weigh: Callable[[list, list], float] | None = None,
+             replay=None) -> tuple[list[dict], int]:
     """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
     between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
@@ -334,7 +337,12 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     loss of its share of every batch, scaled by ``weigh(share, batch)`` (its share of the
     items by default; SFT weighs by answer tokens), the gradients are summed across ranks,
     and every rank steps alike; the rows are the whole batch's figures, on every rank, and
-    the leader's ``should_stop`` stops them all. Returns (per-step rows, steps per epoch)."""
+    the leader's ``should_stop`` stops them all.
+
+    ``replay`` (``tuning.sft.Replay``): each step also backpropagates ``replay.weight`` times
+    the loss of the next ``replay.per_step`` replayed rows (a shuffled order, cycled), split
+    across ranks by answer tokens like SFT rows, and its row gets ``replay_kl``. Returns
+    (per-step rows, steps per epoch)."""
     from . import distributed
 
     world = distributed.start()
@@ -349,6 +357,8 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     distributed.same_start(params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    replay_order = list(range(len(replay.items))) if replay is not None else []
+    random.Random(config.seed + 1).shuffle(replay_order)
     model.train()
     history: list[dict] = []
     start = time.monotonic()
@@ -367,11 +377,16 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 if mine:
                     loss, stats = step_loss(to_device(collate_fn(share, pad), model))
                     (loss * weight).backward()
+                if replay_order:
+                    kl = _replay_backward(model, replay, replay_order, step, world)
+                    stats = None if stats is None else {**stats, "replay_kl": kl}
                 distributed.sum_gradients(params)
                 stats = distributed.combine(weight, stats)
             else:
                 loss, stats = step_loss(to_device(collate_fn([items[i] for i in chosen], pad), model))
                 loss.backward()
+                if replay_order:
+                    stats = {**stats, "replay_kl": _replay_backward(model, replay, replay_order, step, world)}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             opt.step()
             sched.step()
@@ -385,6 +400,23 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
                 progress(row)
     model.eval()
     return history, per_epoch
+
+
+def _replay_backward(model, replay, order: list[int], step: int, world) -> float | None:
+    """Backpropagate ``replay.weight`` x the replayed rows' loss for ``step`` (this rank's
+    share, weighed by answer tokens); that loss (this rank's share), or None without a share."""
+    from . import distributed
+
+    n = len(order)
+    chosen = [order[(step * replay.per_step + j) % n] for j in range(min(replay.per_step, n))]
+    mine = distributed.split(chosen, world) if world.several else chosen
+    if not mine:
+        return None
+    share = [replay.items[i] for i in mine]
+    weight = sum(len(it.answer) for it in share) / max(1, sum(len(replay.items[i].answer) for i in chosen))
+    loss = replay.loss(model, share)
+    (loss * replay.weight * weight).backward()
+    return float(loss.detach())
 
 
 def _item_share(share: list, batch: list) -> float:
@@ -433,6 +465,7 @@ def summarize(history: list[dict]) -> dict:
         "nll": mean("nll"),
         "reward_accuracy": mean("reward_accuracy"),
         "reward_margin": mean("reward_margin"),
+        **({"replay_kl": mean("replay_kl")} if all(r.get("replay_kl") is not None for r in last) else {}),
         "seconds": history[-1]["seconds"],
         "seconds_per_step": round(history[-1]["seconds"] / len(history), 3),
     }

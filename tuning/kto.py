@@ -197,6 +197,7 @@ def train_kto(
     config: TrainConfig,
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    replay=None,
 ) -> dict:
     """Train the model's active LoRA adapter by KTO on ``votes`` and, when ``pairs`` are
     given, by DPO on them in the same run (steps of one kind each); the run's metrics.
@@ -239,7 +240,7 @@ def train_kto(
         return weight
 
     history, per_epoch = optimise(model, items, collate_any, pad, step_loss, config, progress, should_stop,
-                                  kind_of=kind, weigh=weigh)
+                                  kind_of=kind, weigh=weigh, replay=replay)
     return summarize_mixed(history, per_epoch)
 
 
@@ -271,6 +272,8 @@ def summarize_mixed(history: list[dict], per_epoch: int) -> dict:
         out.update({"first_dpo_loss": round(first["dpo_loss"], 5), "dpo_loss": mean("dpo_loss", dpo_rows),
                     "nll": mean("nll", dpo_rows), "reward_accuracy": mean("reward_accuracy", dpo_rows),
                     "reward_margin": mean("reward_margin", dpo_rows)})
+    if all(r.get("replay_kl") is not None for r in last):
+        out["replay_kl"] = mean("replay_kl", last)
     out["seconds"] = history[-1]["seconds"]
     out["seconds_per_step"] = round(history[-1]["seconds"] / len(history), 3)
     return out

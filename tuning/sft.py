@@ -162,6 +162,47 @@ def replay_rows(model, tokenizer, count: int, max_new_tokens: int = REPLAY_TOKEN
             for i, (c, (text, tokens)) in enumerate(zip(convs, answers)) if text]
 
 
+@dataclass
+class Replay:
+    """Replayed rows with their reference (:func:`prepare_replay`), trained beside another
+    objective: each step of ``tuning.dpo.optimise`` also takes the next ``per_step`` of
+    them (cycling through a shuffled order) and adds ``weight`` times their loss (the mean
+    KL per answer position, :func:`sft_loss`) to the step's gradient."""
+
+    items: list[TokenizedExample]
+    per_step: int
+    weight: float
+    pad: int
+    autocast: bool
+
+    def loss(self, model, share: list[TokenizedExample]) -> torch.Tensor:
+        return sft_loss(model, to_device(collate_examples(share, self.pad), model), self.autocast)[0]
+
+
+def prepare_replay(model, tokenizer, config: TrainConfig) -> list[TokenizedExample]:
+    """``config.replay`` general questions answered by the model as it starts
+    (:func:`replay_rows`), tokenized, with the top-k reference when ``replay_loss`` is "kl"."""
+    replay = replay_rows(model, tokenizer, config.replay)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
+    if config.replay_loss == "kl" and replayed:
+        replayed = with_replay_reference(model, replayed, pad, config.dtype == "bfloat16")
+    return replayed
+
+
+def replay_for(model, tokenizer, config: TrainConfig,
+               progress: Callable[[dict], None] | None = None) -> Replay | None:
+    """The replay a preference job (DPO, KTO) trains beside its feedback; None when
+    ``config.replay`` is 0."""
+    if not config.replay:
+        return None
+    items = prepare_replay(model, tokenizer, config)
+    if progress is not None and items:
+        progress({"phase": "training", "replay_rows": len(items)})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Replay(items, config.replay_per_step, config.replay_weight, pad, config.dtype == "bfloat16") if items else None
+
+
 def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
               progress: Callable[[dict], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> dict:
@@ -172,13 +213,10 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
     geometric mean probability of the answer tokens, seconds); raises :class:`Cancelled`
     between steps once ``should_stop()`` is true (``tuning.dpo.Cancelled``)."""
     torch.manual_seed(config.seed)
-    replay = replay_rows(model, tokenizer, config.replay)
-    if progress is not None and replay:
-        progress({"phase": "training", "replay_rows": len(replay)})
+    replayed = prepare_replay(model, tokenizer, config)
+    if progress is not None and replayed:
+        progress({"phase": "training", "replay_rows": len(replayed)})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
-    if config.replay_loss == "kl" and replayed:
-        replayed = with_replay_reference(model, replayed, pad, config.dtype == "bfloat16")
     items = [tokenize_example(tokenizer, r, config.max_length) for r in rows] + replayed
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
@@ -199,5 +237,5 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
         "seconds": history[-1]["seconds"] if history else 0.0,
         "seconds_per_step": round(history[-1]["seconds"] / len(history), 3) if history else None,
         "examples": len(rows),
-        "replay_rows": len(replay),
+        "replay_rows": len(replayed),
     }

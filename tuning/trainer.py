@@ -293,13 +293,20 @@ def train_model(model, tokenizer, objective: str, pairs: list, votes: list, conf
         from .sft import train_sft
 
         return train_sft(model, tokenizer, pairs, config, progress, should_stop)
-    if objective != "dpo":
-        return train_kto(model, tokenizer, pairs, votes, config, progress, should_stop)
-    if config.trainer == "trl":
+    if config.trainer == "trl" and objective == "dpo":
         from .trl_trainer import train_trl
 
         return train_trl(model, tokenizer, pairs, config, progress, should_stop)
-    return train_loop(model, tokenizer, pairs, config, progress, should_stop)
+    from .sft import replay_for
+
+    # The starting model's answers to general questions, held by KL beside the feedback
+    # (TrainConfig.replay): the version learns the users' style and keeps its facts.
+    replay = replay_for(model, tokenizer, config, progress)
+    if objective != "dpo":
+        metrics = train_kto(model, tokenizer, pairs, votes, config, progress, should_stop, replay=replay)
+    else:
+        metrics = train_loop(model, tokenizer, pairs, config, progress, should_stop, replay=replay)
+    return {**metrics, "replay_rows": len(replay.items) if replay is not None else 0}
 
 
 def follow() -> int:
