@@ -157,6 +157,11 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pad_id(tokenizer) -> int:
+    """The token batches are padded with: the tokenizer's pad token, else its end-of-turn."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -307,7 +312,7 @@ def train_loop(
     """
     torch.manual_seed(config.seed)
     items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     if config.reference == "once":
         items = with_reference(model, items, pad, config.dtype == "bfloat16")
 
@@ -413,7 +418,7 @@ def _replay_backward(model, replay, order: list[int], step: int, world) -> float
     if not mine:
         return None
     share = [replay.items[i] for i in mine]
-    weight = sum(len(it.answer) for it in share) / max(1, sum(len(replay.items[i].answer) for i in chosen))
+    weight = answer_token_share(share, [replay.items[i] for i in chosen])
     loss = replay.loss(model, share)
     (loss * replay.weight * weight).backward()
     return float(loss.detach())
@@ -421,6 +426,12 @@ def _replay_backward(model, replay, order: list[int], step: int, world) -> float
 
 def _item_share(share: list, batch: list) -> float:
     return len(share) / len(batch)
+
+
+def answer_token_share(share: list, batch: list) -> float:
+    """A rank's share of a batch of SFT rows by answer tokens: their loss is a mean over
+    the batch's answer tokens (``weigh`` for ``optimise``; replayed rows alike)."""
+    return sum(len(it.answer) for it in share) / max(1, sum(len(it.answer) for it in batch))
 
 
 def _length(item) -> int:

@@ -56,7 +56,7 @@ import torch
 
 from assistant.engine import Sampling
 
-from .dpo import collate, sequence_logps, tokenize_pair
+from .dpo import collate, pad_id, sequence_logps, tokenize_pair
 from .generation import greedy_answers
 
 
@@ -195,7 +195,7 @@ def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, ba
 
     Runs in the model's own dtype: the trainer casts it to the machine's serving format.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     items = [tokenize_pair(tokenizer, p, max_length) for p in pairs]
     summed: list[float] = []
     per_token: list[float] = []
@@ -604,7 +604,7 @@ def vote_logratios(model, tokenizer, votes: list[dict], *, adapter_off: bool, ba
     from .kto import tokenize_vote
     from .sft import TokenizedExample, collate_examples
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     items = [tokenize_vote(tokenizer, v, max_length) for v in votes]
     out: list[float] = []
     was_training = model.training

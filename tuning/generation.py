@@ -18,6 +18,8 @@ from transformers import LogitsProcessorList
 
 from assistant.penalties import FrequencyPenalty
 
+from .dpo import pad_id
+
 
 def greedy_answers(
     model,
@@ -33,7 +35,7 @@ def greedy_answers(
     ``frequency_penalty`` as the server applies it (``assistant.penalties``)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out: list[tuple[str, int]] = []
     ctx = model.disable_adapter() if adapter_off else nullcontext()
     was_training = model.training

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import (TokenizedPair, autocast_on, collate, optimise, pair_loss, sequence_logps, tokenize_pair,
+from .dpo import (TokenizedPair, autocast_on, collate, optimise, pad_id, pair_loss, sequence_logps, tokenize_pair,
                   with_reference)
 from .sft import TokenizedExample, collate_examples, tokenize_example
 
@@ -206,7 +206,7 @@ def train_kto(
     loss's figures; raises ``tuning.dpo.Cancelled`` between steps once ``should_stop()``."""
     torch.manual_seed(config.seed)
     items: list = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     autocast = config.dtype == "bfloat16"
     if items and config.reference == "once":
         items = with_reference(model, items, pad, autocast)

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import _completion_ids, answer_logits, autocast_on, optimise, sequence_logps, to_device
+from .dpo import (_completion_ids, answer_logits, answer_token_share, autocast_on, optimise, pad_id,
+                  sequence_logps, to_device)
 from .generation import greedy_answers
 from .general import questions as general_questions
 from .synthetic import prompts as open_prompts
@@ -183,7 +184,7 @@ def prepare_replay(model, tokenizer, config: TrainConfig) -> list[TokenizedExamp
     """``config.replay`` general questions answered by the model as it starts
     (:func:`replay_rows`), tokenized, with the top-k reference when ``replay_loss`` is "kl"."""
     replay = replay_rows(model, tokenizer, config.replay)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
     if config.replay_loss == "kl" and replayed:
         replayed = with_replay_reference(model, replayed, pad, config.dtype == "bfloat16")
@@ -199,8 +200,8 @@ def replay_for(model, tokenizer, config: TrainConfig,
     items = prepare_replay(model, tokenizer, config)
     if progress is not None and items:
         progress({"phase": "training", "replay_rows": len(items)})
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Replay(items, config.replay_per_step, config.replay_weight, pad, config.dtype == "bfloat16") if items else None
+    return Replay(items, config.replay_per_step, config.replay_weight, pad_id(tokenizer),
+                  config.dtype == "bfloat16") if items else None
 
 
 def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
@@ -216,18 +217,15 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
     replayed = prepare_replay(model, tokenizer, config)
     if progress is not None and replayed:
         progress({"phase": "training", "replay_rows": len(replayed)})
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     items = [tokenize_example(tokenizer, r, config.max_length) for r in rows] + replayed
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         loss, token_prob = sft_loss(model, batch, config.dtype == "bfloat16")
         return loss, {"loss": float(loss.detach()), "token_prob": token_prob}
 
-    def tokens(share: list, batch: list) -> float:  # the loss is a mean over the batch's answer tokens
-        return sum(len(it.answer) for it in share) / max(1, sum(len(it.answer) for it in batch))
-
     history, per_epoch = optimise(model, items, collate_examples, pad, step_loss, config, progress, should_stop,
-                                  weigh=tokens)
+                                  weigh=answer_token_share)
     last = history[-per_epoch:] if history else []
     return {
         "steps": len(history),
