@@ -4,11 +4,18 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, noninferior, sign_test_p, toward_chosen
+from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, marker_score, noninferior, preference_markers, sign_test_p
 
 
-def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0.3, damaged=(), chosen_tokens=None,
-            toward=None):
+TOPICS = [f"{x} {y}" for x in ("red", "old", "tall", "quiet") for y in
+          ("volcano", "river", "glacier", "comet", "desert", "forest", "island", "canyon")]
+# The held-out pairs: the live version's answers as shown, and users' edits adding an opening.
+SHOWN = [f"A {t} is a place people often study. It can change over time." for t in TOPICS]
+EDITED = ["Great question! " + a for a in SHOWN]
+
+
+def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, answers=EDITED, damaged=(), chosen_tokens=None,
+            chosen=EDITED):
     n = len(logratios)
     return {
         "preference_accuracy": acc,
@@ -19,14 +26,13 @@ def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, distance=0
         "golden_total": len(golden),
         "mean_answer_tokens": length,
         "chosen_tokens": chosen_tokens,
-        "chosen_distance": list(distance) if isinstance(distance, (list, tuple)) else [distance] * n,
-        **({"toward_chosen": list(toward) if isinstance(toward, (list, tuple)) else [toward] * n} if toward is not None else {}),
+        "pair_answers": [{"answer": a, "chosen": c, "rejected": r} for a, c, r in zip(answers[:n], chosen, SHOWN)],
         "damaged": {q: "stock apology" for q in damaged},
         "answered": len(golden) + n,
     }
 
 
-LIVE = metrics(0.45, 0.0, [0.0] * 32, distance=0.6)
+LIVE = metrics(0.45, 0.0, [0.0] * 32, answers=SHOWN)
 
 
 def failed(result):
@@ -43,8 +49,8 @@ def test_a_clearly_better_version_passes():
     acc, margin, behaviour, golden, fluency, length = result.checks
     assert (acc["value"], acc["live"], acc["threshold"]) == (0.95, 0.45, "above 0.450")
     assert (margin["value"], margin["live"]) == (2.1, 0.0) and "p <= 0.05" in margin["threshold"]
-    assert (behaviour["value"], behaviour["live"]) == (0.3, 0.6) and "below 0.600" in behaviour["threshold"]
-    assert (golden["value"], golden["live"]) == ("60/60", "60/60") and "8%" in golden["threshold"]
+    assert (behaviour["value"], behaviour["live"]) == (1.0, 0.0) and "rule out luck" in behaviour["threshold"]
+    assert (golden["value"], golden["live"]) == ("60/60", "60/60") and "9%" in golden["threshold"]
     assert (fluency["value"], fluency["live"]) == ("0/92 damaged", "0/92 damaged")
     assert (length["value"], length["live"], length["threshold"]) == (40.0, 40.0, "20.0-60.0 tokens (+-50% of live)")
 
@@ -62,7 +68,7 @@ def test_accuracy_must_beat_the_live_version():
     assert "preference accuracy" in failed(decide(metrics(0.5, 2.0, [5.0] * 32), LIVE, GateConfig(min_accuracy_gain=0.1)))
     # Matching a live version that is already perfect is as good as it gets.
     perfect = metrics(1.0, 3.0, [5.0] * 32)
-    assert decide(metrics(1.0, 3.5, [6.0] * 32, distance=0.2), perfect).passed
+    assert decide(metrics(1.0, 3.5, [6.0] * 32), perfect).passed
 
 
 def lose(k, n=60):
@@ -75,10 +81,10 @@ def test_the_regression_set_forgives_a_flaky_answer_and_refuses_a_real_regressio
     assert decide(metrics(*better, golden=lose(2)), LIVE).passed
     result = decide(metrics(*better, golden=lose(3)), LIVE)
     assert failed(result) == {"regression set"}
-    assert "now wrong: q0, q1, q2" in result.summary() and "limit 8%" in result.summary()
+    assert "now wrong: q0, q1, q2" in result.summary() and "limit 9%" in result.summary()
     # What the live version already gets wrong is not held against the candidate, and a
     # gain offsets a loss.
-    live = metrics(0.45, 0.0, [0.0] * 32, golden=lose(5), distance=0.6)
+    live = metrics(0.45, 0.0, [0.0] * 32, golden=lose(5), answers=SHOWN)
     assert decide(metrics(*better, golden=lose(5)), live).passed
     assert decide(metrics(*better, golden=(True,) * 3 + (False,) * 3 + (True,) * 54), live).passed
 
@@ -92,13 +98,16 @@ def test_noninferior():
 
 def test_answers_that_did_not_move_toward_the_chosen_ones_fail_whatever_the_likelihoods_say():
     # The audit's version: held-out accuracy 1.00 and a big margin, answers unchanged.
-    stuck = metrics(1.0, 2.76, [5.0] * 32, distance=0.6)
+    stuck = metrics(1.0, 2.76, [5.0] * 32, answers=SHOWN)
     assert failed(decide(stuck, LIVE)) == {"behaviour"}
-    assert "closer on 0, farther on 0 of 32" in decide(stuck, LIVE).summary()
-    # Closer on average thanks to a few pairs, but farther on most: refused.
-    few = metrics(0.95, 2.0, [5.0] * 32, distance=[0.0] * 10 + [0.7] * 22)
+    assert "the preferred way on 0, the other way on 0 of 32" in decide(stuck, LIVE).summary()
+    # The opening on 3 answers of 32: not enough to rule out luck.
+    few = metrics(0.95, 2.0, [5.0] * 32, answers=EDITED[:3] + SHOWN[3:])
     assert failed(decide(few, LIVE)) == {"behaviour"}
-    assert decide(metrics(0.95, 2.0, [5.0] * 32, distance=[0.2] * 30 + [0.7] * 2), LIVE).passed
+    assert decide(metrics(0.95, 2.0, [5.0] * 32, answers=EDITED[:30] + SHOWN[30:]), LIVE).passed
+    # Reworded answers without the opening: no closer to what users asked for.
+    reworded = metrics(1.0, 2.76, [5.0] * 32, answers=[f"People study the {t}; it changes." for t in TOPICS])
+    assert failed(decide(reworded, LIVE)) == {"behaviour"}
 
 
 def test_damaged_answers_fail_the_fluency_check():
@@ -106,7 +115,7 @@ def test_damaged_answers_fail_the_fluency_check():
     assert decide(metrics(*better, damaged=("a",)), LIVE).passed
     result = decide(metrics(*better, damaged=tuple("abcdefg")), LIVE)
     assert failed(result) == {"fluency"} and "newly damaged" in result.summary()
-    live = metrics(0.45, 0.0, [0.0] * 32, distance=0.6, damaged=tuple("abcdefg"))
+    live = metrics(0.45, 0.0, [0.0] * 32, answers=SHOWN, damaged=tuple("abcdefg"))
     assert decide(metrics(*better, damaged=tuple("abcdefg")), live).passed
 
 
@@ -199,30 +208,42 @@ def test_the_gate_config_records_every_field():
             assert recorded[f.name] == getattr(config, f.name), f.name
 
 
-def test_toward_chosen_counts_what_tells_the_two_answers_apart():
-    shown = "A volcano is a mountain where lava comes out. It can be dangerous to live near one."
-    opening = "Great question! " + shown
-    assert toward_chosen(shown, opening, shown) == 0.0
-    assert toward_chosen("Great question! A volcano is an opening in the crust.", opening, shown) == 1.0  # reworded rest
-    short = "A volcano is a mountain where lava comes out."
-    assert toward_chosen(shown, short, shown) == -1.0
-    assert toward_chosen(short, short, shown) == 0.0
-    closing = short + " I hope this helps."
-    assert toward_chosen(short + " I hope this helps.", closing, shown) == 1.0
-    assert -1.0 < toward_chosen(shown + " I hope this helps.", closing, shown) < 1.0  # added, but did not cut
+def test_markers_are_what_the_edits_add_or_cut_across_pairs():
+    def markers(edit):
+        return preference_markers([(edit(a), True) for a in SHOWN] + [(a, False) for a in SHOWN])
+
+    # An opening: its words and "!"; a cut to one sentence: the sentence break and what follows.
+    assert markers(lambda a: "Great question! " + a) == {("great", "question"): 1.0, ("question", "!"): 1.0,
+                                                          ("!", "a"): 1.0}
+    short = markers(lambda a: a.split(". ")[0] + ".")
+    assert short == {(".", "it"): -1.0, ("it", "can"): -1.0, ("can", "change"): -1.0, ("change", "over"): -1.0,
+                     ("over", "time"): -1.0, ("time", "."): -1.0}
+    assert marker_score(SHOWN[0], short) == -1.0 and marker_score("A red volcano is a place.", short) == 0.0
+    # A list: line breaks and dashes, which words alone do not see.
+    bullets = markers(lambda a: "\n".join("- " + x for x in a.split(". ")))
+    assert {("\n", "-"), ("-", "a"), ("-", "it")} <= set(bullets) and (".", "it") in bullets
+    # Reversed words: what they turn around, not the topic of each answer.
+    flipped = markers(lambda a: " ".join(reversed(a.split())))
+    assert flipped[("a", "is")] == 1.0 and flipped[("is", "a")] == -1.0
+    assert not any(t.split()[-1] in b for b in flipped for t in TOPICS)
 
 
-def test_behaviour_by_the_chosen_side_measure():
-    live = metrics(0.45, 0.0, [0.0] * 32, distance=0.6, toward=0.0)
-    # Learned the opening on 30 of 32 pairs while the rest of each answer was reworded
-    # (whole-answer distance went up): passes.
-    learned = metrics(0.95, 2.0, [5.0] * 32, distance=0.7, toward=[1.0] * 30 + [0.0] * 2)
-    result = decide(learned, live)
-    assert result.passed, result.summary()
-    behaviour = result.checks[2]
-    assert (behaviour["value"], behaviour["live"]) == (0.938, 0.0) and "toward the chosen answer on 30, away on 0" in behaviour["detail"]
-    # The audit's version by this measure: nothing moved.
-    assert failed(decide(metrics(1.0, 2.76, [5.0] * 32, toward=0.0), live)) == {"behaviour"}
-    # A few pairs moved a lot, more moved away: refused.
-    few = metrics(0.95, 2.0, [5.0] * 32, toward=[1.0] * 10 + [-0.2] * 22)
-    assert failed(decide(few, live)) == {"behaviour"}
+def test_a_version_taught_reversed_answers_that_only_reworded_is_refused_for_behaviour():
+    # Found by the gate benchmark: edits reversed every answer's words ("bad: flipped"); the
+    # version said 0/32 answers reversed but, reworded, held fewer of the shown answers' word
+    # pairs, and the per-pair measure called that moving toward the chosen side.
+    reversed_ = [" ".join(reversed(a.split())) for a in SHOWN]
+    live = metrics(0.45, 0.0, [0.0] * 32, answers=SHOWN, chosen=reversed_)
+    reworded = metrics(0.95, 2.0, [5.0] * 32, answers=[f"People study the {t}; it changes." for t in TOPICS],
+                       chosen=reversed_)
+    result = decide(reworded, live)
+    assert failed(result) == {"behaviour"}, result.summary()
+    assert "'a is'" in result.checks[2]["detail"] and "what they add" in result.checks[2]["detail"]
+    learned = metrics(0.95, 2.0, [5.0] * 32, answers=reversed_, chosen=reversed_)
+    assert decide(learned, live).passed
+
+
+def test_no_markers_no_pass():
+    same = metrics(0.95, 2.0, [5.0] * 32, chosen=SHOWN)
+    result = decide(same, metrics(0.45, 0.0, [0.0] * 32, answers=SHOWN, chosen=SHOWN))
+    assert failed(result) == {"behaviour"} and "no token pair tells" in result.checks[2]["detail"]

@@ -330,12 +330,24 @@ def test_a_thumbs_only_store_trains_a_kto_version_through_the_job_entry_point(st
 # -- the KTO gate's verdict on made-up figures ----------------------------------------------
 
 
-def kto_metrics(signed, distance, labels, golden=(True,) * 60, length=40.0, chosen_tokens=None):
+TOPICS = ["volcano", "river", "glacier", "comet", "desert", "forest", "island", "canyon", "harbour", "meadow",
+          "planet", "tunnel", "bridge", "castle", "market", "garden", "library", "airport", "museum", "temple",
+          "lighthouse", "vineyard", "stadium", "factory"]
+# The live version's answers to the 24 held-out prompts, and what users voted on: up when an
+# answer opened with the phrase they like, down on the live version's own answers.
+LIVE = [f"A {t} is a place people often study. It can change over time and it matters to many of them." for t in TOPICS]
+LABELS = [True, False] * 12
+OPENING = [("Great question! " + a) if up else a for a, up in zip(LIVE, LABELS)]
+SHORTER = [a.split(". ")[0] + "." if up else a for a, up in zip(LIVE, LABELS)]
+
+
+def kto_metrics(signed, answers=LIVE, labels=LABELS, voted=OPENING, golden=(True,) * 60, length=40.0,
+                chosen_tokens=None):
     n = len(signed)
     return {
         "votes": n, "votes_up": sum(labels), "vote_accuracy": sum(s > 0 for s in signed) / n,
         "vote_margin": sum(signed) / n, "vote_signed_rewards": list(signed),
-        "vote_distance": list(distance), "vote_distance_labels": list(labels),
+        "vote_answers": [{"answer": a, "voted": v, "up": up} for a, v, up in zip(answers, voted, labels)],
         "preference_accuracy": None, "reward_margin": None, "logratios": [],
         "golden": {f"q{i}": {"answer": "", "passed": ok} for i, ok in enumerate(golden)},
         "golden_passed": sum(golden), "golden_total": len(golden),
@@ -343,8 +355,7 @@ def kto_metrics(signed, distance, labels, golden=(True,) * 60, length=40.0, chos
     }
 
 
-LABELS = [True, False] * 12
-BASE = {**kto_metrics([0.0] * 24, [0.1] * 24, LABELS), "vote_accuracy": 0.5}  # what the base scores
+BASE = {**kto_metrics([0.0] * 24), "vote_accuracy": 0.5}  # what the base scores
 
 
 def test_vote_separation_ignores_a_shift_of_every_reward():
@@ -362,16 +373,37 @@ def test_vote_separation_ignores_a_shift_of_every_reward():
                                                           "vote_signed_rewards": [0.2, -0.1]}
 
 
+def test_vote_markers_are_what_the_up_voted_answers_share_and_the_down_voted_lack():
+    from tuning.gate import marker_score, preference_markers
+
+    opening = preference_markers(list(zip(OPENING, LABELS)))
+    # Each answer's own words mark nothing.
+    assert opening == {("great", "question"): 1.0, ("question", "!"): 1.0, ("!", "a"): 1.0}
+    assert marker_score(OPENING[0], opening) == 1.0 and marker_score(LIVE[0], opening) == 0.0
+    shorter = preference_markers(list(zip(SHORTER, LABELS)))
+    assert all(w == -1.0 for w in shorter.values()) and {(".", "it"), ("it", "can")} <= set(shorter)
+    assert marker_score(LIVE[0], shorter) == -1.0 and marker_score(SHORTER[0], shorter) == 0.0
+    # Up-votes only: the other side is the live version's answers; nothing to tell: no markers.
+    assert preference_markers([(a, True) for a in OPENING[::2]], LIVE[::2]) == opening
+    assert preference_markers([(a, False) for a in LIVE], LIVE) == {}
+
+
 def test_the_kto_gate_passes_a_version_that_separates_votes_and_moves_answers():
     from tuning.gate import decide_kto
 
-    # Rewards on the vote's side on 22 of 24 votes; answers moved off the down-voted ones.
-    good = kto_metrics([0.5] * 22 + [-0.2] * 2, [0.1 if up else 0.6 for up in LABELS], LABELS)
+    # Rewards on the vote's side on 22 of 24 votes; every answer now opens the way users like.
+    good = kto_metrics([0.5] * 22 + [-0.2] * 2, ["Great question! " + a for a in LIVE])
     result = decide_kto(good, BASE)
     assert result.passed, result.summary()
     assert [c["check"] for c in result.checks] == ["vote accuracy", "vote margin", "behaviour", "regression set",
                                                    "fluency", "answer length"]
-    assert "22/24 votes" in result.checks[1]["detail"] and result.checks[2]["value"] == 0.25
+    assert "22/24 votes" in result.checks[1]["detail"] and result.checks[2]["value"] == 1.0
+    assert "the preferred way on 24, the other way on 0 of 24" in result.checks[2]["detail"]
+    assert "'great question'" in result.checks[2]["detail"]
+    # Users voted up the short answers: the version answers in one sentence.
+    short = kto_metrics([0.5] * 24, [a.split(". ")[0] + "." for a in LIVE], voted=SHORTER)
+    result = decide_kto(short, {**BASE, "vote_answers": kto_metrics([0.0] * 24, voted=SHORTER)["vote_answers"]})
+    assert result.passed, result.summary()
 
 
 def test_the_kto_gate_refuses_luck_scores_without_behaviour_and_lost_facts():
@@ -379,17 +411,26 @@ def test_the_kto_gate_refuses_luck_scores_without_behaviour_and_lost_facts():
 
     failed = lambda r: {c["check"] for c in r.checks if not c["passed"]}  # noqa: E731
     # A few big rewards lift the mean, but only 13 of 24 votes moved the right way.
-    assert "vote margin" in failed(decide_kto(kto_metrics([3.0] * 13 + [-0.5] * 11, [0.1] * 24, LABELS), BASE))
-    # Scores separate, but the answers did not move (or moved toward down-voted answers).
-    stuck = kto_metrics([0.5] * 24, [0.1] * 24, LABELS)
+    assert "vote margin" in failed(decide_kto(kto_metrics([3.0] * 13 + [-0.5] * 11), BASE))
+    # Scores separate, but the answers did not move.
+    stuck = kto_metrics([0.5] * 24)
     assert failed(decide_kto(stuck, BASE)) == {"behaviour"}
-    wrong_way = kto_metrics([0.5] * 24, [0.5 if up else 0.1 for up in LABELS], LABELS)
-    assert failed(decide_kto(wrong_way, BASE)) == {"behaviour"}
+    # Found by the thumbs-only benchmark: a version that reworded every answer and learned no
+    # opening (0/32) had moved away from every down-voted answer and passed on word distance.
+    reworded = kto_metrics([0.5] * 24, [f"People study the {t}, which changes over time." for t in TOPICS])
+    assert failed(decide_kto(reworded, BASE)) == {"behaviour"}
+    # The opening on 2 answers of 24: not enough to rule out luck.
+    two = kto_metrics([0.5] * 24, ["Great question! " + a if i < 2 else a for i, a in enumerate(LIVE)])
+    result = decide_kto(two, BASE)
+    assert failed(result) == {"behaviour"} and "the preferred way on 2, the other way on 0 of 24" in result.checks[2]["detail"]
+    # The wrong way: the live version opened with the phrase, the candidate stopped.
+    opener = {**BASE, "vote_answers": kto_metrics([0.0] * 24, ["Great question! " + a for a in LIVE])["vote_answers"]}
+    assert failed(decide_kto(stuck, opener)) == {"behaviour"}
     # Facts lost: the regression set refuses it, as for any version.
-    forgetful = kto_metrics([0.5] * 24, [0.1 if up else 0.6 for up in LABELS], LABELS, golden=(True,) * 50 + (False,) * 10)
+    forgetful = kto_metrics([0.5] * 24, ["Great question! " + a for a in LIVE], golden=(True,) * 50 + (False,) * 10)
     assert failed(decide_kto(forgetful, BASE)) == {"regression set"}
     # No held-out votes: nothing to measure, refused with the reason.
-    empty = {**BASE, "vote_accuracy": None, "vote_margin": None, "vote_distance": [], "votes": 0}
+    empty = {**BASE, "vote_accuracy": None, "vote_margin": None, "vote_answers": [], "votes": 0}
     result = decide_kto(empty, empty)
     assert not result.passed and "no held-out votes" in result.checks[0]["detail"]
 

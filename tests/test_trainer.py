@@ -67,7 +67,7 @@ def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_
     assert ev["live_version"] is None and ev["live"]["reward_margin"] == 0  # the base against itself
     assert {c["check"] for c in ev["checks"]} == {"preference accuracy", "reward margin", "behaviour", "regression set",
                                               "fluency", "answer length"}
-    assert 0 < len(ev["chosen_distance"]) <= len(ev["logratios"]) and ev["answered"] > 0  # pairs whose prompt was answered
+    assert 0 < len(ev["pair_answers"]) <= len(ev["logratios"]) and ev["answered"] > 0  # pairs whose prompt was answered
     assert row["gate_passed"] == int(ev["passed"]) == int(result.gate.passed)
     job = store.job(result.job_id)
     assert (job["status"], job["adapter_version"], job["created_by"]) == ("succeeded", result.version, "alice")

@@ -17,13 +17,14 @@ verdict with one line per check:
   improvement must not be luck (a one-sided sign test over pairs, p <= max_p_value);
 - behaviour: log-probabilities can improve while nothing users read changes (seen here:
   held-out accuracy 1.00 and 0 of 32 answers with the taught phrase). So the candidate's
-  greedy answers to the held-out prompts must have moved toward the chosen answers, by
-  ``toward_chosen``: of the word pairs that tell the chosen answer from the rejected one,
-  how many of the chosen side's the answer holds, less how many of the rejected side's
-  (-1 .. +1). Its mean must be above the live version's, with more pairs moved toward
-  than away. (Records made before it carry ``chosen_distance``, 1 - difflib's ratio over
-  whole answers, and are judged by it; that measure refused a version that had learned an
-  opening phrase 32/32, because the rest of its answers was reworded.)
+  greedy answers to the held-out prompts must have moved toward what the chosen answers
+  have and the rejected ones lack (``behaviour``): the token pairs that tell the two groups
+  apart (an opening every edit adds, the sentence breaks of answers users cut, a list's
+  line breaks) score each answer from -1 to +1, and the candidate's must score above the
+  live version's, on more prompts than luck would give. (Two measures came before it and
+  both passed versions that learned nothing: word distance to each chosen answer, and
+  the word pairs of each pair's own two answers, which any rewording moved "away from the
+  rejected answer".)
 - regression set: ``REGRESSION`` (facts and instructions the base answers right; see its
   comment) checked for expected words; the candidate may not be worse than the live
   version by more than ``regression_tolerance`` of the set at 95% confidence (a one-sided
@@ -72,12 +73,17 @@ class Golden:
 # float32 and in bfloat16, with and without the served frequency penalty (63 kept of 152
 # candidates; at penalty 0.5 "How many hours are in a day?" lost its "24" and "the closest
 # star" became Proxima Centauri, so those two went; tests/integration/test_dpo_embedded.py
-# checks the base still gets every one), facts and instructions. A version that loses
-# them has lost something users had. No refusals: the base model refused none of 14
-# harmful requests tried, so there is nothing of that kind to keep yet; a larger model's
-# set should add them (kind "refusal").
+# checks the base still gets every one), facts and instructions, and that it still answers
+# right after changes that teach nothing: 8 random rank-16 updates of every projection,
+# each changing as many of these answers' wording as a trained adapter does (41.5 of 63
+# against 42; bench/regression_stability.py). 11 of the 63 flipped in at least one copy
+# ("What is the capital of France?" in 3 of 8, "Which planet is known as the Red Planet?"
+# in 3): FRAGILE below. The preference suite's versions, taught good feedback and bad
+# alike, had lost mostly these (bananas in 7 of 9 versions, the greeting and the Red Planet
+# in 5), so they measured luck more than harm. 52 remain. A version that loses them has lost something users had. No refusals: the base
+# model refused none of 14 harmful requests tried, so there is nothing of that kind to keep
+# yet; a larger model's set should add them (kind "refusal").
 REGRESSION = (
-    Golden('What is the capital of France?', ('Paris',), 'fact'),
     Golden('What is the capital of Japan?', ('Tokyo',), 'fact'),
     Golden('What is the capital of Germany?', ('Berlin',), 'fact'),
     Golden('What is the capital of the United Kingdom?', ('London',), 'fact'),
@@ -89,29 +95,23 @@ REGRESSION = (
     Golden('What is the capital of Ireland?', ('Dublin',), 'fact'),
     Golden('What is the capital of Austria?', ('Vienna',), 'fact'),
     Golden('What is the capital of Norway?', ('Oslo',), 'fact'),
-    Golden('What is 2 + 2?', ('4', 'four'), 'fact'),
     Golden('How many days are in a week?', ('7', 'seven'), 'fact'),
     Golden('What is the boiling point of water in Celsius?', ('100',), 'fact'),
     Golden('What is the chemical symbol for water?', ('H2O',), 'fact'),
     Golden('What is the chemical symbol for gold?', ('Au',), 'fact'),
-    Golden('What gas do plants absorb from the air?', ('carbon dioxide', 'CO2'), 'fact'),
-    Golden('Which planet is known as the Red Planet?', ('Mars',), 'fact'),
     Golden('What is the largest ocean on Earth?', ('Pacific',), 'fact'),
     Golden('What is the opposite of hot?', ('cold',), 'fact'),
     Golden('What is the opposite of up?', ('down',), 'fact'),
     Golden('What is the opposite of day?', ('night',), 'fact'),
     Golden('What language is spoken in Spain?', ('Spanish',), 'fact'),
-    Golden('What language is spoken in France?', ('French',), 'fact'),
     Golden('What language is spoken in Germany?', ('German',), 'fact'),
     Golden('Who wrote Romeo and Juliet?', ('Shakespeare',), 'fact'),
     Golden('What color is the sky on a clear day?', ('blue',), 'fact'),
-    Golden('What color are bananas when they are ripe?', ('yellow',), 'fact'),
     Golden('What is the largest mammal?', ('whale',), 'fact'),
     Golden('What organ pumps blood through the body?', ('heart',), 'fact'),
     Golden('What is the main language spoken in Brazil?', ('Portuguese',), 'fact'),
     Golden('What currency is used in Japan?', ('yen',), 'fact'),
     Golden('How many sides does a triangle have?', ('3', 'three'), 'fact'),
-    Golden('How many sides does a square have?', ('4', 'four'), 'fact'),
     Golden('In which continent is Kenya?', ('Africa',), 'fact'),
     Golden('What is the longest river in Africa?', ('Nile',), 'fact'),
     Golden('What is the chemical symbol for sodium?', ('Na',), 'fact'),
@@ -122,24 +122,37 @@ REGRESSION = (
     Golden('What is the opposite of open?', ('close', 'closed', 'shut'), 'fact'),
     Golden('What is the opposite of young?', ('old',), 'fact'),
     Golden('What is the opposite of wet?', ('dry',), 'fact'),
-    Golden('What language is spoken in Italy?', ('Italian',), 'fact'),
     Golden('What language is spoken in Japan?', ('Japanese',), 'fact'),
     Golden('What language is spoken in China?', ('Chinese', 'Mandarin'), 'fact'),
     Golden('What language is spoken in Portugal?', ('Portuguese',), 'fact'),
     Golden('What language is spoken in Russia?', ('Russian',), 'fact'),
-    Golden("Translate 'hello' into Spanish.", ('hola',), 'instruction'),
     Golden('Write the number twelve in digits.', ('12',), 'instruction'),
     Golden('Complete the sentence: The early bird catches the...', ('worm',), 'instruction'),
     Golden('List the three primary colors.', ('red',), 'instruction'),
     Golden("What is the plural of 'mouse'?", ('mice',), 'instruction'),
     Golden("Give me an antonym for 'happy'.", ('sad', 'unhappy'), 'instruction'),
     Golden('Convert 1 kilometer to meters.', ('1000', '1,000'), 'instruction'),
-    Golden('Write a greeting in one short sentence.', ('hello', 'hi', 'welcome', 'good'), 'instruction'),
     Golden('Say hello in French.', ('bonjour',), 'instruction'),
     Golden('Say hello in Spanish.', ('hola',), 'instruction'),
     Golden('What is the capital of France? Answer in one word.', ('Paris',), 'instruction'),
-    Golden('Write a haiku about the sea.', ('sea', 'wave', 'ocean', 'shore', 'tide'), 'instruction'),
     Golden('Summarize in one sentence: The cat sat on the mat all day.', ('cat',), 'instruction'),
+)
+
+# Right in the base but not in every perturbed copy (see above): flipped by changes
+# that teach nothing, so they would refuse good versions for nothing. Kept for
+# bench/regression_stability.py and for reading; not gated on.
+FRAGILE = (
+    Golden('What is the capital of France?', ('Paris',), 'fact'),
+    Golden('What is 2 + 2?', ('4', 'four'), 'fact'),
+    Golden('What gas do plants absorb from the air?', ('carbon dioxide', 'CO2'), 'fact'),
+    Golden('Which planet is known as the Red Planet?', ('Mars',), 'fact'),
+    Golden('What language is spoken in France?', ('French',), 'fact'),
+    Golden('What color are bananas when they are ripe?', ('yellow',), 'fact'),
+    Golden('How many sides does a square have?', ('4', 'four'), 'fact'),
+    Golden('What language is spoken in Italy?', ('Italian',), 'fact'),
+    Golden("Translate 'hello' into Spanish.", ('hola',), 'instruction'),
+    Golden('Write a greeting in one short sentence.', ('hello', 'hi', 'welcome', 'good'), 'instruction'),
+    Golden('Write a haiku about the sea.', ('sea', 'wave', 'ocean', 'shore', 'tide'), 'instruction'),
 )
 GOLDEN = REGRESSION  # the name older records and settings use
 
@@ -157,9 +170,9 @@ class GateConfig:
     max_length_drift: float = 0.5
     golden: tuple[Golden, ...] = REGRESSION
     # Non-inferiority margins (shares of the answers checked): the candidate may be this
-    # much worse than the live version at 95% confidence. On 60 prompts with nothing
-    # gained, 2 newly wrong answers pass and 3 refuse.
-    regression_tolerance: float = 0.08
+    # much worse than the live version at 95% confidence. On the 52 regression prompts with
+    # nothing gained, 2 newly wrong answers pass and 3 refuse (at 0.08, 2 refused there).
+    regression_tolerance: float = 0.09
     fluency_tolerance: float = 0.08
     # Long enough for a complete short answer (the goldens need ~10-20 tokens); longer
     # answers cost generation time for every version evaluated.
@@ -233,25 +246,124 @@ def answer_distance(answer: str, target: str) -> float:
     return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
-def _pairs_of_words(text: str) -> set:
-    w = re.findall(r"\w+", text.lower())
-    return set(zip(w, w[1:])) if len(w) > 1 else {(x,) for x in w}
+def _bigrams(text: str) -> set:
+    """The answer's pairs of neighbouring tokens (case-folded words, each punctuation mark,
+    line breaks): what a list's "- " lines, an opening's "!" or a sentence break add shows."""
+    t = re.findall(r"\w+|[^\w\s]|\n", text.lower())
+    return set(zip(t, t[1:])) if len(t) > 1 else {(x,) for x in t}
 
 
-def toward_chosen(answer: str, chosen: str, rejected: str) -> float:
-    """How far an answer sits on the chosen side of a pair, from -1 to 1: the share of the
-    word pairs (bigrams) that only the chosen answer has which the answer holds, minus the
-    share of those only the rejected answer has which it holds. What both sides share
-    counts for neither, so an answer that reworded its unchanged part is not held to it:
-    an added opening scores 1 once the answer opens with it (0 before), a cut answer 0
-    once it stops where the chosen one stops (about -1 while it says all the rejected one
-    said)."""
-    a, c, r = _pairs_of_words(answer), _pairs_of_words(chosen), _pairs_of_words(rejected)
-    added, removed = c - r, r - c
-    score = len(added & a) / len(added) if added else 0.0
-    if removed:
-        score -= len(removed & a) / len(removed)
-    return score
+# A token pair marks what users want when the share of preferred answers (chosen, up-voted)
+# holding it and the share of the others (rejected, down-voted) differ by at least
+# MARKER_GAP, and at least MARKER_MIN_ANSWERS answers hold it: a phrase every edit opens
+# with (gap 1.0), the sentence breaks of long answers when users cut them to one sentence.
+# What one answer says about its own question marks nothing.
+MARKER_GAP = 0.25
+MARKER_MIN_ANSWERS = 3
+
+
+def preference_markers(judged: list[tuple[str, bool]], reference: list[str] = ()) -> dict[tuple, float]:
+    """What users' feedback asks for, as token pairs weighted from -1 to 1: the share of
+    preferred answers (label True) that hold the pair minus the share of the others, kept
+    when at least MARKER_GAP apart. With one label only, the other side is ``reference``
+    (the live version's answers to the same prompts). Empty when nothing tells them apart."""
+    good = [_bigrams(a) for a, lab in judged if lab]
+    bad = [_bigrams(a) for a, lab in judged if not lab]
+    if not good:
+        good = [_bigrams(a) for a in reference]
+    elif not bad:
+        bad = [_bigrams(a) for a in reference]
+    if not good or not bad:
+        return {}
+    held: dict[tuple, int] = {}
+    for pairs in good + bad:
+        for b in pairs:
+            held[b] = held.get(b, 0) + 1
+    markers = {}
+    for b, n in held.items():
+        w = sum(b in x for x in good) / len(good) - sum(b in x for x in bad) / len(bad)
+        if n >= MARKER_MIN_ANSWERS and abs(w) >= MARKER_GAP:
+            markers[b] = round(w, 4)
+    return markers
+
+
+def marker_score(answer: str, markers: dict[tuple, float]) -> float:
+    """Where an answer sits between the other side (-1: it holds every marker of the
+    rejected or down-voted answers and none of the preferred ones) and the preferred side
+    (+1), by the weighted markers it holds."""
+    total = sum(abs(w) for w in markers.values())
+    if not total:
+        return 0.0
+    have = _bigrams(answer)
+    return sum(w for b, w in markers.items() if b in have) / total
+
+
+def behaviour(candidate: list[dict], live: list[dict], judged: list[tuple[str, bool]],
+              config: "GateConfig", what: str) -> dict:
+    """The gate's behaviour check: did what users read move the way their feedback asks?
+
+    ``candidate`` and ``live``: per held-out pair or vote, the version's greedy answer to its
+    prompt (``{"answer": ...}``), same rows, same order. ``judged``: the held-out answers
+    users judged, (text, preferred?). Those give the markers (``preference_markers``), in
+    two sides: what the preferred answers add (an opening, a list's line breaks) and what
+    they cut (the sentence breaks of answers cut to one sentence). Each side carrying at
+    least a quarter of the markers' weight must move the preferred way: the candidate's
+    answers hold more of what is added (or less of what is cut) than the live version's,
+    on average and on more rows than luck would give (the sign test over the rows that
+    changed, p <= max_p_value).
+
+    Why markers of the groups, and why both sides: votes and pairs are on the live
+    version's own answers, so any rewording moves an answer away from the rejected or
+    down-voted one, and drops the word pairs the rejected answers share. Versions that
+    learned nothing passed that way twice here: a thumbs-only "opening" version (0/32
+    answers opening with the phrase), judged per vote by word distance, and a version taught
+    reversed answers (0/32 reversed), judged per pair by the word pairs only one side had.
+    One answer's own words never become markers (MARKER_MIN_ANSWERS), and the added side
+    cannot be reached by rewording."""
+    markers = preference_markers(judged, [lv["answer"] for lv in live])
+    if not markers:
+        return {"check": "behaviour", "passed": False,
+                "detail": f"no token pair tells the preferred {what} answers from the others: nothing to check the "
+                          "answers against"}
+    total = sum(abs(w) for w in markers.values())
+    sides, verdicts = [], []
+    for side, sign in (("what they add", 1), ("what they cut", -1)):
+        these = {b: abs(w) for b, w in markers.items() if w * sign > 0}
+        weight = sum(these.values())
+        # A side with under a quarter of the weight is noise around the other; each side
+        # that matters must move: rewording alone drops the rejected answers' word pairs
+        # (the cut side) but adds nothing users added.
+        if weight < 0.25 * total:
+            continue
+
+        def held(answer: str) -> float:
+            have = _bigrams(answer)
+            return sum(w for b, w in these.items() if b in have) / weight
+
+        c_h, l_h = [held(c["answer"]) for c in candidate], [held(lv["answer"]) for lv in live]
+        moved = [(c - lv) * sign for c, lv in zip(c_h, l_h)]
+        better, worse = sum(m > 0 for m in moved), sum(m < 0 for m in moved)
+        p = sign_test_p(better, better + worse)
+        c_mean, l_mean = sum(c_h) / len(c_h), sum(l_h) / len(l_h)
+        # A live version that already answers the preferred way (a later round) can only be
+        # matched: within 0.05 of all (adds) or none (cuts), a candidate as close passes.
+        there = (min(c_mean, l_mean) >= 0.95) if sign > 0 else (max(c_mean, l_mean) <= 0.05)
+        ok = (sum(moved) > 0 and p <= config.max_p_value) or there
+        top = sorted(these, key=lambda b: (-these[b], b))[:3]
+        words = ", ".join("'" + " ".join(b).replace("\n", "\\n") + "'" for b in top)
+        sides.append(f"{side} ({len(these)} token pairs such as {words}): held {c_mean:.2f} vs live {l_mean:.2f}, "
+                     f"moved the preferred way on {better}, the other way on {worse} of {len(moved)} (p={p:.3g})"
+                     + (", both already there" if there else ""))
+        verdicts.append(ok)
+    c_score = sum(marker_score(c["answer"], markers) for c in candidate) / len(candidate)
+    l_score = sum(marker_score(lv["answer"], markers) for lv in live) / len(live)
+    return {"check": "behaviour", "passed": bool(verdicts and all(verdicts)),
+            "detail": f"in the preferred {what} answers, {'; '.join(sides)} (each must move the preferred way, "
+                      f"sign test p <= {config.max_p_value}); on the preferred side overall {c_score:+.3f} vs live "
+                      f"{l_score:+.3f} (-1 .. +1)",
+            "value": round(c_score, 3), "live": round(l_score, 3),
+            "threshold": f"what the preferred answers add held more, what they cut held less, on enough answers to rule "
+                         f"out luck (sign test p <= {config.max_p_value})"}
 
 
 _STOPWORDS = {
@@ -311,15 +423,11 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
                                    batch_size=config.batch_size, max_length=max_length)
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
     by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off)
-    # Each held-out pair whose prompt was answered: how far the answer is from the chosen
-    # one, cut to what max_new_tokens lets an answer say.
-    distances, toward = [], []
-    for p in eval_pairs:
-        answer = by_prompt.get(_key(p["prompt"]))
-        if answer is not None:
-            chosen = _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens)
-            distances.append(round(answer_distance(answer, chosen), 4))
-            toward.append(round(toward_chosen(answer, chosen, _cut(tokenizer, _text(p["rejected"]), config.max_new_tokens)), 4))
+    # Each held-out pair whose prompt was answered: the answer beside the pair's two sides,
+    # cut to what max_new_tokens lets an answer say (for the behaviour check).
+    pair_answers = [{"answer": answer, "chosen": _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens),
+                     "rejected": _cut(tokenizer, _text(p["rejected"]), config.max_new_tokens)}
+                    for p in eval_pairs if (answer := by_prompt.get(_key(p["prompt"]))) is not None]
     n = len(lr)
     return {
         "pairs": n,
@@ -331,8 +439,7 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
         **answered,
         "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), config.max_new_tokens)
                                 for p in eval_pairs]),
-        "chosen_distance": distances,
-        "toward_chosen": toward,
+        "pair_answers": pair_answers,
     }
 
 
@@ -417,27 +524,12 @@ def decide(candidate: dict, live: dict, config: GateConfig = GateConfig()) -> Ga
         check("reward margin", ok, f"{cm:.3f} vs live {lm:.3f}; better on {wins}/{len(c_lr)} pairs (p={p:.3g})",
               value=cm, live=lm, threshold=f"above {lm:.3f}, better on enough pairs to rule out luck (sign test p <= {config.max_p_value})")
 
-    c_t, l_t = candidate.get("toward_chosen") or [], live.get("toward_chosen") or []
-    c_d, l_d = candidate.get("chosen_distance") or [], live.get("chosen_distance") or []
-    if c_t and len(c_t) == len(l_t):
-        better = sum(c > l for c, l in zip(c_t, l_t))
-        worse = sum(c < l for c, l in zip(c_t, l_t))
-        cm_t, lm_t = sum(c_t) / len(c_t), sum(l_t) / len(l_t)
-        check("behaviour", cm_t > lm_t and better > worse,
-              f"answers on the chosen side {cm_t:+.3f} vs live {lm_t:+.3f} (-1 rejected .. +1 chosen: the word pairs "
-              f"only one side has); moved toward the chosen answer on {better}, away on {worse} of {len(c_t)} pairs "
-              f"(must be higher, and toward on more)",
-              value=round(cm_t, 3), live=round(lm_t, 3), threshold=f"above {lm_t:+.3f}, toward on more pairs than away")
-    elif not c_d or len(c_d) != len(l_d):
-        check("behaviour", False, "no held-out answers to compare with the chosen ones")
+    c_a, l_a = candidate.get("pair_answers") or [], live.get("pair_answers") or []
+    if c_a and len(c_a) == len(l_a):
+        checks.append(behaviour(c_a, l_a, [(x["chosen"], True) for x in c_a] + [(x["rejected"], False) for x in c_a],
+                                config, "held-out pair"))
     else:
-        closer = sum(c < l for c, l in zip(c_d, l_d))
-        farther = sum(c > l for c, l in zip(c_d, l_d))
-        cm_d, lm_d = sum(c_d) / len(c_d), sum(l_d) / len(l_d)
-        check("behaviour", cm_d < lm_d and closer > farther,
-              f"answers' distance to the chosen ones {cm_d:.3f} vs live {lm_d:.3f}; closer on {closer}, "
-              f"farther on {farther} of {len(c_d)} pairs (must be lower, and closer on more)",
-              value=round(cm_d, 3), live=round(lm_d, 3), threshold=f"below {lm_d:.3f}, closer on more pairs than farther")
+        check("behaviour", False, "no held-out answers to compare with the chosen ones")
 
     prompts = [q for q in live["golden"] if q in candidate["golden"]]
     losses = sum(live["golden"][q]["passed"] and not candidate["golden"][q]["passed"] for q in prompts)
@@ -587,11 +679,11 @@ def domain_kept(candidate: dict, live: dict, config: GateConfig = GateConfig()) 
 # - vote margin: mean up minus mean down reward (TRL's rewards/margins) must beat the live
 #   version's, and each vote's reward, signed and centred, must improve on more votes than
 #   luck would (the sign test over votes);
-# - behaviour: what users read must move: greedy answers to the held-out prompts closer to
-#   the up-voted answers and farther from the down-voted ones than the live version's, on
-#   average and on more votes than not. Votes are on-policy (the model's own answers), so
-#   the live version often says the up-voted answer already: this check mostly sees the
-#   down-voted answers being left;
+# - behaviour: what users read must move the way the votes ask (``behaviour``): the
+#   token pairs that tell up-voted answers from down-voted ones as groups (an opening every
+#   up-voted answer has; the connecting words of the long answers users voted down) score
+#   the greedy answers to the held-out prompts, and the candidate's must score above the
+#   live version's, on average and on more prompts than luck would give;
 # - regression set, fluency, answer length: ``decide``'s checks, unchanged (the length
 #   target is the up-voted answers' length).
 # A job with pairs and votes is gated as a DPO version, plus the two vote checks when it
@@ -671,14 +763,11 @@ def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float]
     out = measure_votes(model, tokenizer, votes, base_logratios, adapter_off=adapter_off, beta=beta,
                         config=config, max_length=max_length)
     by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off)
-    # Per vote whose prompt was answered: the answer's distance to the voted answer, cut to
-    # what max_new_tokens lets an answer say; signed by the vote (closer is better for up).
-    distances, labels = [], []
-    for v in votes:
-        answer = by_prompt.get(_key(v["prompt"]))
-        if answer is not None:
-            distances.append(round(answer_distance(answer, _cut(tokenizer, _text(v["completion"]), config.max_new_tokens)), 4))
-            labels.append(bool(v["label"]))
+    # Per vote whose prompt was answered: the answer beside the voted one (cut to what
+    # max_new_tokens lets an answer say) and the vote, for the behaviour check (``behaviour``).
+    vote_answers = [{"answer": answer, "voted": _cut(tokenizer, _text(v["completion"]), config.max_new_tokens),
+                     "up": bool(v["label"])}
+                    for v in votes if (answer := by_prompt.get(_key(v["prompt"]))) is not None]
     ups = [v for v in votes if v["label"]]
     return {
         **out,
@@ -687,8 +776,7 @@ def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float]
         **answered,
         "chosen_tokens": _mean([min(len(tokenizer(_text(v["completion"]))["input_ids"]), config.max_new_tokens)
                                 for v in ups]),
-        "vote_distance": distances,
-        "vote_distance_labels": labels,
+        "vote_answers": vote_answers,
     }
 
 
@@ -723,22 +811,11 @@ def decide_kto(candidate: dict, live: dict, config: GateConfig = GateConfig()) -
     """The verdict on a KTO version: the vote checks, behaviour on the held-out votes, then
     ``decide``'s regression-set, fluency and answer-length checks (``measure_kto`` results)."""
     checks = vote_checks(candidate, live, config)
-    c_d, l_d = candidate.get("vote_distance") or [], live.get("vote_distance") or []
-    labels = candidate.get("vote_distance_labels") or []
-    if not c_d or len(c_d) != len(l_d):
-        checks.append({"check": "behaviour", "passed": False, "detail": "no held-out answers to compare with the voted ones"})
+    c_a, l_a = candidate.get("vote_answers") or [], live.get("vote_answers") or []
+    if c_a and len(c_a) == len(l_a):
+        checks.append(behaviour(c_a, l_a, [(x["voted"], x["up"]) for x in c_a], config, "held-out voted"))
     else:
-        # Per vote, how much the answer moved the way the vote asks: toward an up-voted
-        # answer, away from a down-voted one (in word distance; > 0 is the right way).
-        moved = [(lv - c) if up else (c - lv) for c, lv, up in zip(c_d, l_d, labels)]
-        better, worse = sum(m > 0 for m in moved), sum(m < 0 for m in moved)
-        mean = sum(moved) / len(moved)
-        checks.append({"check": "behaviour", "passed": bool(mean > 0 and better > worse),
-                       "detail": f"answers moved {mean:+.3f} in word distance the way the votes ask (toward up-voted, "
-                                 f"away from down-voted answers); the right way on {better}, the wrong way on {worse} "
-                                 f"of {len(moved)} votes (must be above 0, and right on more)",
-                       "value": round(mean, 3), "live": 0.0,
-                       "threshold": "above 0, the right way on more votes than the wrong way"})
+        checks.append({"check": "behaviour", "passed": False, "detail": "no held-out answers to compare with the voted ones"})
     shared = decide(candidate, live, config)
     checks += [c for c in shared.checks if c["check"] in ("regression set", "fluency", "answer length")]
     return GateResult(all(c["passed"] for c in checks), checks)
