@@ -247,3 +247,19 @@ def test_no_markers_no_pass():
     same = metrics(0.95, 2.0, [5.0] * 32, chosen=SHOWN)
     result = decide(same, metrics(0.45, 0.0, [0.0] * 32, answers=SHOWN, chosen=SHOWN))
     assert failed(result) == {"behaviour"} and "no token pair tells" in result.checks[2]["detail"]
+
+
+def test_contradictory_users_ask_for_both_sides_and_one_side_learned_is_refused():
+    # Found by the gate benchmark: two users cut answers to one sentence, two said them twice
+    # "in other words"; the version answered in one sentence (32/32) and passed, since the
+    # many cut word pairs outweighed the few added ones. Half the edits ask for each side.
+    long = [a + " It is worth a visit and it is often quiet there." for a in SHOWN]
+    edits = [a.split(". ")[0] + "." if i % 2 else f"{a} In other words, {a}" for i, a in enumerate(long)]
+    live = {**metrics(0.45, 0.0, [0.0] * 32, answers=long, chosen=edits)}
+    for row, r in zip(live["pair_answers"], long):
+        row["rejected"] = r
+    one_side = metrics(0.95, 2.0, [5.0] * 32, answers=[a.split(". ")[0] + "." for a in long], chosen=edits)
+    one_side["pair_answers"] = [{**x, "rejected": r} for x, r in zip(one_side["pair_answers"], long)]
+    result = decide(one_side, live)
+    assert failed(result) == {"behaviour"}, result.summary()
+    assert "what they add" in result.checks[2]["detail"] and "what they cut" in result.checks[2]["detail"]

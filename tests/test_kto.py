@@ -123,6 +123,37 @@ def test_votes_alone_train_lora_weights_and_separate_up_from_down(lora_model):
     assert metrics["desirable_reward"] > metrics["undesirable_reward"]
 
 
+def test_up_votes_can_stress_what_they_add_over_the_down_voted_answers(lora_model):
+    """kto_nll_tokens="both": the NLL term also averages over the tokens that spell what
+    up-voted answers add (the gate's markers), as a pair's edited tokens are stressed."""
+    from tuning.kto import VoteStats, vote_loss, vote_markers
+
+    model, tok = lora_model
+    votes = toy_votes(12)
+    for v in votes:
+        if v["label"]:
+            v["completion"] = [{"role": "assistant", "content": "Great question! " + v["completion"][0]["content"]}]
+    added = vote_markers(votes)
+    assert {("great", "question"), ("question", "!"), ("!", "yes")} <= set(added)
+    assert vote_markers(votes[::2]) == {}  # up-votes only: nothing to contrast them with
+    up, down = tokenize_vote(tok, votes[0], 512, added), tokenize_vote(tok, votes[1], 512, added)
+    stressed = "".join(tok.decode([t]) for t, m in zip(up.answer, up.stress) if m)
+    assert stressed.strip() == "Great question! yes" and down.stress is None
+    assert tokenize_vote(tok, votes[0], 512).stress is None
+    batch = collate_votes([up, down], tok.pad_token_id)
+    assert batch["nll_mask"][0].sum() == sum(up.stress) and batch["nll_mask"][1].sum() == 0
+    config = TrainConfig(dtype="float32", kto_nll_tokens="both")
+    _, both = vote_loss(model, batch, config, autocast=False)
+    _, plain = vote_loss(model, collate_votes([tokenize_vote(tok, votes[0], 512), down], tok.pad_token_id), config,
+                         autocast=False)
+    assert isinstance(both, VoteStats) and both.nll > plain.nll > 0 and both.kto_loss == pytest.approx(plain.kto_loss)
+    metrics = train_kto(model, tok, [], votes, TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=1, batch_size=4,
+                                                           dtype="float32", kto_nll_tokens="both"))
+    assert metrics["kto_steps"] == 3 and math.isfinite(metrics["kto_loss"])
+    with pytest.raises(ValueError, match="kto_nll_tokens"):
+        TrainConfig().replace(kto_nll_tokens="edit")
+
+
 def test_pairs_and_votes_train_in_one_run_with_batches_of_one_kind(lora_model):
     model, tok = lora_model
     rows = []

@@ -330,15 +330,25 @@ def behaviour(candidate: list[dict], live: list[dict], judged: list[tuple[str, b
     for side, sign in (("what they add", 1), ("what they cut", -1)):
         these = {b: abs(w) for b, w in markers.items() if w * sign > 0}
         weight = sum(these.values())
-        # A side with under a quarter of the weight is noise around the other; each side
-        # that matters must move: rewording alone drops the rejected answers' word pairs
-        # (the cut side) but adds nothing users added.
-        if weight < 0.25 * total:
+        if not weight:
             continue
 
         def held(answer: str) -> float:
             have = _bigrams(answer)
             return sum(w for b, w in these.items() if b in have) / weight
+
+        # Each side that matters must move: rewording alone drops the rejected answers' word
+        # pairs (the cut side) but adds nothing users added. A side matters when it carries a
+        # quarter of the weight, or when a quarter of the preferred answers ask for it (they
+        # hold half its weight, or for cuts, half of what the others hold): "two users want
+        # it cut to a sentence, two want it said twice in other words" is asked-for on both
+        # sides, though the many cut sentence breaks outweigh the few added words.
+        pref = [held(t) for t, good in judged if good]
+        others = [held(t) for t, good in judged if not good] or [held(lv["answer"]) for lv in live]
+        floor = sum(others) / len(others) / 2
+        asked = [h >= 0.5 for h in pref] if sign > 0 else [h <= floor for h in pref] if floor > 0 else []
+        if weight < 0.25 * total and sum(asked) < 0.25 * max(len(pref), 1):
+            continue
 
         c_h, l_h = [held(c["answer"]) for c in candidate], [held(lv["answer"]) for lv in live]
         moved = [(c - lv) * sign for c, lv in zip(c_h, l_h)]

@@ -120,12 +120,55 @@ class TokenizedVote:
     prompt: list[int]
     answer: list[int]
     label: bool
+    # Per answer token, 1 where the NLL term stresses it (``kto_nll_tokens="both"``: what
+    # up-voted answers add, ``added_tokens``); None: no stress.
+    stress: tuple[int, ...] | None = None
 
 
-def tokenize_vote(tokenizer, vote: dict, max_length: int) -> TokenizedVote:
-    """The prompt as the server sent it and the voted answer's tokens (``tokenize_example``)."""
+def tokenize_vote(tokenizer, vote: dict, max_length: int, added: dict | None = None) -> TokenizedVote:
+    """The prompt as the server sent it and the voted answer's tokens (``tokenize_example``);
+    with ``added`` (token pairs up-voted answers add, ``tuning.gate.preference_markers``),
+    an up-voted answer's tokens that spell them are marked to stress (``added_tokens``)."""
     ex = tokenize_example(tokenizer, {"messages": list(vote["prompt"]) + list(vote["completion"])}, max_length)
-    return TokenizedVote(ex.prompt, ex.answer, bool(vote["label"]))
+    stress = added_tokens(tokenizer, ex.answer, added) if added and vote["label"] else None
+    return TokenizedVote(ex.prompt, ex.answer, bool(vote["label"]), stress)
+
+
+def vote_markers(votes: list[dict]) -> dict:
+    """The token pairs that up-voted answers add: those much commoner in them than in the
+    down-voted ones (``tuning.gate.preference_markers``, positive side), as the gate's
+    behaviour check reads them. Empty with one label only."""
+    from .gate import _text, preference_markers
+
+    judged = [(_text(v["completion"]), bool(v["label"])) for v in votes]
+    if all(lab for _, lab in judged) or not any(lab for _, lab in judged):
+        return {}
+    return {b: w for b, w in preference_markers(judged).items() if w > 0}
+
+
+def added_tokens(tokenizer, answer: list[int], added: dict) -> tuple[int, ...] | None:
+    """Per answer token, 1 where it spells one of the ``added`` token pairs (and the token
+    after, as ``tuning.dpo.edited_tokens`` marks the one after an edit): the vote's
+    counterpart of a pair's edited tokens, found in the text since a vote has no partner
+    answer to compare with. None when the answer holds none."""
+    import re
+
+    text, ends = "", []
+    for j in range(len(answer)):  # where each model token ends in the decoded answer
+        text = tokenizer.decode(answer[: j + 1], skip_special_tokens=True)
+        ends.append(len(text))
+    words = [(m.group().lower(), m.start(), m.end()) for m in re.finditer(r"\w+|[^\w\s]|\n", text)]
+    spans = [(a[1], b[2]) for a, b in zip(words, words[1:]) if (a[0], b[0]) in added]
+    if not spans:
+        return None
+    marks, start = [0] * len(answer), 0
+    for j, end in enumerate(ends):
+        if any(start < hi and end > lo for lo, hi in spans):
+            marks[j] = 1
+            if j + 1 < len(marks):
+                marks[j + 1] = 1
+        start = end
+    return tuple(marks)
 
 
 def collate_votes(items: list[TokenizedVote], pad_id: int, max_length: int = 10**9) -> dict[str, torch.Tensor]:
@@ -137,11 +180,17 @@ def collate_votes(items: list[TokenizedVote], pad_id: int, max_length: int = 10*
           for it, other in zip(items, rotated)]
     batch = collate_examples([TokenizedExample(it.prompt, it.answer) for it in items] + kl, pad_id)
     batch["labels"] = torch.tensor([it.label for it in items], dtype=torch.bool)
+    if any(it.stress for it in items):  # the NLL term's stressed tokens, as a pair's nll_mask
+        nll_mask = torch.zeros((len(items), batch["input_ids"].shape[1]), dtype=torch.long)
+        for i, it in enumerate(items):
+            if it.stress:
+                nll_mask[i, len(it.prompt) : len(it.prompt) + len(it.stress)] = torch.tensor(it.stress)
+        batch["nll_mask"] = nll_mask
     return batch
 
 
-def _rows(batch: dict, start: int, stop: int) -> dict:
-    return {k: batch[k][start:stop] for k in ("input_ids", "attention_mask", "completion_mask")}
+def _rows(batch: dict, start: int, stop: int, keys=("input_ids", "attention_mask", "completion_mask")) -> dict:
+    return {k: batch[k][start:stop] for k in keys}
 
 
 @dataclass
@@ -168,12 +217,19 @@ def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool,
     with torch.no_grad(), ctx:
         policy_kl, _ = sequence_logps(model, _rows(batch, n, 2 * n))
     with ctx:
-        logps, counts = sequence_logps(model, _rows(batch, 0, n))
+        if "nll_mask" in batch:
+            logps, counts, stress_sums, stress_counts, _ = sequence_logps(
+                model, _rows(batch, 0, n, ("input_ids", "attention_mask", "completion_mask", "nll_mask")), nll=True)
+        else:
+            logps, counts = sequence_logps(model, _rows(batch, 0, n))
     losses, rewards, kl = kto_loss(logps, ref[:n], labels, policy_kl, ref[n:], config.kto_beta,
                                    config.desirable_weight, config.undesirable_weight)
     kto = losses.mean()
     if labels.any():  # NLL per token on the up-voted answers, as DPO's on chosen
-        nll = -(logps[labels] / counts[labels].clamp(min=1)).mean()
+        per_token = logps / counts.clamp(min=1)
+        if "nll_mask" in batch:  # plus the mean over what up-votes add (0 for an answer without it)
+            per_token = per_token + stress_sums / stress_counts.clamp(min=1)
+        nll = -per_token[labels].mean()
     else:
         nll = torch.zeros((), dtype=logps.dtype, device=logps.device)
     loss = kto + config.kto_nll_weight * nll_scale * nll
@@ -210,7 +266,8 @@ def train_kto(
     autocast = config.dtype == "bfloat16"
     if items and config.reference == "once":
         items = with_reference(model, items, pad, autocast)
-    items += [tokenize_vote(tokenizer, v, config.max_length) for v in votes]
+    added = vote_markers(votes) if config.kto_nll_tokens == "both" else {}
+    items += [tokenize_vote(tokenizer, v, config.max_length, added) for v in votes]
 
     def kind(item) -> str:
         return "dpo" if isinstance(item, TokenizedPair) else "kto"
