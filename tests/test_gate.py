@@ -15,7 +15,7 @@ EDITED = ["Great question! " + a for a in SHOWN]
 
 
 def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, answers=EDITED, damaged=(), chosen_tokens=None,
-            chosen=EDITED):
+            chosen=EDITED, rejected=SHOWN):
     n = len(logratios)
     return {
         "preference_accuracy": acc,
@@ -26,7 +26,7 @@ def metrics(acc, margin, logratios, golden=(True,) * 60, length=40.0, answers=ED
         "golden_total": len(golden),
         "mean_answer_tokens": length,
         "chosen_tokens": chosen_tokens,
-        "pair_answers": [{"answer": a, "chosen": c, "rejected": r} for a, c, r in zip(answers[:n], chosen, SHOWN)],
+        "pair_answers": [{"answer": a, "chosen": c, "rejected": r} for a, c, r in zip(answers[:n], chosen, rejected)],
         "damaged": {q: "stock apology" for q in damaged},
         "answered": len(golden) + n,
     }
@@ -255,11 +255,9 @@ def test_contradictory_users_ask_for_both_sides_and_one_side_learned_is_refused(
     # many cut word pairs outweighed the few added ones. Half the edits ask for each side.
     long = [a + " It is worth a visit and it is often quiet there." for a in SHOWN]
     edits = [a.split(". ")[0] + "." if i % 2 else f"{a} In other words, {a}" for i, a in enumerate(long)]
-    live = {**metrics(0.45, 0.0, [0.0] * 32, answers=long, chosen=edits)}
-    for row, r in zip(live["pair_answers"], long):
-        row["rejected"] = r
-    one_side = metrics(0.95, 2.0, [5.0] * 32, answers=[a.split(". ")[0] + "." for a in long], chosen=edits)
-    one_side["pair_answers"] = [{**x, "rejected": r} for x, r in zip(one_side["pair_answers"], long)]
+    live = metrics(0.45, 0.0, [0.0] * 32, answers=long, chosen=edits, rejected=long)
+    one_side = metrics(0.95, 2.0, [5.0] * 32, answers=[a.split(". ")[0] + "." for a in long], chosen=edits,
+                       rejected=long)
     result = decide(one_side, live)
     assert failed(result) == {"behaviour"}, result.summary()
     assert "what they add" in result.checks[2]["detail"] and "what they cut" in result.checks[2]["detail"]

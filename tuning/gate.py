@@ -80,9 +80,10 @@ class Golden:
 # ("What is the capital of France?" in 3 of 8, "Which planet is known as the Red Planet?"
 # in 3): FRAGILE below. The preference suite's versions, taught good feedback and bad
 # alike, had lost mostly these (bananas in 7 of 9 versions, the greeting and the Red Planet
-# in 5), so they measured luck more than harm. 52 remain. A version that loses them has lost something users had. No refusals: the base
-# model refused none of 14 harmful requests tried, so there is nothing of that kind to keep
-# yet; a larger model's set should add them (kind "refusal").
+# in 5), so they measured luck more than harm. 52 remain. A version that loses them has
+# lost something users had. No refusals: the base model refused none of 14 harmful
+# requests tried, so there is nothing of that kind to keep yet; a larger model's set
+# should add them (kind "refusal").
 REGRESSION = (
     Golden('What is the capital of Japan?', ('Tokyo',), 'fact'),
     Golden('What is the capital of Germany?', ('Berlin',), 'fact'),
@@ -246,10 +247,14 @@ def answer_distance(answer: str, target: str) -> float:
     return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
+# The tokens markers are made of: words, each punctuation mark, line breaks.
+MARKER_TOKEN = re.compile(r"\w+|[^\w\s]|\n")
+
+
 def _bigrams(text: str) -> set:
-    """The answer's pairs of neighbouring tokens (case-folded words, each punctuation mark,
-    line breaks): what a list's "- " lines, an opening's "!" or a sentence break add shows."""
-    t = re.findall(r"\w+|[^\w\s]|\n", text.lower())
+    """The answer's pairs of neighbouring tokens (case-folded ``MARKER_TOKEN``s): what a
+    list's "- " lines, an opening's "!" or a sentence break add shows."""
+    t = MARKER_TOKEN.findall(text.lower())
     return set(zip(t, t[1:])) if len(t) > 1 else {(x,) for x in t}
 
 
@@ -306,8 +311,9 @@ def behaviour(candidate: list[dict], live: list[dict], judged: list[tuple[str, b
     prompt (``{"answer": ...}``), same rows, same order. ``judged``: the held-out answers
     users judged, (text, preferred?). Those give the markers (``preference_markers``), in
     two sides: what the preferred answers add (an opening, a list's line breaks) and what
-    they cut (the sentence breaks of answers cut to one sentence). Each side carrying at
-    least a quarter of the markers' weight must move the preferred way: the candidate's
+    they cut (the sentence breaks of answers cut to one sentence). Each side that carries at
+    least a quarter of the markers' weight, or that a quarter of the preferred answers ask
+    for, must move the preferred way: the candidate's
     answers hold more of what is added (or less of what is cut) than the live version's,
     on average and on more rows than luck would give (the sign test over the rows that
     changed, p <= max_p_value).

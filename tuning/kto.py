@@ -141,8 +141,6 @@ def vote_markers(votes: list[dict]) -> dict:
     from .gate import _text, preference_markers
 
     judged = [(_text(v["completion"]), bool(v["label"])) for v in votes]
-    if all(lab for _, lab in judged) or not any(lab for _, lab in judged):
-        return {}
     return {b: w for b, w in preference_markers(judged).items() if w > 0}
 
 
@@ -151,13 +149,13 @@ def added_tokens(tokenizer, answer: list[int], added: dict) -> tuple[int, ...] |
     after, as ``tuning.dpo.edited_tokens`` marks the one after an edit): the vote's
     counterpart of a pair's edited tokens, found in the text since a vote has no partner
     answer to compare with. None when the answer holds none."""
-    import re
+    from .gate import MARKER_TOKEN
 
     text, ends = "", []
     for j in range(len(answer)):  # where each model token ends in the decoded answer
         text = tokenizer.decode(answer[: j + 1], skip_special_tokens=True)
         ends.append(len(text))
-    words = [(m.group().lower(), m.start(), m.end()) for m in re.finditer(r"\w+|[^\w\s]|\n", text)]
+    words = [(m.group().lower(), m.start(), m.end()) for m in MARKER_TOKEN.finditer(text)]
     spans = [(a[1], b[2]) for a, b in zip(words, words[1:]) if (a[0], b[0]) in added]
     if not spans:
         return None
