@@ -4,7 +4,8 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import GateConfig, Golden, answer_distance, damage, decide, marker_score, noninferior, preference_markers, sign_test_p
+from tuning.gate import (GateConfig, Golden, answer_distance, damage, decide, length_directions, marker_score, noninferior,
+                         preference_markers, sign_test_p, users_agree)
 
 
 TOPICS = [f"{x} {y}" for x in ("red", "old", "tall", "quiet") for y in
@@ -261,3 +262,36 @@ def test_contradictory_users_ask_for_both_sides_and_one_side_learned_is_refused(
     result = decide(one_side, live)
     assert failed(result) == {"behaviour"}, result.summary()
     assert "what they add" in result.checks[2]["detail"] and "what they cut" in result.checks[2]["detail"]
+
+
+def _pairs(user: str, n: int, chosen_words: int, rejected_words: int) -> list[dict]:
+    return [{"user_id": user, "chosen": [{"role": "assistant", "content": " ".join(["w"] * chosen_words)}],
+             "rejected": [{"role": "assistant", "content": " ".join(["w"] * rejected_words)}]} for _ in range(n)]
+
+
+def test_users_cutting_and_users_lengthening_answers_are_refused_as_contradictory():
+    # The gate benchmark's contradictory users: two cut answers to a sentence, two say them twice.
+    pairs = _pairs("a", 14, 10, 40) + _pairs("b", 14, 12, 40) + _pairs("c", 14, 80, 40) + _pairs("d", 14, 82, 40)
+    check = users_agree(pairs)
+    assert not check["passed"]
+    assert "2 users (28 pairs) cut answers to 0.28x" in check["detail"] and "2 users (28 pairs) lengthen" in check["detail"]
+    assert "opposite ways" in check["detail"]
+    assert length_directions(pairs)["c"] == {"pairs": 14, "ratio": 2.0, "way": "longer"}
+
+
+def test_users_who_all_cut_or_who_barely_change_length_agree():
+    assert users_agree(_pairs("a", 20, 10, 40) + _pairs("b", 20, 12, 40))["passed"]  # all shorter
+    # An opening or a closing changes length little: no user pulls either way.
+    mild = _pairs("a", 10, 44, 40) + _pairs("b", 10, 36, 40)
+    assert users_agree(mild)["passed"] and {u["way"] for u in length_directions(mild).values()} == {None}
+    # One lengthening user with a tenth of the pairs does not make the rest contradictory.
+    assert users_agree(_pairs("a", 30, 10, 40) + _pairs("b", 3, 90, 40))["passed"]
+    # Two pairs say nothing about a user's way; the median, not one outlier, sets it.
+    assert length_directions(_pairs("a", 2, 90, 40))["a"]["way"] is None
+    assert length_directions(_pairs("a", 4, 40, 40) + _pairs("a", 1, 400, 40))["a"]["way"] is None
+
+
+def test_a_user_with_both_ways_in_equal_measure_pulls_neither_way():
+    # Retries and votes between two sampled answers: longer and shorter at random.
+    pairs = _pairs("a", 10, 20, 40) + _pairs("a", 10, 40, 20) + _pairs("b", 10, 20, 40) + _pairs("b", 10, 40, 20)
+    assert users_agree(pairs)["passed"]

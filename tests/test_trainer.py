@@ -66,7 +66,7 @@ def test_a_job_registers_a_loadable_version_with_everything_recorded(store, tmp_
     ev = row["eval_json"]
     assert ev["live_version"] is None and ev["live"]["reward_margin"] == 0  # the base against itself
     assert {c["check"] for c in ev["checks"]} == {"preference accuracy", "reward margin", "behaviour", "regression set",
-                                              "fluency", "answer length"}
+                                              "fluency", "answer length", "users agree"}
     assert 0 < len(ev["pair_answers"]) <= len(ev["logratios"]) and ev["answered"] > 0  # pairs whose prompt was answered
     assert row["gate_passed"] == int(ev["passed"]) == int(result.gate.passed)
     job = store.job(result.job_id)
@@ -95,6 +95,27 @@ def test_the_next_version_is_gated_against_the_live_one(store, tmp_path, checkpo
     assert second.version == first.version + 1 and ev["live_version"] == first.version
     assert ev["live"]["reward_margin"] > 0  # the live adapter was measured, not the base
     assert len(adapter_dirs(tmp_path)) == 2
+
+
+def test_feedback_that_pulls_answers_both_ways_is_trained_registered_and_refused(store, tmp_path, checkpoint):
+    # Users 0 and 1 cut every answer to a word; users 2 and 3 say it at four times the length.
+    def pulled(pairs):
+        for i, p in enumerate(pairs):
+            p["user_id"] = f"user{i % 4}"
+            long = "yes it is so, yes it is so, yes it is so."
+            p["chosen"] = [{"role": "assistant", "content": "yes." if i % 4 < 2 else long}]
+            p["rejected"] = [{"role": "assistant", "content": "no it is not so."}]
+        return pairs
+
+    result = train_adapter(pulled(toy_pairs(16)), pulled(toy_pairs(8, start=100, prefix="e")), store=store,
+                           data_dir=tmp_path, base_model_dir=checkpoint, config=FAST, gate_config=GATE)
+    assert result.status == "succeeded" and result.version == 1  # registered: an admin may still promote it
+    row = store.adapter(result.version)
+    agree = next(c for c in row["eval_json"]["checks"] if c["check"] == "users agree")
+    assert not agree["passed"] and not result.gate.passed and row["gate_passed"] == 0
+    assert "2 users (12 pairs) cut answers to 0.20x" in agree["detail"]
+    assert "2 users (12 pairs) lengthen answers to 2.40x" in agree["detail"]
+    assert "users agree" in result.gate.summary()
 
 
 def test_cancel_leaves_nothing_and_says_so(store, tmp_path, checkpoint):

@@ -35,7 +35,10 @@ verdict with one line per check:
   damage more answers than the live version, by the same non-inferiority test;
 - answer length: the mean generated length may not drift more than max_length_drift from
   the live version's, unless it moved toward the length of the chosen answers (a
-  preference for shorter answers legitimately halves them; DPO's verbosity does not).
+  preference for shorter answers legitimately halves them; DPO's verbosity does not);
+- users agree: a check of the job's pairs rather than of the version (``users_agree``):
+  refused when some users cut answers and others lengthen them, each with a quarter of the
+  pairs, since one version cannot follow both.
 
 A version trained on lone votes alone (KTO, ``tuning.kto``) has no held-out pairs: it is
 judged on held-out votes instead (``measure_kto``, ``decide_kto``: vote accuracy, vote
@@ -51,6 +54,7 @@ import dataclasses
 import difflib
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -380,6 +384,65 @@ def behaviour(candidate: list[dict], live: list[dict], judged: list[tuple[str, b
             "value": round(c_score, 3), "live": round(l_score, 3),
             "threshold": f"what the preferred answers add held more, what they cut held less, on enough answers to rule "
                          f"out luck (sign test p <= {config.max_p_value})"}
+
+
+# Users pull opposite ways when some cut their answers and others lengthen them: one version
+# cannot follow both. A user pulls one way when the median length ratio of their pairs
+# (chosen words / rejected words, over at least DIRECTION_MIN_PAIRS pairs) is beyond
+# DIRECTION_RATIO or below its inverse; the feedback contradicts itself when the users
+# pulling each way hold at least DIRECTION_SHARE of the pairs. Seen in the gate benchmark:
+# two users cut every answer to a sentence, two said it twice ("In other words, ..."); the
+# version followed the cutting half, and the behaviour check, which reads what an answer
+# says in the first max_new_tokens, could not see what the lengthening half asked for.
+DIRECTION_RATIO = 1.25
+DIRECTION_MIN_PAIRS = 3
+DIRECTION_SHARE = 0.25
+
+
+def length_directions(pairs: list[dict]) -> dict[str, dict]:
+    """Per user (the chosen answer's), how their pairs change an answer's length: the number
+    of pairs, the median ratio of chosen to rejected words, and the way it pulls ("shorter",
+    "longer", or None)."""
+    ratios: dict[str, list[float]] = {}
+    for p in pairs:
+        chosen, rejected = len(_text(p["chosen"]).split()), len(_text(p["rejected"]).split())
+        ratios.setdefault(str(p.get("user_id")), []).append(max(chosen, 1) / max(rejected, 1))
+    out = {}
+    for user, rs in ratios.items():
+        median = statistics.median(rs)
+        way = None
+        if len(rs) >= DIRECTION_MIN_PAIRS:
+            way = "longer" if median >= DIRECTION_RATIO else "shorter" if median <= 1 / DIRECTION_RATIO else None
+        out[user] = {"pairs": len(rs), "ratio": round(median, 3), "way": way}
+    return out
+
+
+def users_agree(pairs: list[dict]) -> dict:
+    """The gate's check that the job's feedback (training and held-out pairs) does not pull
+    answers two ways at once: some users cutting them, others lengthening them, each with a
+    quarter of the pairs (``length_directions``). Not a judgement of the version: of what it
+    was asked to learn."""
+    users = length_directions(pairs)
+    total = sum(u["pairs"] for u in users.values()) or 1
+    ways = {}
+    for way in ("shorter", "longer"):
+        mine = [u for u in users.values() if u["way"] == way]
+        ways[way] = {"users": len(mine), "pairs": sum(u["pairs"] for u in mine),
+                     "ratio": statistics.median(u["ratio"] for u in mine) if mine else None}
+    split = all(w["pairs"] >= DIRECTION_SHARE * total for w in ways.values())
+
+    def said(way: str) -> str:
+        w = ways[way]
+        verb = "cut answers" if way == "shorter" else "lengthen answers"
+        return f"{w['users']} user{'s' * (w['users'] != 1)} ({w['pairs']} pairs) {verb}" + (f" to {w['ratio']:.2f}x their words" if w["ratio"] else "")
+
+    detail = f"{said('shorter')}, {said('longer')}, of {len(users)} users and {total} pairs"
+    if split:
+        detail += "; users pull answers opposite ways, and one version cannot follow both"
+    return {"check": "users agree", "passed": not split, "detail": detail,
+            "value": f"{ways['shorter']['pairs']} shorter / {ways['longer']['pairs']} longer pairs",
+            "threshold": f"not both ways with {DIRECTION_SHARE:.0%} of the pairs each (a user pulls a way when their "
+                         f"median length ratio is beyond {DIRECTION_RATIO}x or below 1/{DIRECTION_RATIO}x)"}
 
 
 _STOPWORDS = {

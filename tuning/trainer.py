@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import (GateConfig, GateResult, decide, decide_kto, decide_sft, domain_kept, measure, measure_kto,
-                   measure_sft, measure_votes, pair_logratios, vote_checks, vote_logratios)
+                   measure_sft, measure_votes, pair_logratios, users_agree, vote_checks, vote_logratios)
 from .kto import choose_objective, data_problem, objective_data, train_kto, vote_counts
 
 TMP_PREFIX = ".tmp-"
@@ -239,6 +239,7 @@ def train_adapter(
                                              gate_config)
         else:
             evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+            evaluation, gate = _with_check(evaluation, gate, users_agree(list(pairs) + list(eval_pairs)))
             if eval_votes:
                 evaluation, gate = _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
                                                     gate_config, evaluation, gate)
@@ -473,6 +474,12 @@ def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one
     finally:
         model.set_adapter("default")
         model.delete_adapter("live")
+
+
+def _with_check(evaluation: dict, gate: GateResult, check: dict) -> tuple[dict, GateResult]:
+    """One more check beside the gate's own (one about the data: ``users_agree``)."""
+    gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
+    return {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary()}, gate
 
 
 def _evaluation(candidate: dict, live_version, live: dict, gate: GateResult) -> dict:
