@@ -76,12 +76,16 @@ def worker(args) -> None:
 
     pairs = [json.loads(x) for x in open(args.pairs_file)]
     eval_pairs = [json.loads(x) for x in open(args.eval_file)]
+    from tuning.train import _value
+
+    lever = {k: _value(v) for k, v in (x.split("=", 1) for x in args.set)}
     if args.worker == "full":
         data = Path(tempfile.mkdtemp(prefix="bench-data-"))
         store = Store(DataPaths(data).database)
         t = time.monotonic()
         r = train_adapter(pairs, eval_pairs, store=store, data_dir=data, base_model_dir=Path(args.model_dir),
-                          config=TrainConfig(dtype=args.dtype), gate_config=GateConfig(max_length_drift=0.75), created_by="bench")
+                          config=TrainConfig(dtype=args.dtype).replace(**lever), gate_config=GateConfig(max_length_drift=0.75),
+                          created_by="bench")
         wall = time.monotonic() - t
         row = store.adapter(r.version) if r.version else {}
         ev = row.get("eval_json") or {}
@@ -97,11 +101,10 @@ def worker(args) -> None:
             "mean_tokens": [(ev.get("live") or {}).get("mean_answer_tokens"), ev.get("mean_answer_tokens")],
             "answers": len(ev.get("answers", [])), "golden": f"{ev.get('golden_passed')}/{ev.get('golden_total')}",
             "cost": row.get("cost_json"), "trainable_share": row.get("trainable_share"), "peak_mb": peak_mb(),
+            "failed_checks": [c["check"] for c in ev.get("checks", []) if not c["passed"]],
+            "phases": ((store.job(r.job_id) or {}).get("progress_json") or {}).get("phases") if r.job_id else None,
         }), flush=True)
         return
-    from tuning.train import _value
-
-    lever = {k: _value(v) for k, v in (x.split("=", 1) for x in args.set)}
     config = TrainConfig(trainer=args.worker, epochs=1, dtype=machine_format(args.dtype).dtype).replace(**lever)
     subset = pairs[: args.steps * config.batch_size]
     model, tok = load_for_training(Path(args.model_dir), config, None, Path("."))
@@ -155,8 +158,9 @@ def run_levers(common: list[str], steps: int, total_pairs: int, epochs: int) -> 
     return rows
 
 
-def run_worker(kind: str, common: list[str], steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), *common]
+def run_worker(kind: str, common: list[str], steps: int, settings: list[str] = ()) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), *common,
+           *[x for kv in settings for x in ("--set", kv)]]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode or not lines:
@@ -178,6 +182,10 @@ def main() -> None:
     p.add_argument("--levers", action="store_true",
                    help="only the levers for a faster job (s/step of each, and a 256-pair job's training time)")
     p.add_argument("--job-pairs", type=int, default=256, help="with --levers: the job size the estimate is for")
+    p.add_argument("--job-only", action="store_true", help="skip the side-by-side steps: only full jobs")
+    p.add_argument("--job-set", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="one more full job with these TrainConfig settings (after the defaults' job), side by side")
+    p.add_argument("--pairs-dir", type=Path, help="keep the on-policy pairs here and reuse them on the next run")
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["loop", "trl", "full"], help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -196,12 +204,18 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}; CPU: {fmt.cpu}; format {fmt.dtype} ({fmt.reason})", flush=True)
     model_dir = prepare_embedded_model(args.models_dir)
     print(f"model {model_dir.name}, {os.cpu_count()} CPUs; making {args.pairs}+{args.eval_pairs} on-policy pairs", flush=True)
-    train, held, gen_s = make_pairs(model_dir, args.pairs, args.eval_pairs, args.answer_tokens)
-    print(f"  greedy answers: {gen_s:.0f} s (before the job; users' chats in real life); "
-          f"{len(train)} training + {len(held)} held-out pairs kept (answers longer than one sentence)")
-    tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
-    (tmp / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
+    tmp = args.pairs_dir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    if (tmp / "train.jsonl").exists() and (tmp / "eval.jsonl").exists():
+        train = [json.loads(x) for x in open(tmp / "train.jsonl")]
+        held = [json.loads(x) for x in open(tmp / "eval.jsonl")]
+        print(f"  pairs from {tmp}: {len(train)} training + {len(held)} held-out")
+    else:
+        train, held, gen_s = make_pairs(model_dir, args.pairs, args.eval_pairs, args.answer_tokens)
+        print(f"  greedy answers: {gen_s:.0f} s (before the job; users' chats in real life); "
+              f"{len(train)} training + {len(held)} held-out pairs kept (answers longer than one sentence)")
+        (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
+        (tmp / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
     common = ["--dtype", args.dtype, "--model-dir", str(model_dir), "--pairs-file", str(tmp / "train.jsonl"), "--eval-file", str(tmp / "eval.jsonl")]
 
     if args.levers:
@@ -216,6 +230,27 @@ def main() -> None:
         for r in rows:
             print(f"| {r['lever']} | {r.get('seconds_per_step')} | {r.get('before_steps_seconds')} | {r.get('job_train_s')} "
                   f"| {r.get('peak_mb')} |" if "error" not in r else f"| {r['lever']} | failed: {r['error'][-200:]} | | | |")
+        return
+
+    if args.job_only:
+        jobs = []
+        for settings in ["", *args.job_set]:
+            print(f"-- full job: {len(train)} pairs, TrainConfig {settings or 'defaults'}", flush=True)
+            jobs.append({"settings": settings or "defaults", **run_worker("full", common, 0, settings.split())})
+            print("  ", json.dumps(jobs[-1]), flush=True)
+        print(f"\n{time.strftime('%Y-%m-%d')}; CPU: {fmt.cpu}; format {fmt.dtype}; {len(train)} training pairs, "
+              f"gate on {len(held)} held-out pairs")
+        print("| TrainConfig | steps | s/step | training s | pairs to a gated version (s) | one-sentence held-out answers "
+              "(base) | regression set | gate |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+        for j in jobs:
+            if j.get("error") and not j.get("status"):
+                print(f"| {j['settings']} | failed: {j['error'][-200:]} | | | | | | |")
+                continue
+            gate = "passed" if j.get("gate_passed") else "refused: " + ", ".join(j.get("failed_checks") or [])
+            print(f"| {j['settings']} | {j.get('steps')} | {j.get('seconds_per_step')} | {j.get('train_seconds')} "
+                  f"| {j.get('job_seconds')} | {j.get('one_sentence_answers')}/{j.get('answers')} "
+                  f"({j.get('base_one_sentence')}) | {j.get('golden')} | {gate} |")
         return
 
     results = []
