@@ -295,3 +295,8 @@ def test_a_user_with_both_ways_in_equal_measure_pulls_neither_way():
     # Retries and votes between two sampled answers: longer and shorter at random.
     pairs = _pairs("a", 10, 20, 40) + _pairs("a", 10, 40, 20) + _pairs("b", 10, 20, 40) + _pairs("b", 10, 40, 20)
     assert users_agree(pairs)["passed"]
+
+
+def test_a_refusal_for_disagreement_names_the_users_on_each_side():
+    check = users_agree(_pairs("ann", 10, 10, 40) + _pairs("bob", 12, 90, 40) + _pairs("cy", 3, 9, 40))
+    assert not check["passed"] and "(shorter: ann, cy; longer: bob)" in check["detail"]

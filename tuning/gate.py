@@ -426,9 +426,10 @@ def users_agree(pairs: list[dict]) -> dict:
     total = sum(u["pairs"] for u in users.values()) or 1
     ways = {}
     for way in ("shorter", "longer"):
-        mine = [u for u in users.values() if u["way"] == way]
-        ways[way] = {"users": len(mine), "pairs": sum(u["pairs"] for u in mine),
-                     "ratio": statistics.median(u["ratio"] for u in mine) if mine else None}
+        mine = {name: u for name, u in users.items() if u["way"] == way}
+        ways[way] = {"users": len(mine), "pairs": sum(u["pairs"] for u in mine.values()),
+                     "ratio": statistics.median(u["ratio"] for u in mine.values()) if mine else None,
+                     "names": sorted(mine, key=lambda n: -mine[n]["pairs"])}
     split = all(w["pairs"] >= DIRECTION_SHARE * total for w in ways.values())
 
     def said(way: str) -> str:
@@ -437,8 +438,10 @@ def users_agree(pairs: list[dict]) -> dict:
         return f"{w['users']} user{'s' * (w['users'] != 1)} ({w['pairs']} pairs) {verb}" + (f" to {w['ratio']:.2f}x their words" if w["ratio"] else "")
 
     detail = f"{said('shorter')}, {said('longer')}, of {len(users)} users and {total} pairs"
-    if split:
-        detail += "; users pull answers opposite ways, and one version cannot follow both"
+    if split:  # who, so that an admin can look at their feedback (one user with many edits can be one side)
+        names = {w: ", ".join(ways[w]["names"][:5]) + (" ..." if len(ways[w]["names"]) > 5 else "") for w in ways}
+        detail += (f"; users pull answers opposite ways, and one version cannot follow both (shorter: {names['shorter']}; "
+                   f"longer: {names['longer']})")
     return {"check": "users agree", "passed": not split, "detail": detail,
             "value": f"{ways['shorter']['pairs']} shorter / {ways['longer']['pairs']} longer pairs",
             "threshold": f"not both ways with {DIRECTION_SHARE:.0%} of the pairs each (a user pulls a way when their "
