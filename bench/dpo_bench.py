@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--job-only", action="store_true", help="skip the side-by-side steps: only full jobs")
     p.add_argument("--job-set", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="one more full job with these TrainConfig settings (after the defaults' job), side by side")
+    p.add_argument("--skip-defaults", action="store_true", help="with --job-only: only the --job-set jobs")
     p.add_argument("--pairs-dir", type=Path, help="keep the on-policy pairs here and reuse them on the next run")
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["loop", "trl", "full"], help=argparse.SUPPRESS)
@@ -234,7 +235,7 @@ def main() -> None:
 
     if args.job_only:
         jobs = []
-        for settings in ["", *args.job_set]:
+        for settings in ([] if args.skip_defaults else [""]) + args.job_set:
             print(f"-- full job: {len(train)} pairs, TrainConfig {settings or 'defaults'}", flush=True)
             jobs.append({"settings": settings or "defaults", **run_worker("full", common, 0, settings.split())})
             print("  ", json.dumps(jobs[-1]), flush=True)
