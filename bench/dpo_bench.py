@@ -220,9 +220,9 @@ def main() -> None:
     common = ["--dtype", args.dtype, "--model-dir", str(model_dir), "--pairs-file", str(tmp / "train.jsonl"), "--eval-file", str(tmp / "eval.jsonl")]
 
     if args.levers:
-        from tuning.config import TrainConfig
+        from tuning.config import TrainConfig, epochs_for
 
-        epochs = TrainConfig().epochs
+        epochs = epochs_for(TrainConfig(), args.job_pairs)
         rows = run_levers(common, args.compare_steps, args.job_pairs, epochs)
         print(f"\n{time.strftime('%Y-%m-%d')}; CPU: {fmt.cpu}; format {fmt.dtype}; torch threads {os.cpu_count()}")
         print(f"| lever | s/step (steps 2..n) | before the steps (s, {rows[0].get('pairs')} pairs) "

@@ -169,9 +169,22 @@ def test_cost_estimate_uses_measured_seconds_and_the_work_ratio():
     assert cost["full_finetune_state_gb"] > cost["lora_state_gb"]
 
 
+def test_epochs_auto_runs_two_passes_over_a_small_job_and_one_over_a_large_one():
+    from tuning.config import epochs_for
+
+    auto = TrainConfig()
+    assert [epochs_for(auto, n) for n in (16, 106, 128, 129, 256)] == [2, 2, 2, 1, 1]
+    assert epochs_for(auto.replace(epochs=3), 256) == 3  # a number set is a number run
+    assert TrainConfig().replace(epochs=3).replace(epochs="auto").epochs == "auto"
+    assert TrainConfig().replace(epochs=2.0).epochs == 2  # JSON numbers
+    for bad in ("two", 1.5, 0, True):
+        with pytest.raises(ValueError, match="epochs"):
+            TrainConfig().replace(epochs=bad)
+
+
 def test_config_overrides_are_checked_by_name_and_type():
     c = TrainConfig().replace(epochs=1, learning_rate=1e-4)
-    assert (c.epochs, c.learning_rate) == (1, 1e-4) and TrainConfig().epochs == 2
+    assert (c.epochs, c.learning_rate) == (1, 1e-4) and TrainConfig().epochs == "auto"
     with pytest.raises(ValueError, match="Unknown training setting"):
         TrainConfig().replace(epoch=1)
     with pytest.raises(ValueError, match="number"):

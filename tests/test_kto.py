@@ -259,7 +259,7 @@ def test_pairs_and_votes_make_one_job_with_both_losses_and_both_gates(store, tmp
     assert (m["objective"], m["pairs"], m["votes"], m["dpo_steps"], m["kto_steps"]) == ("dpo+kto", 8, 8, 4, 4)
     checks = [c["check"] for c in row["eval_json"]["checks"]]
     assert checks[:6] == ["preference accuracy", "reward margin", "behaviour", "regression set", "fluency",
-                          "answer length"] and checks[6:] == ["vote accuracy", "vote margin"]
+                          "answer length"] and checks[6:] == ["vote accuracy", "vote margin", "users agree"]
 
 
 def test_objective_dpo_ignores_lone_votes_and_kto_takes_pairs_as_votes(store, tmp_path, checkpoint):

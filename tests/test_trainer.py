@@ -118,6 +118,13 @@ def test_feedback_that_pulls_answers_both_ways_is_trained_registered_and_refused
     assert "users agree" in result.gate.summary()
 
 
+def test_epochs_auto_is_recorded_as_the_number_that_ran(store, tmp_path, checkpoint):
+    result = run(store, tmp_path, checkpoint, config=FAST.replace(epochs="auto"))
+    row = store.adapter(result.version)
+    assert row["config_json"]["epochs"] == store.job(result.job_id)["config_json"]["train"]["epochs"] == 2
+    assert row["metrics_json"]["steps"] == 8  # 16 pairs, 2 epochs of 4
+
+
 def test_cancel_leaves_nothing_and_says_so(store, tmp_path, checkpoint):
     cancel = threading.Event()
     result = run(store, tmp_path, checkpoint, cancel=cancel,

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import TrainConfig, epochs_for
 
 
 class Cancelled(Exception):
@@ -331,9 +331,9 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
              weigh: Callable[[list, list], float] | None = None,
              replay=None) -> tuple[list[dict], int]:
     """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
-    batches of ``config.batch_size`` for ``config.epochs``, gradient clipping, a stop check
-    between steps (:class:`Cancelled`) and a progress row after each. ``step_loss(batch)``
-    returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
+    batches of ``config.batch_size`` for ``config.epochs`` ("auto": ``epochs_for`` the
+    number of items), gradient clipping, a stop check between steps (:class:`Cancelled`)
+    and a progress row after each. ``step_loss(batch)`` returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
     a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
     and cut into batches of its own, and the batches are shuffled together (a job with DPO
     pairs and KTO votes: each step is one loss, each example seen once per epoch).
@@ -357,7 +357,8 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     else:
         sizes = Counter(kind_of(it) for it in items)
         per_epoch = sum(math.ceil(n / config.batch_size) for n in sizes.values())
-    steps = per_epoch * config.epochs
+    epochs = epochs_for(config, len(items))
+    steps = per_epoch * epochs
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.same_start(params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -368,7 +369,7 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     history: list[dict] = []
     start = time.monotonic()
     step = 0
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         batches = _batches(items, config.batch_size, rng, kind_of, config.by_length)
         for b, chosen in enumerate(batches):
             if distributed.agree(should_stop is not None and should_stop()):

@@ -30,7 +30,7 @@ from assistant.paths import DataPaths
 from store.rows import utc_now
 
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, epochs_for
 from .cost import estimate_cost, trainable_params
 from .dpo import Cancelled, train_loop
 from .gate import (GateConfig, GateResult, decide, decide_kto, decide_sft, domain_kept, measure, measure_kto,
@@ -143,6 +143,8 @@ def train_adapter(
     ids = [p.get("id") for p in pairs] + ([] if objective in ("dpo", "sft") else [v.get("id") for v in votes])
     if not sft:  # DPO leaves lone votes out; KTO on everything makes each pair an up and a down vote
         pairs, eval_pairs, votes, eval_votes = objective_data(objective, pairs, eval_pairs, votes, eval_votes)
+    # "auto" epochs become a number here too (tuning.config.epochs_for), recorded as run.
+    config = config.replace(epochs=epochs_for(config, len(pairs) + len(votes)))
     counts = {} if sft else {"objective": objective, "votes": len(votes), "eval_votes": len(eval_votes),
                              "votes_up": vote_counts(votes)["up"], "votes_down": vote_counts(votes)["down"]}
     world = distributed.current()
@@ -239,10 +241,10 @@ def train_adapter(
                                              gate_config)
         else:
             evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
-            evaluation, gate = _with_check(evaluation, gate, users_agree(list(pairs) + list(eval_pairs)))
             if eval_votes:
                 evaluation, gate = _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
                                                     gate_config, evaluation, gate)
+            evaluation, gate = _with_check(evaluation, gate, users_agree(list(pairs) + list(eval_pairs)))
         if domain and not sft:
             evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
                                             evaluation, gate)

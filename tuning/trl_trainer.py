@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from typing import Callable
 
-from .config import TrainConfig
+from .config import TrainConfig, epochs_for
 from .dpo import Cancelled, summarize
 
 
@@ -55,7 +55,7 @@ def train_trl(model, tokenizer, pairs: list[dict], config: TrainConfig,
         args = DPOConfig(
             output_dir=out,
             learning_rate=config.learning_rate,
-            num_train_epochs=config.epochs,
+            num_train_epochs=epochs_for(config, len(pairs)),
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=1,
             beta=config.beta,

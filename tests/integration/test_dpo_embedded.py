@@ -33,7 +33,7 @@ N_TRAIN, N_HELD = 64, 24
 # suite; not yet told apart from the reference computed once, also new): this test keeps
 # the recipe it was measured with, without the replayed general answers (replay=0) that
 # feedback jobs train beside the pairs since 2026-12-01.
-RECIPE = TrainConfig(learning_rate=1e-4, dpo_tokens="answer", nll_tokens="answer", reference="step", replay=0)
+RECIPE = TrainConfig(learning_rate=1e-4, epochs=2, dpo_tokens="answer", nll_tokens="answer", reference="step", replay=0)
 # The default gate: teaching brevity halves answer length on purpose, and the length check
 # lets answers move toward the chosen answers' length.
 GATE = GateConfig()
