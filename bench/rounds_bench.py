@@ -130,11 +130,14 @@ def main() -> int:
                 else:
                     row["gate"] = f"v{result.version} refused: " + ", ".join(
                         c["check"] for c in result.gate.checks if not c["passed"])
+                    row["why"] = [f"{c['check']}: {c['detail']}" for c in result.gate.checks if not c["passed"]]
                     if a.promote_refused:
                         store.record_promotion(result.version, "bench", "rounds benchmark: promoted over the gate",
                                                gate_override=True)
                         live = result.version
                         row["gate"] += " (promoted over it)"
+            if r > 1:  # how the answers the round's users saw (the live version's) were edited
+                row["examples"] = [{"shown": x, "edit": e} for x, e in zip(shown[:2], edits[:2])]
             rows.append(row)
             print(json.dumps(row), flush=True)
     first = rows[0]["edit_distance"] or 1
