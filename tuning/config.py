@@ -239,9 +239,9 @@ class TrainConfig:
             raise ValueError("replay must be 0 to 250 (general questions answered before training).")
         if not (1 <= self.replay_per_step <= 64 and 0 <= self.replay_weight <= 100):
             raise ValueError("replay_per_step must be 1 to 64 and replay_weight 0 to 100.")
-        if self.epochs != "auto" and not (isinstance(self.epochs, int) and not isinstance(self.epochs, bool)):
-            raise ValueError(f"epochs must be a whole number or 'auto', not {self.epochs!r}.")
-        for key in ("rank", "alpha", "batch_size", "max_length", "max_rank") + (() if self.epochs == "auto" else ("epochs",)):
+        if self.epochs != "auto" and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs must be 'auto' or a whole number of at least 1, not {self.epochs!r}.")
+        for key in ("rank", "alpha", "batch_size", "max_length", "max_rank"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1.")
         if self.max_rank > MAX_LORA_RANK:

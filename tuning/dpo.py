@@ -333,10 +333,11 @@ def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainC
     """The optimisation loop every objective shares: AdamW with linear decay to zero, shuffled
     batches of ``config.batch_size`` for ``config.epochs`` ("auto": ``epochs_for`` the
     number of items), gradient clipping, a stop check between steps (:class:`Cancelled`)
-    and a progress row after each. ``step_loss(batch)`` returns (loss, the step's figures, "loss" among them); ``collate_fn(items, pad)`` makes
-    a batch. With ``kind_of`` (item -> kind), no batch mixes kinds: each kind is shuffled
-    and cut into batches of its own, and the batches are shuffled together (a job with DPO
-    pairs and KTO votes: each step is one loss, each example seen once per epoch).
+    and a progress row after each. ``step_loss(batch)`` returns (loss, the step's figures,
+    "loss" among them); ``collate_fn(items, pad)`` makes a batch. With ``kind_of`` (item ->
+    kind), no batch mixes kinds: each kind is shuffled and cut into batches of its own, and
+    the batches are shuffled together (a job with DPO pairs and KTO votes: each step is one
+    loss, each example seen once per epoch).
 
     Under a launcher with several processes (``tuning.distributed``) each rank computes the
     loss of its share of every batch, scaled by ``weigh(share, batch)`` (its share of the

@@ -244,7 +244,7 @@ def train_adapter(
             if eval_votes:
                 evaluation, gate = _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
                                                     gate_config, evaluation, gate)
-            evaluation, gate = _with_check(evaluation, gate, users_agree(list(pairs) + list(eval_pairs)))
+            evaluation, gate = _with_checks(evaluation, gate, [users_agree(list(pairs) + list(eval_pairs))])
         if domain and not sft:
             evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
                                             evaluation, gate)
@@ -421,11 +421,8 @@ def _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes,
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
         lambda adapter_off: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw))
-    checks = vote_checks(candidate, live, gate_config)
-    gate = GateResult(gate.passed and all(c["passed"] for c in checks), gate.checks + checks)
-    evaluation = {**evaluation, **candidate, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
-                  "live": {**evaluation["live"], **live}}
-    return evaluation, gate
+    evaluation = {**evaluation, **candidate, "live": {**evaluation["live"], **live}}
+    return _with_checks(evaluation, gate, vote_checks(candidate, live, gate_config))
 
 
 def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
@@ -447,13 +444,10 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
         lambda adapter_off: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain))
-    check = domain_kept(candidate, live, gate_config)
-    gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
-    evaluation = {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary(),
-                  "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
+    evaluation = {**evaluation, "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
                   "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
                   "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
-    return evaluation, gate
+    return _with_checks(evaluation, gate, [domain_kept(candidate, live, gate_config)])
 
 
 def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one):
@@ -478,9 +472,10 @@ def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one
         model.delete_adapter("live")
 
 
-def _with_check(evaluation: dict, gate: GateResult, check: dict) -> tuple[dict, GateResult]:
-    """One more check beside the gate's own (one about the data: ``users_agree``)."""
-    gate = GateResult(gate.passed and check["passed"], gate.checks + [check])
+def _with_checks(evaluation: dict, gate: GateResult, checks: list[dict]) -> tuple[dict, GateResult]:
+    """More checks beside the gate's own (held-out votes, the domain kept, ``users_agree``),
+    in the verdict and in the version's eval_json."""
+    gate = GateResult(gate.passed and all(c["passed"] for c in checks), gate.checks + checks)
     return {**evaluation, "checks": gate.checks, "passed": gate.passed, "summary": gate.summary()}, gate
 
 
