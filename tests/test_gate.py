@@ -4,7 +4,7 @@ import pytest
 
 from tuning.config import TrainConfig
 from tuning.cost import estimate_cost
-from tuning.gate import (GateConfig, Golden, answer_distance, damage, decide, length_directions, marker_score, noninferior,
+from tuning.gate import (GateConfig, Golden, answer_distance, answer_reach, damage, decide, length_directions, marker_score, noninferior,
                          preference_markers, sign_test_p, users_agree)
 
 
@@ -313,3 +313,35 @@ def test_a_user_with_both_ways_in_equal_measure_pulls_neither_way():
 def test_a_refusal_for_disagreement_names_the_users_on_each_side():
     check = users_agree(_pairs("ann", 10, 10, 40) + _pairs("bob", 12, 90, 40) + _pairs("cy", 3, 9, 40))
     assert not check["passed"] and "(shorter: ann, cy; longer: bob)" in check["detail"]
+
+
+def test_the_gate_reads_held_out_answers_as_far_as_the_chosen_ones_reach():
+    from tests.tiny import tiny_tokenizer
+
+    tok, config = tiny_tokenizer(), GateConfig(max_new_tokens=64, max_answer_tokens=256)
+    # Short chosen answers (a cut to one sentence): the regression set's 64 tokens are enough.
+    assert answer_reach(tok, ["Paris.", "Yes, it is."], config) == 64
+    # A closing sentence after a 150-token answer is read, up to the served length.
+    assert answer_reach(tok, ["x" * 150 + " I hope this helps.", "short"], config) == 169
+    assert answer_reach(tok, ["x" * 900], config) == 256
+    assert answer_reach(tok, [], config) == 64
+
+
+def test_the_regression_set_is_answered_at_its_length_and_held_out_prompts_at_their_reach(monkeypatch):
+    import tuning.gate as gate
+    from tests.tiny import tiny_tokenizer
+
+    calls = []
+
+    def fake_greedy(model, tokenizer, convs, *, max_new_tokens, **kw):
+        calls.append((len(convs), max_new_tokens))
+        return [("answer " * (max_new_tokens // 8), max_new_tokens)] * len(convs)
+
+    monkeypatch.setattr(gate, "greedy_answers", fake_greedy)
+    config = GateConfig(golden=(Golden("2+2?", ("4",)),) * 3)
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(5)]
+    by_prompt, answered = gate._answer_all(None, tiny_tokenizer(), rows, config, False, 200)
+    assert calls == [(3, 64), (5, 200)] and answered["mean_answer_tokens"] == 200 and len(by_prompt) == 5
+    calls.clear()
+    gate._answer_all(None, tiny_tokenizer(), rows, config, False, 64)  # one pass when the lengths agree
+    assert calls == [(8, 64)]

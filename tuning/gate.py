@@ -182,6 +182,11 @@ class GateConfig:
     # Long enough for a complete short answer (the goldens need ~10-20 tokens); longer
     # answers cost generation time for every version evaluated.
     max_new_tokens: int = 64
+    # The held-out prompts are answered as far as their chosen (up-voted) answers reach,
+    # at least max_new_tokens and at most this: the server's answer length
+    # (assistant.engine.Sampling), so that what users asked for at the end of an answer (a
+    # closing sentence after 90 tokens) is read, not cut off at max_new_tokens.
+    max_answer_tokens: int = Sampling().max_new_tokens
     # The server's frequency penalty (assistant.engine.Sampling), so that the gate's greedy
     # answers are the ones users get at temperature 0.
     frequency_penalty: float = Sampling().frequency_penalty
@@ -504,11 +509,12 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     lr, per_token = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
                                    batch_size=config.batch_size, max_length=max_length)
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
-    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off)
+    reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], config)
+    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach)
     # Each held-out pair whose prompt was answered: the answer beside the pair's two sides,
-    # cut to what max_new_tokens lets an answer say (for the behaviour check).
-    pair_answers = [{"answer": answer, "chosen": _cut(tokenizer, _text(p["chosen"]), config.max_new_tokens),
-                     "rejected": _cut(tokenizer, _text(p["rejected"]), config.max_new_tokens)}
+    # cut to as far as the answers were read (for the behaviour check).
+    pair_answers = [{"answer": answer, "chosen": _cut(tokenizer, _text(p["chosen"]), reach),
+                     "rejected": _cut(tokenizer, _text(p["rejected"]), reach)}
                     for p in eval_pairs if (answer := by_prompt.get(_key(p["prompt"]))) is not None]
     n = len(lr)
     return {
@@ -519,24 +525,40 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
         "likelihood_accuracy_per_token": round(sum(x > 0 for x in per_token) / n, 4) if n else None,
         "logratios": [round(x, 4) for x in lr],
         **answered,
-        "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), config.max_new_tokens)
+        "chosen_tokens": _mean([min(len(tokenizer(_text(p["chosen"]))["input_ids"]), reach)
                                 for p in eval_pairs]),
+        "answer_reach": reach,
         "pair_answers": pair_answers,
     }
 
 
-def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool) -> tuple[dict, dict]:
-    """Greedy answers, as served, to the regression set and to the rows' distinct prompts
-    (at most ``config.max_length_prompts``). Returns (answer by prompt key, the metrics every
-    measure records: the regression verdicts, mean answer tokens, damaged answers, answers)."""
+def answer_reach(tokenizer, wanted: list[str], config: GateConfig) -> int:
+    """How many tokens of each held-out answer the gate reads: as far as the longest answer
+    users chose (``wanted``), within [max_new_tokens, max_answer_tokens]. A preference at
+    the end of an answer (a closing sentence) is otherwise invisible to the behaviour
+    check, and a version that learned it early, by cutting answers short, looks best."""
+    longest = max((len(tokenizer(t)["input_ids"]) for t in wanted), default=0)
+    return max(config.max_new_tokens, min(longest, config.max_answer_tokens))
+
+
+def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
+                reach: int | None = None) -> tuple[dict, dict]:
+    """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
+    rows' distinct prompts (at most ``config.max_length_prompts``, ``reach`` tokens:
+    ``answer_reach``). Returns (answer by prompt key, the metrics every measure records:
+    the regression verdicts, mean answer tokens, damaged answers, answers)."""
     prompts: list[list[dict]] = []
     for r in rows:
         if r["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
             prompts.append(r["prompt"])
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
-    answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
-                             frequency_penalty=config.frequency_penalty)
+    reach = reach or config.max_new_tokens
+    kw = dict(batch_size=config.batch_size * 2, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty)
+    if reach == config.max_new_tokens:  # one batched pass, as before
+        answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
+    else:  # greedy in float32: batching apart changes no answer (tuning.generation)
+        answers = (greedy_answers(model, tokenizer, golden_convs, max_new_tokens=config.max_new_tokens, **kw)
+                   + greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, **kw))
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]
@@ -844,20 +866,22 @@ def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float]
     to the regression set and the held-out votes' prompts (the keys ``decide`` reads)."""
     out = measure_votes(model, tokenizer, votes, base_logratios, adapter_off=adapter_off, beta=beta,
                         config=config, max_length=max_length)
-    by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off)
-    # Per vote whose prompt was answered: the answer beside the voted one (cut to what
-    # max_new_tokens lets an answer say) and the vote, for the behaviour check (``behaviour``).
-    vote_answers = [{"answer": answer, "voted": _cut(tokenizer, _text(v["completion"]), config.max_new_tokens),
+    ups = [v for v in votes if v["label"]]
+    reach = answer_reach(tokenizer, [_text(v["completion"]) for v in ups], config)
+    by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off, reach)
+    # Per vote whose prompt was answered: the answer beside the voted one (cut to as far as
+    # the answers were read) and the vote, for the behaviour check (``behaviour``).
+    vote_answers = [{"answer": answer, "voted": _cut(tokenizer, _text(v["completion"]), reach),
                      "up": bool(v["label"])}
                     for v in votes if (answer := by_prompt.get(_key(v["prompt"]))) is not None]
-    ups = [v for v in votes if v["label"]]
     return {
         **out,
         "method": "kto",
         "pairs": 0, "preference_accuracy": None, "reward_margin": None, "logratios": [],
         **answered,
-        "chosen_tokens": _mean([min(len(tokenizer(_text(v["completion"]))["input_ids"]), config.max_new_tokens)
+        "chosen_tokens": _mean([min(len(tokenizer(_text(v["completion"]))["input_ids"]), reach)
                                 for v in ups]),
+        "answer_reach": reach,
         "vote_answers": vote_answers,
     }
 
