@@ -294,6 +294,7 @@ def test_users_cutting_and_users_lengthening_answers_are_refused_as_contradictor
 
 def test_users_who_all_cut_or_who_barely_change_length_agree():
     assert users_agree(_pairs("a", 20, 10, 40) + _pairs("b", 20, 12, 40))["passed"]  # all shorter
+    assert "of 1 user and 20 pairs" in users_agree(_pairs("a", 20, 10, 40))["detail"]
     # An opening or a closing changes length little: no user pulls either way.
     mild = _pairs("a", 10, 44, 40) + _pairs("b", 10, 36, 40)
     assert users_agree(mild)["passed"] and {u["way"] for u in length_directions(mild).values()} == {None}

@@ -442,7 +442,7 @@ def users_agree(pairs: list[dict]) -> dict:
         verb = "cut answers" if way == "shorter" else "lengthen answers"
         return f"{w['users']} user{'s' * (w['users'] != 1)} ({w['pairs']} pairs) {verb}" + (f" to {w['ratio']:.2f}x their words" if w["ratio"] else "")
 
-    detail = f"{said('shorter')}, {said('longer')}, of {len(users)} users and {total} pairs"
+    detail = f"{said('shorter')}, {said('longer')}, of {len(users)} user{'s' * (len(users) != 1)} and {total} pairs"
     if split:  # who, so that an admin can look at their feedback (one user with many edits can be one side)
         names = {w: ", ".join(ways[w]["names"][:5]) + (" ..." if len(ways[w]["names"]) > 5 else "") for w in ways}
         detail += (f"; users pull answers opposite ways, and one version cannot follow both (shorter: {names['shorter']}; "
