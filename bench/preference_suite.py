@@ -50,11 +50,13 @@ def _sentences(text: str) -> list[str]:
 
 def _whole_sentences(answer: str) -> str:
     """The answer without a last sentence cut off by the token limit (a user adding a
-    closing sentence also ends the answer properly)."""
-    parts = _sentences(answer)
-    if len(parts) > 1 and not parts[-1].endswith((".", "!", "?")):
-        parts = parts[:-1]
-    return " ".join(parts)
+    closing sentence also ends the answer properly); its line breaks kept as they were."""
+    text = answer.strip()
+    if text.endswith((".", "!", "?")):
+        return text
+    # A sentence ends at . ! or ? before a space, but not a list's "2." (one or two digits).
+    ends = [m.end() for m in re.finditer(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)", text)]
+    return text[: ends[-1]] if ends else text
 
 
 def _as_list(answer: str) -> str:
@@ -151,14 +153,18 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
 
     data = work / kind.name
     store = Store(DataPaths(data).database)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     for i, (question, answer) in enumerate(shown):
         user = f"user{i % 4}"
         cid = store.create_conversation(user)
         mid = store.add_message(cid, user, question)
         if thumbs:  # one answer shown, one vote: up when it follows the preference
             answer = kind.rewrite(answer) if i % 2 == 0 else answer
+        # Cut by the token limit, as the app records it (re-tokenized text: within a few
+        # tokens of the limit; answers that ended by themselves here stop 20 or more short).
+        cut = len(tok(answer)["input_ids"]) >= tokens - 4
         aid = store.log_answer(message_id=mid, user_id=user, prompt=[{"role": "user", "content": question}],
-                               content=answer, model=model_dir.name)
+                               content=answer, model=model_dir.name, finish_reason="length" if cut else "stop")
         if thumbs:
             store.rate(aid, user, 1 if kind.follows(answer) else -1)
             continue
@@ -176,7 +182,6 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     if result.status != "succeeded":
         return {"kind": kind.name, "error": result.error}
     row = store.adapter(result.version)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       DataPaths(data).version_folder(row))
     answers = greedy(model, tok, held_q, tokens)

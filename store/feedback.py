@@ -25,7 +25,7 @@ _FEEDBACK_MESSAGES = """
 
 _ANSWERS = f"""
     SELECT a.rowid AS seq, a.id, a.conversation_id, a.message_id, a.user_id, a.source,
-           a.edited_from_id, a.prompt_json, a.prompt_hash, a.content, a.created_utc,
+           a.edited_from_id, a.prompt_json, a.prompt_hash, a.content, a.finish_reason, a.created_utc,
            a.withdrawn_utc, c.exclude_from_training,
            EXISTS (SELECT 1 FROM users u WHERE u.name = a.user_id AND u.disabled = 1) AS by_disabled
     FROM answers a JOIN conversations c ON c.id = a.conversation_id
@@ -50,7 +50,7 @@ class FeedbackMixin:
         {...}}``. Each answer
         is a dict: ``id, conversation_id, message_id, user_id, source ('model'|'edit'),
         edited_from_id, prompt (the message list the model saw), prompt_hash, content,
-        created_utc, shown`` (True for the answer the conversation shows for its turn:
+        finish_reason ("length": the token limit cut it), created_utc, shown`` (True for the answer the conversation shows for its turn:
         the newest live one, which the user kept) and ``votes`` (list of ``{user_id,
         value (+1|-1), created_utc}``, each user's current vote; cleared votes are absent).
         Answers are ordered oldest first and include every live sibling of a rated turn.

@@ -193,3 +193,33 @@ def test_a_disabled_accounts_feedback_stops_training_and_is_counted(store):
     assert {(p.chosen_answer_id, p.rejected_answer_id) for p in again.pairs} == \
         {(p.chosen_answer_id, p.rejected_answer_id) for p in build_preferences(store, CONFIG, TopicEmbedder(SAME)).pairs}
     assert any(p.user_id == "noisy" for p in again.pairs)
+
+
+CUT = "Rain falls from clouds. It waters the fields.\n\nIn dry places farmers"  # the token limit stopped it
+
+
+def test_an_edit_of_a_cut_answer_is_compared_with_the_answer_ended_after_its_last_whole_sentence():
+    from tuning.pairs import ended_before_cut
+
+    whole = "Rain falls from clouds. It waters the fields."
+    cut, ended = {"content": CUT, "finish_reason": "length"}, {"content": CUT, "finish_reason": "stop"}
+    closing = whole + " I hope this helps."
+    assert ended_before_cut(closing, cut) == whole  # line breaks and all, up to the unfinished sentence
+    assert ended_before_cut(closing, ended) == CUT  # not cut by the limit: what the model chose to say
+    assert ended_before_cut(whole, cut) == CUT  # dropping only the tail asks for the answer to end there
+    assert ended_before_cut("Great question! " + CUT, cut) == CUT  # an opening keeps the tail
+    assert ended_before_cut("Rain falls from clouds.", cut) == CUT  # one sentence: a shorter answer
+    assert ended_before_cut(CUT + " need wells. I hope this helps.", cut) == CUT  # the user finished it
+    assert ended_before_cut("1. Rain\n2. Sun I hope", {"content": "1. Rain\n2. Sun", "finish_reason": "length"}) \
+        == "1. Rain\n2. Sun"  # a list's "2." ends no sentence
+
+
+def test_the_store_s_cut_answer_reaches_the_pair_ended_where_the_user_kept_it(store):
+    data_store = store
+    mid = data_store.add_message(data_store.create_conversation("alice"), "alice", "Why does it rain?")
+    aid = data_store.log_answer(message_id=mid, user_id="alice", prompt=[{"role": "user", "content": "Why does it rain?"}],
+                                content=CUT, model="m", finish_reason="length")
+    data_store.edit_answer(aid, "alice", "Rain falls from clouds. It waters the fields. I hope this helps.")
+    (pair,) = build_preferences(data_store, PairConfig(eval_fraction=0), TopicEmbedder()).pairs
+    assert pair.rejected == [{"role": "assistant", "content": "Rain falls from clouds. It waters the fields."}]
+    assert pair.chosen[0]["content"].endswith("I hope this helps.")

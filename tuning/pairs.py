@@ -8,7 +8,13 @@
 Exports: ``python -m tuning.export --data-dir data`` (see tuning.export).
 
 Signals, each pair carrying the ids of the answers it came from:
-- ``edit``: the user's rewrite is chosen over the answer it replaced.
+- ``edit``: the user's rewrite is chosen over the answer it replaced. When the token limit
+  cut that answer (``finish_reason`` "length") and the edit keeps all of it up to its
+  unfinished last sentence, drops that sentence and goes on differently (a closing
+  sentence, say), the rejected side is the answer ended after its last whole sentence
+  (``ended_before_cut``): the unfinished sentence was the limit's doing, not something the
+  user rejected, and learning to avoid it taught the model to stop starting sentences
+  (a closing preference halved answers).
 - ``vote``: an up-voted answer over a down-voted one to the same prompt group (the same
   conversation state, with paraphrased last messages counted as the same; see
   tuning.grouping). The prompt is the chosen answer's.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -328,12 +335,33 @@ def _filter_pairs(candidates: list[tuple], config: PairConfig) -> tuple[list[Pai
     return pairs, dict(dropped)
 
 
+# A sentence ends at . ! or ? before white space; a list's "2." (one or two digits) does not.
+_SENTENCE_END = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)")
+
+
+def ended_before_cut(edit: str, answer: dict) -> str:
+    """The answer an edit is compared with: ``answer["content"]``, or, when the token limit
+    cut it and the edit keeps it up to its last whole sentence but not its unfinished
+    tail, the answer ended after that sentence (see the module's ``edit`` signal)."""
+    text = answer["content"]
+    if answer.get("finish_reason") != "length" or text.rstrip().endswith((".", "!", "?")):
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return text
+    whole = text[: ends[-1]]
+    # An edit that only drops the unfinished sentence asks for the answer to end there.
+    if edit.startswith(whole) and edit.strip() != whole.strip() and not edit.startswith(text.rstrip()):
+        return whole
+    return text
+
+
 def _pair(chosen: dict, rejected: dict, signal: str, created: str) -> Pair:
     return Pair(
         id=_record_id(chosen["prompt"], chosen["content"], rejected["content"]),
         prompt=chosen["prompt"],
         chosen=_assistant(chosen["content"]),
-        rejected=_assistant(rejected["content"]),
+        rejected=_assistant(ended_before_cut(chosen["content"], rejected) if signal == "edit" else rejected["content"]),
         signal=signal,
         chosen_answer_id=chosen["id"],
         rejected_answer_id=rejected["id"],
