@@ -13,8 +13,8 @@ Signals, each pair carrying the ids of the answers it came from:
   unfinished last sentence, drops that sentence and goes on differently (a closing
   sentence, say), the rejected side is the answer ended after its last whole sentence
   (``ended_before_cut``): the unfinished sentence was the limit's doing, not something the
-  user rejected, and learning to avoid it taught the model to stop starting sentences
-  (a closing preference halved answers).
+  user rejected. (Measured on the preference suite's closing at 256 tokens, 34 of 106
+  pairs: it did not stop that version from closing early, 38.2 vs 38.7 words.)
 - ``vote``: an up-voted answer over a down-voted one to the same prompt group (the same
   conversation state, with paraphrased last messages counted as the same; see
   tuning.grouping). The prompt is the chosen answer's.
