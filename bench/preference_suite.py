@@ -37,6 +37,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tuning.pairs import whole_sentences  # noqa: E402
 from tuning.synthetic import first_sentence, is_one_sentence, prompts  # noqa: E402
 
 OPENING = "Great question!"
@@ -51,12 +52,7 @@ def _sentences(text: str) -> list[str]:
 def _whole_sentences(answer: str) -> str:
     """The answer without a last sentence cut off by the token limit (a user adding a
     closing sentence also ends the answer properly); its line breaks kept as they were."""
-    text = answer.strip()
-    if text.endswith((".", "!", "?")):
-        return text
-    # A sentence ends at . ! or ? before a space, but not a list's "2." (one or two digits).
-    ends = [m.end() for m in re.finditer(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)", text)]
-    return text[: ends[-1]] if ends else text
+    return whole_sentences(answer)
 
 
 def _as_list(answer: str) -> str:

@@ -339,19 +339,26 @@ def _filter_pairs(candidates: list[tuple], config: PairConfig) -> tuple[list[Pai
 _SENTENCE_END = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)")
 
 
+def whole_sentences(text: str) -> str:
+    """``text`` (stripped) up to the end of its last whole sentence; all of it when it ends
+    a sentence or holds no sentence end."""
+    text = text.strip()
+    if text.endswith((".", "!", "?")):
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else text
+
+
 def ended_before_cut(edit: str, answer: dict) -> str:
     """The answer an edit is compared with: ``answer["content"]``, or, when the token limit
     cut it and the edit keeps it up to its last whole sentence but not its unfinished
     tail, the answer ended after that sentence (see the module's ``edit`` signal)."""
     text = answer["content"]
-    if answer.get("finish_reason") != "length" or text.rstrip().endswith((".", "!", "?")):
+    if answer.get("finish_reason") != "length":
         return text
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    if not ends:
-        return text
-    whole = text[: ends[-1]]
+    whole = whole_sentences(text)
     # An edit that only drops the unfinished sentence asks for the answer to end there.
-    if edit.startswith(whole) and edit.strip() != whole.strip() and not edit.startswith(text.rstrip()):
+    if whole != text.strip() and edit.startswith(whole) and edit.strip() != whole and not edit.startswith(text.rstrip()):
         return whole
     return text
 
