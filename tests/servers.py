@@ -58,6 +58,14 @@ def running_app(data_dir: Path, *args: str, timeout_s: float = 180, log_name: st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # A training job outlives the app by design (its own session; the next app start
+        # judges it by its heartbeat). A test that ends, or fails, while one runs must not
+        # leave it taking the cores from the tests after it.
+        for pid in training_processes_of(data_dir):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
 
 
 def vllm_processes_of(data_dir: Path) -> list[int]:
@@ -75,6 +83,20 @@ def vllm_processes_of(data_dir: Path) -> list[int]:
     apps = [pid for pid, (cmd, _) in procs.items() if "app.py" in cmd and str(data_dir) in cmd]
     marks = {f"ASSISTANT_PARENT_PID={pid}".encode() for pid in apps}
     return [pid for pid, (_, env) in procs.items() if marks & set(env)]
+
+
+def training_processes_of(data_dir: Path) -> list[int]:
+    """Pids of the training jobs (``python -m tuning.train``) working on ``data_dir``."""
+    pids, names = [], {str(data_dir).encode(), str(Path(data_dir).resolve()).encode()}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"tuning.train" in args and names & set(args):
+                pids.append(int(d.name))
+    return pids
 
 
 def still_running(pids: list[int], wait_s: float = 0) -> list[int]:

@@ -27,6 +27,17 @@ def browser():
         b.close()
 
 
+@pytest.fixture(autouse=True)
+def pages_closed_after_each_test(request):
+    """Close every page a test opened once it ends, passed or failed: an open Gradio page
+    keeps its timers polling (its app stopped or not), five renderers took about 40% of a
+    core for the rest of the run, and the training tests after them share two cores."""
+    yield
+    if "browser" in request.fixturenames:
+        for context in request.getfixturevalue("browser").contexts:
+            context.close()
+
+
 @pytest.fixture
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
