@@ -101,6 +101,7 @@ def job_view(job: dict, adapter: dict | None = None, now: dt.datetime | None = N
         "votes": {"n": (job.get("config_json") or {}).get("votes"), "up": (job.get("config_json") or {}).get("votes_up"),
                   "down": (job.get("config_json") or {}).get("votes_down")},
         "version": job.get("adapter_version"), "error": job.get("error"),
+        "replay": {"answered": p.get("replay_answered", 0), "total": p.get("replay_total")},
         "gate_passed": None if adapter is None else bool(adapter.get("gate_passed")),
     }
     view["reached"] = reached = _reached(job) if job["status"] != "queued" else None
@@ -128,6 +129,10 @@ def job_sentence(view: dict, adapter: dict | None = None) -> str:
         if view["stage"] == "training" and view["steps"]:
             left = f", about {duration(view['eta'])} left" if view["eta"] is not None else ""
             return f"Training: step {view['step']} of {view['steps']} after {took}{left}."
+        replay = view.get("replay") or {}
+        if view["stage"] == "training" and replay.get("total"):  # before the first step (tuning.sft.replay_rows)
+            return (f"Training: first answering the general questions the new version must keep answering "
+                    f"as before ({replay['answered']} of {replay['total']}, {took} so far).")
         return f"{view['stage'].capitalize()} ({took} so far)."
     if view["status"] == "succeeded" and view["version"]:
         pairs = view["pairs"] if view["pairs"] is not None else len((adapter or {}).get("pair_ids_json") or [])

@@ -47,6 +47,11 @@ def test_a_running_job_shows_its_stage_steps_time_left_and_growing_curves(store)
     # Running but no phase yet: app.py train builds the pairs before the trainer reports.
     store.update_job(job["id"], progress_json={})
     assert reports.job_view(store.job(job["id"]))["stage"] == "building pairs"
+    # Before the first step the job answers the questions it replays (minutes on a slow CPU): it says how far.
+    store.update_job(job["id"], progress_json={"phase": "training", "replay_answered": 48, "replay_total": 128})
+    view = reports.job_view(store.job(job["id"]))
+    assert view["stage"] == "training" and view["sentence"].startswith(
+        "Training: first answering the general questions the new version must keep answering as before (48 of 128, ")
     store.update_job(job["id"], progress_json={"phase": "evaluating"})
     assert reports.job_view(store.job(job["id"]))["stage"] == "gate"
 

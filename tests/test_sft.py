@@ -203,6 +203,57 @@ def test_replayed_answers_are_the_starting_models_own_on_general_questions(check
         TrainConfig(replay=500).check()
 
 
+def test_replayed_answers_are_kept_for_the_next_job_from_the_same_start(checkpoint, tmp_path, monkeypatch, capsys):
+    """tuning.sft.ReplayCache: a job answers the replayed questions once per start (base
+    files, parent version's weights), format, questions and token limit, reporting how far
+    it got; the next job from the same start reads them. A changed start answers again; a
+    damaged file is answered again and replaced; an unwritable folder only costs the reuse."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning import sft
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    calls = []
+    real = sft.greedy_answers
+    monkeypatch.setattr(sft, "greedy_answers", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    config = TrainConfig(replay=20)
+    cache = sft.ReplayCache(tmp_path / ".replay", sft.starting_point(checkpoint))
+    seen = []
+    first = sft.prepare_replay(model, tok, config, cache, seen.append)
+    assert calls == [16, 4] and [(r["replay_answered"], r["replay_total"]) for r in seen] == [(16, 20), (20, 20)]
+    again = sft.prepare_replay(model, tok, config, cache)
+    assert calls == [16, 4], "the same start answered the questions again"
+    assert [(i.prompt, i.answer) for i in again] == [(i.prompt, i.answer) for i in first]
+    assert all(torch.equal(a.ref_logps, b.ref_logps) for a, b in zip(again, first))
+
+    questions = sft.replay_questions(20)
+    here = cache.file(config, questions, sft.REPLAY_TOKENS)
+    model.save_pretrained(tmp_path / "v1")
+    others = [sft.ReplayCache(cache.folder, sft.starting_point(checkpoint, tmp_path / "v1")).file(config, questions, 96),
+              cache.file(config.replace(dtype="bfloat16"), questions, 96), cache.file(config, questions[:19], 96),
+              cache.file(config, questions, 64)]
+    assert len({here, *others}) == 5
+    (checkpoint / "notes.txt").write_text("a changed base folder")
+    try:
+        assert sft.ReplayCache(cache.folder, sft.starting_point(checkpoint)).file(config, questions, 96) != here
+    finally:
+        (checkpoint / "notes.txt").unlink()
+
+    here.write_text('[{"id": "replay-0", "messages": "not a conversation"}]')
+    damaged = sft.prepare_replay(model, tok, config, cache)
+    assert calls == [16, 4, 16, 4] and "not readable; answering again" in capsys.readouterr().out
+    assert [i.answer for i in damaged] == [i.answer for i in first] and cache.read(here) is not None
+
+    blocked = sft.ReplayCache(tmp_path / "a-file", cache.start)
+    blocked.folder.write_text("")
+    rows = sft.cached_replay_rows(model, tok, config, blocked)
+    assert len(rows) == len(first) and "not kept" in capsys.readouterr().out
+
+
 def test_kl_replay_holds_the_version_to_the_starting_models_distribution(checkpoint):
     """replay_loss="kl": replayed rows train toward the starting model's top-k next-token
     distribution, computed once. At the start the loss on a replayed row is only the mass

@@ -97,6 +97,52 @@ def test_the_next_version_is_gated_against_the_live_one(store, tmp_path, checkpo
     assert len(adapter_dirs(tmp_path)) == 2
 
 
+def test_the_live_versions_answers_are_kept_for_the_next_jobs_gate(store, tmp_path, monkeypatch):
+    """The gate's answers of the live version (tuning.generation.AnswerCache) are generated
+    once per live version: a second job against the same live version reads them (the same
+    answers), a promoted version is answered anew; the new version is always answered."""
+    from tuning import generation
+
+    own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")  # its own: nothing kept yet
+    kept = []
+    real = generation.greedy_answers
+    monkeypatch.setattr(generation, "greedy_answers", lambda m, t, convs, **kw: kept.append(len(convs)) or real(m, t, convs, **kw))
+    data = tmp_path / "data"
+    first = run(store, data, own)
+    assert sum(kept) == 1 + 4  # the base's answers: the regression question and the 4 held-out prompts
+    second = run(store, data, own, config=FAST.replace(seed=1))
+    assert sum(kept) == 5, "the second job answered the live version's questions again"
+    ev1, ev2 = (store.adapter(r.version)["eval_json"] for r in (first, second))
+    assert ev2["live"]["answers"] == ev1["live"]["answers"] and ev2["live"]["golden"] == ev1["live"]["golden"]
+    assert list((tmp_path / "models" / ".answers").glob("*.json"))
+    store.record_promotion(first.version, "alice", "test")
+    third = run(store, data, own, config=FAST.replace(seed=2))
+    assert sum(kept) == 10 and store.adapter(third.version)["eval_json"]["live_version"] == first.version
+
+
+def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.generation import AnswerCache, greedy_answers
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    convs = [[{"role": "user", "content": f"question {i}?"}] for i in range(6)]
+    cache = AnswerCache(tmp_path / "kept", {"base": "tiny"})
+    direct = greedy_answers(model, tok, convs, max_new_tokens=6)
+    assert greedy_answers(model, tok, convs[:4], max_new_tokens=6, cache=cache) == direct[:4]
+    assert greedy_answers(model, tok, convs, max_new_tokens=6, cache=cache) == direct  # 4 read, 2 answered
+    assert cache.file(6, 0.0) != cache.file(8, 0.0) != cache.file(6, 0.5)
+    cache.file(6, 0.0).write_text("{not json")
+    assert greedy_answers(model, tok, convs, max_new_tokens=6, cache=cache) == direct
+    assert "not readable; answering again" in capsys.readouterr().out
+    model.to(torch.bfloat16)  # batching changes bf16 answers: nothing kept or read
+    other = AnswerCache(tmp_path / "bf16", {"base": "tiny"})
+    greedy_answers(model, tok, convs, max_new_tokens=6, cache=other)
+    assert not other.folder.exists()
+
+
 def test_feedback_that_pulls_answers_both_ways_is_trained_registered_and_refused(store, tmp_path, checkpoint):
     # Users 0 and 1 cut every answer to a word; users 2 and 3 say it at four times the length.
     def pulled(pairs):

@@ -62,7 +62,7 @@ import torch
 from assistant.engine import Sampling
 
 from .dpo import collate, pad_id, sequence_logps, tokenize_pair
-from .generation import greedy_answers
+from .generation import AnswerCache, greedy_answers
 
 
 @dataclass(frozen=True)
@@ -504,13 +504,16 @@ def noninferior(losses: int, gains: int, n: int, tolerance: float) -> tuple[bool
 
 
 def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float], *,
-            adapter_off: bool, beta: float, config: GateConfig, max_length: int = 512) -> dict:
-    """One version's gate metrics; the active adapter is the version (or none: the base)."""
+            adapter_off: bool, beta: float, config: GateConfig, max_length: int = 512,
+            cache: AnswerCache | None = None) -> dict:
+    """One version's gate metrics; the active adapter is the version (or none: the base);
+    ``cache``: the version's kept answers (``tuning.generation.AnswerCache``), for a version
+    that does not change (the live one)."""
     lr, per_token = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
                                    batch_size=config.batch_size, max_length=max_length)
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
     reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], config)
-    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach)
+    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach, cache)
     # Each held-out pair whose prompt was answered: the answer beside the pair's two sides,
     # cut to as far as the answers were read (for the behaviour check).
     pair_answers = [{"answer": answer, "chosen": _cut(tokenizer, _text(p["chosen"]), reach),
@@ -542,7 +545,7 @@ def answer_reach(tokenizer, wanted: list[str], config: GateConfig) -> int:
 
 
 def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
-                reach: int | None = None) -> tuple[dict, dict]:
+                reach: int | None = None, cache: AnswerCache | None = None) -> tuple[dict, dict]:
     """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
     rows' distinct prompts (at most ``config.max_length_prompts``, ``reach`` tokens:
     ``answer_reach``). Returns (answer by prompt key, the metrics every measure records:
@@ -553,7 +556,8 @@ def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_
             prompts.append(r["prompt"])
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     reach = reach or config.max_new_tokens
-    kw = dict(batch_size=config.batch_size * 2, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty)
+    kw = dict(batch_size=config.batch_size * 2, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty,
+              cache=cache)
     if reach == config.max_new_tokens:  # one batched pass, as before
         answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
     else:  # greedy in float32: batching apart changes no answer (tuning.generation)
@@ -697,14 +701,15 @@ def domain_passes(answer: str, row: dict) -> bool:
     return answer_distance(answer, row["messages"][-1]["content"]) <= DOMAIN_DISTANCE
 
 
-def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, config: GateConfig) -> dict:
+def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, config: GateConfig,
+                cache: AnswerCache | None = None) -> dict:
     """One version's answers to the regression set and the held-out domain questions; the
     same keys ``decide`` reads (preference figures None: there are no pairs)."""
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     domain_convs = [r["messages"][:-1] for r in heldout]
     answers = greedy_answers(model, tokenizer, golden_convs + domain_convs, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size * 2, adapter_off=adapter_off,
-                             frequency_penalty=config.frequency_penalty)  # as served, like the DPO measure
+                             frequency_penalty=config.frequency_penalty, cache=cache)  # as served, like the DPO measure
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]
@@ -861,14 +866,14 @@ def vote_separation(rewards: list[float], labels: list[bool]) -> dict:
 
 
 def measure_kto(model, tokenizer, votes: list[dict], base_logratios: list[float], *, adapter_off: bool,
-                beta: float, config: GateConfig, max_length: int = 512) -> dict:
+                beta: float, config: GateConfig, max_length: int = 512, cache: AnswerCache | None = None) -> dict:
     """One version's gate metrics for a KTO version: ``measure_votes``, plus greedy answers
     to the regression set and the held-out votes' prompts (the keys ``decide`` reads)."""
     out = measure_votes(model, tokenizer, votes, base_logratios, adapter_off=adapter_off, beta=beta,
                         config=config, max_length=max_length)
     ups = [v for v in votes if v["label"]]
     reach = answer_reach(tokenizer, [_text(v["completion"]) for v in ups], config)
-    by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off, reach)
+    by_prompt, answered = _answer_all(model, tokenizer, votes, config, adapter_off, reach, cache)
     # Per vote whose prompt was answered: the answer beside the voted one (cut to as far as
     # the answers were read) and the vote, for the behaviour check (``behaviour``).
     vote_answers = [{"answer": answer, "voted": _cut(tokenizer, _text(v["completion"]), reach),

@@ -11,7 +11,12 @@ token generate in float32.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList
@@ -30,9 +35,15 @@ def greedy_answers(
     batch_size: int = 16,
     adapter_off: bool = False,
     frequency_penalty: float = 0.0,
+    cache: AnswerCache | None = None,
 ) -> list[tuple[str, int]]:
     """(answer text, answer tokens) for each conversation; ``adapter_off`` answers as the base;
-    ``frequency_penalty`` as the server applies it (``assistant.penalties``)."""
+    ``frequency_penalty`` as the server applies it (``assistant.penalties``). With ``cache``
+    (the answering model's, see ``AnswerCache``) and the model in float32, answers it holds
+    are read and only the others are generated, then kept."""
+    if cache is not None and next(model.parameters()).dtype == torch.float32:
+        return cache.answers(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             adapter_off=adapter_off, frequency_penalty=frequency_penalty)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = pad_id(tokenizer)
@@ -64,3 +75,77 @@ def greedy_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@dataclass(frozen=True)
+class AnswerCache:
+    """A fixed model's greedy float32 answers, kept by prompt: the gate answers the same
+    regression questions with the same live version at every job until a new one is
+    promoted; the second job on reads them (on a 2-core CPU without fast kernels, a few
+    minutes a job). Valid because float32 greedy answers do not depend on the batch (above).
+
+    ``folder``: where the answers are kept (beside the prepared base models, shared by every
+    data folder using them). ``model``: what the answering model is, e.g. its base files
+    (``tuning.sft.starting_point``) and the live version's content hash; a file per model,
+    token limit and frequency penalty, a prompt per entry."""
+
+    folder: Path
+    model: dict
+
+    def file(self, max_new_tokens: int, frequency_penalty: float) -> Path:
+        key = json.dumps({"model": self.model, "max_new_tokens": max_new_tokens,
+                          "frequency_penalty": frequency_penalty}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def answers(self, model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
+                frequency_penalty: float, **kw) -> list[tuple[str, int]]:
+        path = self.file(max_new_tokens, frequency_penalty)
+        stored = self._read(path)
+        missing: dict[str, list[dict]] = {}
+        for c in conversations:
+            if (k := _conversation_key(c)) not in stored:
+                missing[k] = c
+        if missing:
+            got = greedy_answers(model, tokenizer, list(missing.values()), max_new_tokens=max_new_tokens,
+                                 frequency_penalty=frequency_penalty, **kw)
+            stored.update({k: [text, n] for k, (text, n) in zip(missing, got)})
+            self._write(path, stored)
+        return [tuple(stored[_conversation_key(c)]) for c in conversations]
+
+    def _read(self, path: Path) -> dict:
+        stored = read_kept(path, lambda d: isinstance(d, dict) and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int) for v in d.values()))
+        return stored if stored is not None else {}
+
+    def _write(self, path: Path, stored: dict) -> None:
+        keep(path, stored)
+
+
+def read_kept(path: Path, valid) -> object | None:
+    """The JSON kept at ``path`` when ``valid(it)``, else None (absent, or damaged: said, then answered again)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        data = None
+    if data is not None and valid(data):
+        return data
+    print(f"kept answers in {path} are not readable; answering again", flush=True)
+    return None
+
+
+def keep(path: Path, data) -> None:
+    """Write ``data`` as JSON at ``path``, whole, then renamed (a reader sees the old file or
+    none); a folder that cannot be written only costs the reuse (said, not raised)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError as e:
+        print(f"answers not kept ({e}); the next job answers them again", flush=True)
+
+
+def _conversation_key(conversation: list[dict]) -> str:
+    return json.dumps([(m.get("role"), m.get("content")) for m in conversation])

@@ -23,7 +23,10 @@ for DPO, and it computes the LM head over every position (prompt included).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,7 +34,7 @@ import torch
 from .config import TrainConfig
 from .dpo import (_completion_ids, answer_logits, answer_token_share, autocast_on, optimise, pad_id,
                   sequence_logps, to_device)
-from .generation import greedy_answers
+from .generation import greedy_answers, keep, read_kept
 from .general import questions as general_questions
 from .synthetic import prompts as open_prompts
 
@@ -146,21 +149,102 @@ def _spread(pool: list[str], count: int) -> list[str]:
     return [pool[i * len(pool) // count] for i in range(count)] if count < len(pool) else list(pool)
 
 
-def replay_rows(model, tokenizer, count: int, max_new_tokens: int = REPLAY_TOKENS) -> list[dict]:
-    """``count`` general questions, each with the model's own greedy answer as it is now:
-    SFT rows (``id`` "replay-N", ``cut`` when the answer hit the token limit) that hold the
-    version to its starting behaviour outside the domain. Short facts and instructions
-    first (``tuning.general.questions``, about 100), then open questions spread over
-    ``tuning.synthetic.prompts`` (definitions, tips, whys). An empty answer is not replayed."""
+def replay_questions(count: int) -> list[str]:
+    """The ``count`` general questions a job replays: short facts and instructions first
+    (``tuning.general.questions``, about 100), then open questions spread over
+    ``tuning.synthetic.prompts`` (definitions, tips, whys)."""
     facts = general_questions()
-    picked = _spread(facts, min(count, len(facts))) + _spread(open_prompts(), max(0, count - len(facts)))
+    return _spread(facts, min(count, len(facts))) + _spread(open_prompts(), max(0, count - len(facts)))
+
+
+def replay_rows(model, tokenizer, count: int, max_new_tokens: int = REPLAY_TOKENS,
+                progress: Callable[[int, int], None] | None = None, batch_size: int = 16) -> list[dict]:
+    """``count`` general questions (``replay_questions``), each with the model's own greedy
+    answer as it is now: SFT rows (``id`` "replay-N", ``cut`` when the answer hit the token
+    limit) that hold the version to its starting behaviour outside the domain. An empty
+    answer is not replayed. ``progress(answered, count)`` after each batch: on a 2-core CPU
+    without fast kernels the answers take minutes, before the first training step."""
+    picked = replay_questions(count)
     if not picked:
         return []
     convs = [[{"role": "user", "content": q}] for q in picked]
-    answers = greedy_answers(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=16)
+    answers: list[tuple[str, int]] = []
+    for i in range(0, len(convs), batch_size):
+        answers += greedy_answers(model, tokenizer, convs[i : i + batch_size], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+        if progress is not None:
+            progress(len(answers), len(convs))
     return [{"id": f"replay-{i}", "messages": c + [{"role": "assistant", "content": text}],
              "cut": tokens >= max_new_tokens}
             for i, (c, (text, tokens)) in enumerate(zip(convs, answers)) if text]
+
+
+@dataclass(frozen=True)
+class ReplayCache:
+    """Where a job keeps the replayed answers of the model it starts from, so the next job
+    from the same start (a retrain after a refused version, an SFT job after a DPO one, every
+    job on a fresh install of the same base) reads them instead of answering again: minutes
+    on a 2-core CPU without fast kernels (128 answers took 390 s on AVX2 kernels in float32).
+
+    ``folder``: beside the prepared base models (``<models>/.replay``), shared by every data
+    folder using them. ``start``: what the starting model is (``starting_point``): the base
+    folder's files and, for a job continuing a version, the hash of that version's weights.
+    The answers are keyed by the start, the number format, the questions and the token
+    limit; anything else (a changed file, another parent) answers again."""
+
+    folder: Path
+    start: dict
+
+    def file(self, config: TrainConfig, questions: list[str], max_new_tokens: int) -> Path:
+        key = json.dumps({"start": self.start, "dtype": config.dtype, "questions": questions,
+                          "max_new_tokens": max_new_tokens}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+    def read(self, path: Path) -> list[dict] | None:
+        """The rows kept at ``path``, or None when absent or not rows (then they are answered again)."""
+        return read_kept(path, lambda rows: isinstance(rows, list) and all(
+            isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("cut"), bool)
+            and isinstance(r.get("messages"), list) and len(r["messages"]) == 2
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
+                    for m in r["messages"]) for r in rows))
+
+    def write(self, path: Path, rows: list[dict]) -> None:
+        keep(path, rows)
+
+
+def starting_point(base_model_dir: Path, parent: Path | None = None) -> dict:
+    """What a job starts from, for ``ReplayCache``: each file of the base folder (path, size,
+    modification time) and the sha256 of the parent version's files (weights, configuration)."""
+    base = Path(base_model_dir).resolve()
+    files = sorted([str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns]
+                   for p in base.rglob("*") if p.is_file())
+    out: dict = {"base": str(base), "files": files}
+    if parent is not None:
+        h = hashlib.sha256()
+        for f in sorted(p for p in Path(parent).rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(parent)}\0".encode() + f.read_bytes())
+        out["parent"] = h.hexdigest()
+    return out
+
+
+def cached_replay_rows(model, tokenizer, config: TrainConfig, cache: ReplayCache | None,
+                       progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """``replay_rows`` for ``config.replay`` questions, read from ``cache`` when the same
+    start answered them before, else answered (reporting ``replay_answered`` of
+    ``replay_total`` to ``progress``) and kept there."""
+    def answered(done: int, total: int) -> None:
+        if progress is not None:
+            progress({"phase": "training", "replay_answered": done, "replay_total": total})
+
+    path = cache.file(config, replay_questions(config.replay), REPLAY_TOKENS) if cache else None
+    rows = cache.read(path) if cache else None
+    if rows is not None:
+        answered(len(rows), len(rows))
+        return rows
+    rows = replay_rows(model, tokenizer, config.replay, progress=answered)
+    if cache:
+        cache.write(path, rows)
+    return rows
 
 
 @dataclass
@@ -180,10 +264,14 @@ class Replay:
         return sft_loss(model, to_device(collate_examples(share, self.pad), model), self.autocast)[0]
 
 
-def prepare_replay(model, tokenizer, config: TrainConfig) -> list[TokenizedExample]:
+def prepare_replay(model, tokenizer, config: TrainConfig, cache: ReplayCache | None = None,
+                   progress: Callable[[dict], None] | None = None) -> list[TokenizedExample]:
     """``config.replay`` general questions answered by the model as it starts
-    (:func:`replay_rows`), tokenized, with the top-k reference when ``replay_loss`` is "kl"."""
-    replay = replay_rows(model, tokenizer, config.replay)
+    (:func:`cached_replay_rows`), tokenized, with the top-k reference when ``replay_loss``
+    is "kl" (computed here each time: one forward pass per 16 rows)."""
+    if not config.replay:
+        return []
+    replay = cached_replay_rows(model, tokenizer, config, cache, progress)
     pad = pad_id(tokenizer)
     replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
     if config.replay_loss == "kl" and replayed:
@@ -191,13 +279,13 @@ def prepare_replay(model, tokenizer, config: TrainConfig) -> list[TokenizedExamp
     return replayed
 
 
-def replay_for(model, tokenizer, config: TrainConfig,
-               progress: Callable[[dict], None] | None = None) -> Replay | None:
+def replay_for(model, tokenizer, config: TrainConfig, progress: Callable[[dict], None] | None = None,
+               cache: ReplayCache | None = None) -> Replay | None:
     """The replay a preference job (DPO, KTO) trains beside its feedback; None when
     ``config.replay`` is 0."""
     if not config.replay:
         return None
-    items = prepare_replay(model, tokenizer, config)
+    items = prepare_replay(model, tokenizer, config, cache, progress)
     if progress is not None and items:
         progress({"phase": "training", "replay_rows": len(items)})
     return Replay(items, config.replay_per_step, config.replay_weight, pad_id(tokenizer),
@@ -206,7 +294,7 @@ def replay_for(model, tokenizer, config: TrainConfig,
 
 def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
               progress: Callable[[dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> dict:
+              should_stop: Callable[[], bool] | None = None, replay_cache: ReplayCache | None = None) -> dict:
     """Train the model's active LoRA adapter on ``rows`` and ``config.replay`` replayed
     answers of the model as it starts (:func:`replay_rows`); the run's metrics.
 
@@ -214,7 +302,7 @@ def train_sft(model, tokenizer, rows: list[dict], config: TrainConfig,
     geometric mean probability of the answer tokens, seconds); raises :class:`Cancelled`
     between steps once ``should_stop()`` is true (``tuning.dpo.Cancelled``)."""
     torch.manual_seed(config.seed)
-    replayed = prepare_replay(model, tokenizer, config)
+    replayed = prepare_replay(model, tokenizer, config, replay_cache, progress)
     if progress is not None and replayed:
         progress({"phase": "training", "replay_rows": len(replayed)})
     pad = pad_id(tokenizer)

@@ -213,7 +213,8 @@ def train_adapter(
 
         report({"phase": "training"})
         t0 = time.monotonic()
-        metrics = train_model(model, tokenizer, objective, pairs, votes, config, report, should_stop)
+        metrics = train_model(model, tokenizer, objective, pairs, votes, config, report, should_stop,
+                              replay_cache=replay_cache(base_model_dir, parent))
         train_seconds = time.monotonic() - t0
 
         report({"phase": "saving"})
@@ -235,19 +236,20 @@ def train_adapter(
             raise Cancelled("cancelled before evaluation")
         if sft:
             evaluation, gate = _evaluate_sft(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config,
-                                             gate_config)
+                                             gate_config, base_model_dir)
         elif not eval_pairs:  # KTO, or both with only votes held out: the KTO gate
             evaluation, gate = _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
-                                             gate_config)
+                                             gate_config, base_model_dir)
         else:
-            evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config)
+            evaluation, gate = _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config,
+                                         base_model_dir)
             if eval_votes:
                 evaluation, gate = _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config,
-                                                    gate_config, evaluation, gate)
+                                                    gate_config, evaluation, gate, base_model_dir)
             evaluation, gate = _with_checks(evaluation, gate, [users_agree(list(pairs) + list(eval_pairs))])
         if domain and not sft:
             evaluation, gate = _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config,
-                                            evaluation, gate)
+                                            evaluation, gate, base_model_dir)
         if should_stop():
             raise Cancelled("cancelled before registration")
 
@@ -287,15 +289,34 @@ def train_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def answer_cache(base_model_dir: Path, version_hash: str | None):
+    """Where the gate keeps the greedy answers of the base (``version_hash`` None) or of the
+    registered version with that content hash, beside the prepared base models."""
+    from .generation import AnswerCache
+    from .sft import starting_point
+
+    return AnswerCache(Path(base_model_dir).resolve().parent / ".answers",
+                       {"base": starting_point(base_model_dir), "version": version_hash})
+
+
+def replay_cache(base_model_dir: Path, parent: Path | None):
+    """Where jobs starting from this base (and parent version) keep their replayed answers:
+    ``tuning.sft.ReplayCache``, beside the prepared base models."""
+    from .sft import ReplayCache, starting_point
+
+    return ReplayCache(Path(base_model_dir).resolve().parent / ".replay", starting_point(base_model_dir, parent))
+
+
 def train_model(model, tokenizer, objective: str, pairs: list, votes: list, config: TrainConfig,
                 progress: Callable[[dict], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> dict:
+                should_stop: Callable[[], bool] | None = None, replay_cache=None) -> dict:
     """Train the model's adapter by ``objective`` (sft, dpo, kto, dpo+kto) with the trainer
-    ``config`` names; the run's metrics. The same call on every rank of a process group."""
+    ``config`` names; the run's metrics. The same call on every rank of a process group.
+    ``replay_cache``: where the replayed answers of this start are kept (``replay_cache``)."""
     if objective == "sft":
         from .sft import train_sft
 
-        return train_sft(model, tokenizer, pairs, config, progress, should_stop)
+        return train_sft(model, tokenizer, pairs, config, progress, should_stop, replay_cache)
     if config.trainer == "trl" and objective == "dpo":
         from .trl_trainer import train_trl
 
@@ -304,7 +325,7 @@ def train_model(model, tokenizer, objective: str, pairs: list, votes: list, conf
 
     # The starting model's answers to general questions, held by KL beside the feedback
     # (TrainConfig.replay): the version learns the users' style and keeps its facts.
-    replay = replay_for(model, tokenizer, config, progress)
+    replay = replay_for(model, tokenizer, config, progress, replay_cache)
     if objective != "dpo":
         metrics = train_kto(model, tokenizer, pairs, votes, config, progress, should_stop, replay=replay)
     else:
@@ -322,12 +343,13 @@ def follow() -> int:
         if work is None:
             return 0
         config = TrainConfig().replace(**work["config"])
-        model, tokenizer = build_model(Path(work["base_model_dir"]), config,
-                                       Path(work["parent"]) if work["parent"] else None)
+        parent = Path(work["parent"]) if work["parent"] else None
+        model, tokenizer = build_model(Path(work["base_model_dir"]), config, parent)
         print(f"rank {world.rank}/{world.size}: training {len(work['pairs'])} pairs, {len(work['votes'])} votes",
               flush=True)
         try:
-            train_model(model, tokenizer, work["objective"], work["pairs"], work["votes"], config)
+            train_model(model, tokenizer, work["objective"], work["pairs"], work["votes"], config,
+                        replay_cache=replay_cache(Path(work["base_model_dir"]), parent))
         except Cancelled:
             return 130
         return 0
@@ -386,19 +408,20 @@ def failure_reason(error: Exception, phase: str | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config):
+def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config, base_model_dir):
     """Gate metrics of the new adapter ('default') and the live version, side by side."""
     base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
                              max_length=config.max_length)
     kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, **kw))
+        lambda adapter_off, cache: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, cache=cache,
+                                           **kw), base_model_dir)
     gate = decide(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
 
-def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config):
+def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config, base_model_dir):
     """``_evaluate`` for a KTO version: held-out votes, the regression set, fluency and length
     (tuning.gate.decide_kto), the new adapter against the live version."""
     base_lr = vote_logratios(model, tokenizer, eval_votes, adapter_off=True, batch_size=gate_config.batch_size,
@@ -406,13 +429,14 @@ def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, co
     kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw))
+        lambda adapter_off, cache: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, cache=cache,
+                                               **kw), base_model_dir)
     gate = decide_kto(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
 
 def _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config, evaluation,
-                     gate):
+                     gate, base_model_dir):
     """A version trained on pairs and votes, gated as DPO: the held-out votes add the vote
     accuracy and vote margin checks (``tuning.gate.vote_checks``)."""
     base_lr = vote_logratios(model, tokenizer, eval_votes, adapter_off=True, batch_size=gate_config.batch_size,
@@ -420,22 +444,25 @@ def _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes,
     kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw))
+        lambda adapter_off, cache: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw),
+        base_model_dir)
     evaluation = {**evaluation, **candidate, "live": {**evaluation["live"], **live}}
     return _with_checks(evaluation, gate, vote_checks(candidate, live, gate_config))
 
 
-def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config):
+def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, config, gate_config, base_model_dir):
     """``_evaluate`` for an SFT version: the regression set and the data set's held-out
     questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config))
+        lambda adapter_off, cache: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config,
+                                               cache=cache), base_model_dir)
     gate = decide_sft(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
 
-def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config, evaluation, gate):
+def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config, gate_config, evaluation, gate,
+                 base_model_dir):
     """A DPO version after an SFT one: the domain's held-out questions must stay answered
     (``tuning.gate.domain_kept``), one more check beside the DPO gate's own."""
     import dataclasses
@@ -443,30 +470,32 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     only_domain = dataclasses.replace(gate_config, golden=())
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain))
+        lambda adapter_off, cache: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain,
+                                               cache=cache), base_model_dir)
     evaluation = {**evaluation, "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
                   "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
                   "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
     return _with_checks(evaluation, gate, [domain_kept(candidate, live, gate_config)])
 
 
-def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one):
+def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one, base_model_dir):
     """(live version, the new adapter's figures, the live version's figures), each from
-    ``measure_one(adapter_off)`` with the adapter to measure active: 'default' for the new
-    one; the live version's folder, validated against its recorded hash, loaded beside it
-    (or the adapter switched off when the base model is live)."""
+    ``measure_one(adapter_off, cache)`` with the adapter to measure active: 'default' for
+    the new one; the live version's folder, validated against its recorded hash, loaded
+    beside it (or the adapter switched off when the base model is live). The live version's
+    answers are kept (``answer_cache``): the next job's gate reads them."""
     live_version = store.live_version()
     model.set_adapter("default")
-    candidate = measure_one(False)
+    candidate = measure_one(False, None)
     if live_version is None:
-        return live_version, candidate, measure_one(True)
+        return live_version, candidate, measure_one(True, answer_cache(base_model_dir, None))
     row = store.adapter(live_version)
     folder = DataPaths(data_dir).version_folder(row)
     validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
     model.load_adapter(folder, adapter_name="live")
     model.set_adapter("live")
     try:
-        return live_version, candidate, measure_one(False)
+        return live_version, candidate, measure_one(False, answer_cache(base_model_dir, row["content_hash"]))
     finally:
         model.set_adapter("default")
         model.delete_adapter("live")
