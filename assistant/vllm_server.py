@@ -56,12 +56,28 @@ class VLLMServerConfig:
     log_path: Path | None = None
     port: int | None = None  # None: a free port
     api_key: str | None = None  # None: a fresh random key
+    # The CPU cores its model threads are bound to (VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or
+    # "2-3"); None: all of them. Servers sharing a machine need their own (``split_cores``):
+    # vLLM pins each server's first thread to the first core it is given, so two servers
+    # given all cores share one, and on 2 cores a restarting one did not get through its
+    # start-up in 600 s while the other answered (2026-12-02).
+    cpus: str | None = None
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def split_cores(servers: int, cores: int | None = None) -> list[str | None]:
+    """Disjoint core ranges for ``servers`` vLLM servers on one CPU machine (``cpus``), as
+    even as they divide; None for each (all cores) when there are fewer cores than servers."""
+    cores = cores or len(os.sched_getaffinity(0))
+    if servers <= 1 or cores < servers:
+        return [None] * servers
+    each = cores // servers
+    return [f"{i * each}" if each == 1 else f"{i * each}-{(i + 1) * each - 1}" for i in range(servers)]
 
 
 def has_cuda_gpu() -> bool:
@@ -84,7 +100,10 @@ def server_env(config: VLLMServerConfig, api_key: str) -> dict[str, str]:
     )
     if not has_cuda_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        if config.cpus:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus
+        else:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
         iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
             env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD")) if p)

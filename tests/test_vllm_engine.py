@@ -8,6 +8,8 @@ real server is exercised once per behaviour in tests/integration/test_vllm.py.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -222,3 +224,17 @@ def test_the_apps_own_server_is_judged_by_its_process_and_synced_by_its_restart_
     assert [c.text for c in engine.stream(HI, GREEDY, V1)] == ["back", ""]
     engine.close()
     assert own.stopped
+
+
+def test_servers_sharing_a_cpu_machine_get_their_own_cores():
+    from assistant.vllm_server import VLLMServerConfig, server_env, split_cores
+
+    assert split_cores(2, cores=2) == ["0", "1"]
+    assert split_cores(2, cores=8) == ["0-3", "4-7"] and split_cores(3, cores=8) == ["0-1", "2-3", "4-5"]
+    assert split_cores(1, cores=8) == [None] and split_cores(3, cores=2) == [None, None, None]
+    config = VLLMServerConfig(model_path="m", served_name="m", cpus="1")
+    env = server_env(config, "key")
+    if "VLLM_CPU_OMP_THREADS_BIND" in env:  # CPU machines only (a GPU server binds nothing)
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+        assert server_env(VLLMServerConfig(model_path="m", served_name="m"), "key")["VLLM_CPU_OMP_THREADS_BIND"] in (
+            os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), f"0-{os.cpu_count() - 1}")

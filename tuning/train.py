@@ -365,7 +365,7 @@ def print_progress(row: dict) -> None:
             f"reward acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:+.3f}  {row['seconds']:.0f}s",
             flush=True,
         )
-    elif "replay_total" in row and "step" not in row:
+    elif "replay_total" in row and "step" not in row and "replay_rows" not in row:
         print(f"answered {row['replay_answered']}/{row['replay_total']} general questions to replay  "
               f"{row['job_seconds']:.0f}s", flush=True)
     elif row.get("phase") not in (None, "training"):
