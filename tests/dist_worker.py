@@ -38,7 +38,7 @@ def main(checkpoint: str, out: str, config_json: str, mode: str = "train", objec
     replay = contextlib.nullcontext()
     if objective == "dpo-replay":  # patched for this run only: tests call main() in-process too
         answers = ["the sky is blue.", "seven days.", "paris.", "four.", "water boils at 100 c."]
-        replay = mock.patch("tuning.sft.replay_rows", lambda model, tok, count, max_new_tokens=96: [
+        replay = mock.patch("tuning.sft.replay_rows", lambda model, tok, count, max_new_tokens=96, **kw: [
             {"id": f"replay-{i}", "messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": a}]}
             for i, a in enumerate(answers[:count])])
         objective = "dpo"

@@ -11,7 +11,11 @@ from tuning.config import TrainConfig
 from tuning.gate import GateConfig, Golden, decide_sft
 
 ADMIN = "root"
-TINY = ["--set", "epochs=40", "--set", "rank=8", "--set", "alpha=16", "--set", "learning_rate=0.02", "--priority", "normal"]
+# bfloat16 named: with it the tiny model learns "zed" in 40 epochs; in float32, which a CPU
+# without native bf16 gets by default, it did not (loss 4.72 -> 4.15, held-out 0/6; 2026-12-02,
+# torch kernels limited to AVX2). The job's flow is under test here; the real-model SFT test
+# (tests/integration/test_sft_embedded.py) trains in the machine's own format.
+TINY = ["--set", "dtype=bfloat16", "--set", "epochs=40", "--set", "rank=8", "--set", "alpha=16", "--set", "learning_rate=0.02", "--priority", "normal"]
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +70,7 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     ev = row["eval_json"]
     assert [c["check"] for c in ev["checks"]] == ["domain", "regression set", "fluency"]
     assert ev["domain_total"] == 6 and ev["live"]["domain_total"] == 6
-    assert ev["domain_passed"] > ev["live"]["domain_passed"]  # the tiny model learns "zed"
+    assert ev["domain_passed"] > ev["live"]["domain_passed"], (ev["domain"], {k: row["metrics_json"].get(k) for k in ("first_loss", "loss", "steps", "replay_rows", "token_prob")})  # the tiny model learns "zed"
     # 24 rows and the base's replayed answers (tuning.sft.replay_rows; the tiny base answers
     # most with nothing, and an empty answer is not replayed), 8 to a batch, 40 epochs
     replayed = row["metrics_json"]["replay_rows"]
