@@ -120,7 +120,7 @@ def test_the_live_versions_answers_are_kept_for_the_next_jobs_gate(store, tmp_pa
     assert sum(kept) == 10 and store.adapter(third.version)["eval_json"]["live_version"] == first.version
 
 
-def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys):
+def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,6 +134,12 @@ def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, 
     assert greedy_answers(model, tok, convs[:4], max_new_tokens=6, cache=cache) == direct[:4]
     assert greedy_answers(model, tok, convs, max_new_tokens=6, cache=cache) == direct  # 4 read, 2 answered
     assert cache.file(6, 0.0) != cache.file(8, 0.0) != cache.file(6, 0.5)
+    from tuning import generation
+
+    here = cache.file(6, 0.0)
+    monkeypatch.setattr(generation, "answering_code", lambda: "an upgraded answering code")
+    assert cache.file(6, 0.0) != here  # an upgrade answers again
+    monkeypatch.undo()
     cache.file(6, 0.0).write_text("{not json")
     assert greedy_answers(model, tok, convs, max_new_tokens=6, cache=cache) == direct
     assert "not readable; answering again" in capsys.readouterr().out

@@ -93,7 +93,7 @@ class AnswerCache:
     model: dict
 
     def file(self, max_new_tokens: int, frequency_penalty: float) -> Path:
-        key = json.dumps({"model": self.model, "max_new_tokens": max_new_tokens,
+        key = json.dumps({"model": self.model, "max_new_tokens": max_new_tokens, "code": answering_code(),
                           "frequency_penalty": frequency_penalty}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
@@ -119,6 +119,17 @@ class AnswerCache:
 
     def _write(self, path: Path, stored: dict) -> None:
         keep(path, stored)
+
+
+def answering_code() -> str:
+    """What else decides a kept answer: this file and the penalty's source, torch's and
+    transformers' versions. An upgrade that changes how answers are made answers again."""
+    import transformers
+
+    from assistant import penalties
+
+    h = hashlib.sha256(Path(__file__).read_bytes() + Path(penalties.__file__).read_bytes())
+    return f"{h.hexdigest()[:16]} torch {torch.__version__} transformers {transformers.__version__}"
 
 
 def read_kept(path: Path, valid) -> object | None:

@@ -34,7 +34,7 @@ import torch
 from .config import TrainConfig
 from .dpo import (_completion_ids, answer_logits, answer_token_share, autocast_on, optimise, pad_id,
                   sequence_logps, to_device)
-from .generation import greedy_answers, keep, read_kept
+from .generation import answering_code, greedy_answers, keep, read_kept
 from .general import questions as general_questions
 from .synthetic import prompts as open_prompts
 
@@ -197,7 +197,7 @@ class ReplayCache:
 
     def file(self, config: TrainConfig, questions: list[str], max_new_tokens: int) -> Path:
         key = json.dumps({"start": self.start, "dtype": config.dtype, "questions": questions,
-                          "max_new_tokens": max_new_tokens}, sort_keys=True)
+                          "max_new_tokens": max_new_tokens, "code": answering_code()}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
     def read(self, path: Path) -> list[dict] | None:
