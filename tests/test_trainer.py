@@ -109,15 +109,18 @@ def test_the_live_versions_answers_are_kept_for_the_next_jobs_gate(store, tmp_pa
     monkeypatch.setattr(generation, "greedy_answers", lambda m, t, convs, **kw: kept.append(len(convs)) or real(m, t, convs, **kw))
     data = tmp_path / "data"
     first = run(store, data, own)
-    assert sum(kept) == 1 + 4  # the base's answers: the regression question and the 4 held-out prompts
+    assert kept == [1]  # the base's answer to the regression question (held-out users' prompts are never kept)
     second = run(store, data, own, config=FAST.replace(seed=1))
-    assert sum(kept) == 5, "the second job answered the live version's questions again"
+    assert kept == [1], "the second job answered the live version's regression questions again"
     ev1, ev2 = (store.adapter(r.version)["eval_json"] for r in (first, second))
     assert ev2["live"]["answers"] == ev1["live"]["answers"] and ev2["live"]["golden"] == ev1["live"]["golden"]
     assert list((tmp_path / "models" / ".answers").glob("*.json"))
     store.record_promotion(first.version, "alice", "test")
     third = run(store, data, own, config=FAST.replace(seed=2))
-    assert sum(kept) == 10 and store.adapter(third.version)["eval_json"]["live_version"] == first.version
+    assert kept == [1, 1] and store.adapter(third.version)["eval_json"]["live_version"] == first.version
+    stored = "".join(f.read_text() for f in (tmp_path / "models" / ".answers").glob("*.json"))
+    assert "question 1?" in stored and not [p for p in toy_pairs(8, start=100, prefix="e")
+                                            if p["prompt"][-1]["content"] in stored]
 
 
 def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys, monkeypatch):

@@ -556,12 +556,12 @@ def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_
             prompts.append(r["prompt"])
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     reach = reach or config.max_new_tokens
-    kw = dict(batch_size=config.batch_size * 2, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty,
-              cache=cache)
-    if reach == config.max_new_tokens:  # one batched pass, as before
+    kw = dict(batch_size=config.batch_size * 2, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty)
+    if reach == config.max_new_tokens and cache is None:  # one batched pass, as before
         answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
     else:  # greedy in float32: batching apart changes no answer (tuning.generation)
-        answers = (greedy_answers(model, tokenizer, golden_convs, max_new_tokens=config.max_new_tokens, **kw)
+        # Only the regression set's answers are kept (``cache``): users' prompts stay in the data folder.
+        answers = (greedy_answers(model, tokenizer, golden_convs, max_new_tokens=config.max_new_tokens, cache=cache, **kw)
                    + greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, **kw))
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
@@ -707,9 +707,11 @@ def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, con
     same keys ``decide`` reads (preference figures None: there are no pairs)."""
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     domain_convs = [r["messages"][:-1] for r in heldout]
-    answers = greedy_answers(model, tokenizer, golden_convs + domain_convs, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size * 2, adapter_off=adapter_off,
-                             frequency_penalty=config.frequency_penalty, cache=cache)  # as served, like the DPO measure
+    kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size * 2, adapter_off=adapter_off,
+              frequency_penalty=config.frequency_penalty)  # as served, like the DPO measure
+    # The regression set's answers may be kept (``cache``); the data set's questions are not.
+    answers = (greedy_answers(model, tokenizer, golden_convs, cache=cache, **kw)
+               + greedy_answers(model, tokenizer, domain_convs, **kw))
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]

@@ -83,6 +83,8 @@ class AnswerCache:
     regression questions with the same live version at every job until a new one is
     promoted; the second job on reads them (on a 2-core CPU without fast kernels, a few
     minutes a job). Valid because float32 greedy answers do not depend on the batch (above).
+    The gate keeps only the regression set's answers here: users' prompts and data sets'
+    questions stay in the data folder (where a user's opt-out and the exports reach them).
 
     ``folder``: where the answers are kept (beside the prepared base models, shared by every
     data folder using them). ``model``: what the answering model is, e.g. its base files
