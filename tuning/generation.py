@@ -11,6 +11,7 @@ token generate in float32.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -111,7 +112,7 @@ class AnswerCache:
             got = greedy_answers(model, tokenizer, list(missing.values()), max_new_tokens=max_new_tokens,
                                  frequency_penalty=frequency_penalty, **kw)
             stored.update({k: [text, n] for k, (text, n) in zip(missing, got)})
-            self._write(path, stored)
+            keep(path, stored)
         return [tuple(stored[_conversation_key(c)]) for c in conversations]
 
     def _read(self, path: Path) -> dict:
@@ -119,10 +120,8 @@ class AnswerCache:
             isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int) for v in d.values()))
         return stored if stored is not None else {}
 
-    def _write(self, path: Path, stored: dict) -> None:
-        keep(path, stored)
 
-
+@functools.cache  # read once a process: the sources do not change under it
 def answering_code() -> str:
     """What else decides a kept answer: this file and the penalty's source, torch's and
     transformers' versions. An upgrade that changes how answers are made answers again."""

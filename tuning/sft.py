@@ -208,9 +208,6 @@ class ReplayCache:
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
                     for m in r["messages"]) for r in rows))
 
-    def write(self, path: Path, rows: list[dict]) -> None:
-        keep(path, rows)
-
 
 def starting_point(base_model_dir: Path, parent: Path | None = None) -> dict:
     """What a job starts from, for ``ReplayCache``: each file of the base folder (path, size,
@@ -243,7 +240,7 @@ def cached_replay_rows(model, tokenizer, config: TrainConfig, cache: ReplayCache
         return rows
     rows = replay_rows(model, tokenizer, config.replay, progress=answered)
     if cache:
-        cache.write(path, rows)
+        keep(path, rows)
     return rows
 
 
