@@ -11,11 +11,17 @@ from tuning.config import TrainConfig
 from tuning.gate import GateConfig, Golden, decide_sft
 
 ADMIN = "root"
-# bfloat16 named: with it the tiny model learns "zed" in 40 epochs; in float32, which a CPU
-# without native bf16 gets by default, it did not (loss 4.72 -> 4.15, held-out 0/6; 2026-12-02,
-# torch kernels limited to AVX2). The job's flow is under test here; the real-model SFT test
-# (tests/integration/test_sft_embedded.py) trains in the machine's own format.
-TINY = ["--set", "dtype=bfloat16", "--set", "epochs=40", "--set", "rank=8", "--set", "alpha=16", "--set", "learning_rate=0.02", "--priority", "normal"]
+# The job's flow is under test here; the real-model SFT test
+# (tests/integration/test_sft_embedded.py) trains in the machine's own format. The tiny
+# checkpoint is initialised at 0.3 (tiny.tiny_model): at transformers' 0.02 no token could
+# pass ~2% probability, and whether greedy answers said "zed" after training depended on
+# the number format and the CPU's kernels (it failed in float32, and in bf16 on AVX2
+# kernels, with loss 4.72 -> 4.16). At 0.3: loss 5.8 -> 0.8 and 6/6 held out in float32
+# and bf16, AVX512 and AVX2 kernels, seeds 0 and 1 (2026-12-02, AMD EPYC). It answers every
+# general question with random characters now, so the first job replays none (with 128:
+# 760 steps; with 8, their tokens outweighed the domain's and held-out answers stayed
+# random); the second job replays its parent's answers.
+TINY = ["--set", "dtype=float32", "--set", "epochs=40", "--set", "rank=8", "--set", "alpha=16", "--set", "learning_rate=0.02", "--set", "replay=0", "--priority", "normal"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-chat")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-chat", initializer_range=0.3)
 
 
 @pytest.fixture
@@ -71,10 +77,9 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert [c["check"] for c in ev["checks"]] == ["domain", "regression set", "fluency"]
     assert ev["domain_total"] == 6 and ev["live"]["domain_total"] == 6
     assert ev["domain_passed"] > ev["live"]["domain_passed"], (ev["domain"], {k: row["metrics_json"].get(k) for k in ("first_loss", "loss", "steps", "replay_rows", "token_prob")})  # the tiny model learns "zed"
-    # 24 rows and the base's replayed answers (tuning.sft.replay_rows; the tiny base answers
-    # most with nothing, and an empty answer is not replayed), 8 to a batch, 40 epochs
+    # 24 rows, no replay (TINY), 8 to a batch, 40 epochs
     replayed = row["metrics_json"]["replay_rows"]
-    assert row["config_json"]["replay"] == 128 and 0 <= replayed <= 128
+    assert row["config_json"]["replay"] == 0 and replayed == 0
     assert row["metrics_json"]["steps"] == -(-(24 + replayed) // 8) * 40
     assert row["metrics_json"]["loss"] < row["metrics_json"]["first_loss"]
 
