@@ -247,3 +247,39 @@ def test_replay_settings_are_checked():
         TrainConfig(replay_per_step=0).check()
     with pytest.raises(ValueError, match="replay_weight"):
         TrainConfig(replay_weight=-1).check()
+
+
+def _pair(rejected: str, chosen: str, i: int = 0) -> dict:
+    return {"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}?"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "signal": "edit"}
+
+
+def test_an_edit_that_adds_a_closing_also_trains_against_closing_after_the_first_sentence(lora_model):
+    """TrainConfig.early_close: an edit that only adds text after the whole answer gets a
+    second pair, the same chosen answer against the added text after the answer's first
+    sentence; other edits (a cut, an opening, a one-sentence answer, a list) get none."""
+    from tuning.dpo import early_close_pairs
+
+    added = _pair("Paris is the capital. It is on the Seine. It has museums.",
+                  "Paris is the capital. It is on the Seine. It has museums. I hope this helps.")
+    (extra,) = early_close_pairs([added])
+    assert extra["chosen"] == added["chosen"] and extra["prompt"] == added["prompt"]
+    assert extra["rejected"][-1]["content"] == "Paris is the capital. I hope this helps."
+    assert extra["id"] == "p0:early-close" and added["rejected"][-1]["content"].endswith("museums.")  # the user's pair unchanged
+    assert early_close_pairs([
+        _pair("One sentence only.", "One sentence only. I hope this helps."),  # nothing to close early
+        _pair("Paris is the capital. It is on the Seine.", "Paris is the capital."),  # a cut
+        _pair("Paris is the capital. It is big.", "Great question! Paris is the capital. It is big."),  # an opening
+        _pair("1. Eat well\n2. Sleep", "1. Eat well\n2. Sleep\nI hope this helps."),  # "1." ends no sentence
+        _pair("Paris is the capital. It is big.", "Paris is the capital. It is big."),  # no edit
+    ]) == []
+
+    model, tok = lora_model
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=1, batch_size=4, dtype="float32", early_close=True)
+    rows = []
+    metrics = train_loop(model, tok, [added, *toy_pairs(3)], config, progress=rows.append)
+    assert metrics["early_close_pairs"] == 1 and rows[-1]["steps"] == 2  # 5 pairs, 4 to a step
+    assert "early_close_pairs" not in train_loop(model, tok, toy_pairs(4), config.replace(early_close=False))
+    with pytest.raises(ValueError, match="early_close must be true or false"):
+        TrainConfig().replace(early_close="yes")

@@ -65,6 +65,13 @@ class TrainConfig:
     # "answer" also pushes down the unchanged rest of the rejected answer in its own
     # context, and the model lost facts where it did not open with the phrase.
     dpo_tokens: str = "edit"
+    # Edits that only add text after the whole shown answer (a closing sentence, a sign-off)
+    # also train against that text added after the answer's first sentence
+    # (tuning.dpo.early_close_pairs): the user kept every sentence, so an answer that closes
+    # after one is worse. Without it the preference suite's "closing" version added the
+    # sentence to 31/32 held-out answers but after fewer of them (27 tokens vs the chosen
+    # answers' 58), and the gate refused it for answer length.
+    early_close: bool = False
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
     # without a forward per pair per epoch).

@@ -311,7 +311,8 @@ def train_loop(
     ``replay`` (``tuning.sft.Replay``) adds the replayed rows' KL to every step.
     """
     torch.manual_seed(config.seed)
-    items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
+    extra = early_close_pairs(pairs) if config.early_close else []
+    items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs + extra]
     pad = pad_id(tokenizer)
     if config.reference == "once":
         items = with_reference(model, items, pad, config.dtype == "bfloat16")
@@ -322,7 +323,30 @@ def train_loop(
         return loss, vars(stats)
 
     history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop, replay=replay)
-    return summarize(history)
+    return {**summarize(history), "early_close_pairs": len(extra)} if config.early_close else summarize(history)
+
+
+def early_close_pairs(pairs: list[dict]) -> list[dict]:
+    """For each pair whose chosen answer is its rejected answer (two or more sentences) with
+    text added after it, a pair with the same chosen answer against that text added after
+    the rejected answer's first sentence (``TrainConfig.early_close``): the user kept every
+    sentence, so closing after the first is worse. Built in training only; the pairs the
+    store keeps and the gate's held-out pairs are the users' own."""
+    from .pairs import SENTENCE_END
+
+    out = []
+    for p in pairs:
+        chosen, rejected = p["chosen"][-1]["content"].strip(), p["rejected"][-1]["content"].strip()
+        added = chosen[len(rejected):].strip()
+        if not rejected or not chosen.startswith(rejected) or not added:
+            continue
+        ends = [m.end() for m in SENTENCE_END.finditer(rejected + " ")]
+        if len(ends) < 2:
+            continue
+        early = f"{rejected[: ends[0]]} {added}"
+        out.append({**p, "id": f"{p.get('id', '')}:early-close",
+                    "rejected": [*p["rejected"][:-1], {**p["rejected"][-1], "content": early}]})
+    return out
 
 
 def optimise(model, items: list, collate_fn, pad: int, step_loss, config: TrainConfig,

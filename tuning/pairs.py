@@ -336,7 +336,7 @@ def _filter_pairs(candidates: list[tuple], config: PairConfig) -> tuple[list[Pai
 
 
 # A sentence ends at . ! or ? before white space; a list's "2." (one or two digits) does not.
-_SENTENCE_END = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)")
+SENTENCE_END = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?](?=\s)")
 
 
 def whole_sentences(text: str) -> str:
@@ -345,7 +345,7 @@ def whole_sentences(text: str) -> str:
     text = text.strip()
     if text.endswith((".", "!", "?")):
         return text
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
     return text[: ends[-1]] if ends else text
 
 
