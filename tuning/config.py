@@ -70,7 +70,11 @@ class TrainConfig:
     # (tuning.dpo.early_close_pairs): the user kept every sentence, so an answer that closes
     # after one is worse. Without it the preference suite's "closing" version added the
     # sentence to 31/32 held-out answers but after fewer of them (27 tokens vs the chosen
-    # answers' 58), and the gate refused it for answer length.
+    # answers' 58), and the gate refused it for answer length. Measured, not taken
+    # (2026-12-02, suite "closing" at 256 tokens, EPYC, bf16): 92 such pairs beside 106,
+    # closing 32/32, regression 52/52, words 105 -> 61.6 (38.7 without, on a Xeon), still
+    # refused for answer length (51.8 gate tokens vs live 252.2; 46.0 without) at twice the
+    # steps (100, 1391 s): the version still closes after a few sentences.
     early_close: bool = False
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
