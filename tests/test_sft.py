@@ -71,6 +71,7 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert row["config_json"]["method"] == "sft" and (tmp / "datasets" / f"{digest}.jsonl").is_file()
     assert row["config_json"]["dataset_lineage"]["rows"] == 24 and row["config_json"]["dataset_lineage"]["heldout_rows"] == 6
     assert row["config_json"]["batch_size"] == 8  # SFT's own defaults (tuning.sft.SFT_DEFAULTS) under --set
+    assert row["config_json"]["by_length"] is True  # a data set's short rows are not padded to replayed ones
     assert row["config_json"]["learning_rate"] == 0.02
     assert len(row["pair_ids_json"]) == 24 and row["parent_version"] is None
     ev = row["eval_json"]
@@ -90,7 +91,7 @@ def test_an_sft_job_trains_gates_and_registers_a_version_with_its_data_sets_line
     assert main(tmp, checkpoint, "train", "--as", "system:launcher", "--job", queued, "--priority", "normal") == 0
     second = store.adapter(store.job(queued)["adapter_version"])
     assert second["parent_version"] == version and second["config_json"]["dataset"] == digest
-    assert second["config_json"]["epochs"] == 6  # SFT_DEFAULTS
+    assert second["config_json"]["epochs"] == 6 and second["config_json"]["by_length"] is True  # SFT_DEFAULTS
     # the parent says "zed" to everything: its answers are replayed, so they all count
     assert second["metrics_json"]["steps"] == -(-(24 + second["metrics_json"]["replay_rows"]) // 8) * 6
     assert second["metrics_json"]["replay_rows"] > replayed

@@ -8,13 +8,15 @@ held-out paraphrase), with the default recipe: the whole domain took 889 s of a 
 CI run on AVX2 kernels in float32, the largest single part. This test's 20 facts
 (2026-12-02, AMD EPYC 2 cores avx512_bf16, bf16, no answers kept from an earlier job):
 held-out 0/20 -> 15/20, regression set 52/52 -> 50/52, gate passed, 866 s (128 replayed
-answers ~130 s, 156 steps 596 s, gate 128 s). The figures below are the whole domain's.
+answers ~130 s, 156 steps 596 s, gate 128 s). With batches of similar length (an SFT
+default since; same machine, answers kept): 156 steps in 367 s instead of 552 s, 15/20,
+52/52, passed. The figures below are the whole domain's.
 
 The version must answer most held-out paraphrases right where the base answers almost none,
 keep the regression set (the gate's non-inferiority check), and pass the gate on its own.
 
 Recipe (tuning.sft.SFT_DEFAULTS and TrainConfig.replay/replay_loss): lr 5e-4, 6 epochs,
-batch 8, r=16 all-linear, and 128 general questions whose answers by the base are replayed
+batch 8 by length, r=16 all-linear, and 128 general questions whose answers by the base are replayed
 by KL (top 32). Measured outside the job (2026-11-30, AMD EPYC 2 cores avx512_bf16, bf16,
 same recipe): held-out domain 0/41 -> 31/41 (76%), regression set 63/63 -> 62/63. Before
 replay: 26/41 but the regression set 65/65 -> 38/65 ("The capital of China is ShijFel."),
