@@ -32,8 +32,10 @@ N_TRAIN, N_HELD = 64, 24
 # brevity to only 12 of these 24 held-out answers from 64 pairs (31/32 from 95 pairs in the
 # suite; not yet told apart from the reference computed once, also new): this test keeps
 # the recipe it was measured with, without the replayed general answers (replay=0) that
-# feedback jobs train beside the pairs since 2026-12-01.
-RECIPE = TrainConfig(learning_rate=1e-4, epochs=2, dpo_tokens="answer", nll_tokens="answer", reference="step", replay=0)
+# feedback jobs train beside the pairs since 2026-12-01. The reference's log-probabilities
+# are computed once before training (the default): the same numbers as a no-grad forward
+# at every step (tests/test_dpo.py), without that forward at each of the 32 steps.
+RECIPE = TrainConfig(learning_rate=1e-4, epochs=2, dpo_tokens="answer", nll_tokens="answer", reference="once", replay=0)
 # The default gate: teaching brevity halves answer length on purpose, and the length check
 # lets answers move toward the chosen answers' length.
 GATE = GateConfig()
