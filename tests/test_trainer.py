@@ -246,7 +246,11 @@ def test_command_line_ctrl_c_cancels_and_sigkill_is_recovered(tmp_path, checkpoi
     store.create_user("root", "root-password", is_admin=True)
 
     def start_and_wait_for_steps():
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Started with SIGINT ignored, as a non-interactive shell starts a job in the
+        # background (`app.py train ... &` in a script, a CI runner): the job sets its own
+        # handler, or Ctrl-C and `kill -INT` would do nothing (found by a CI run so started).
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             jobs = store.jobs("running")

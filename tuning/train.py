@@ -282,7 +282,11 @@ def _train_job(a, store, config, job_id: str, beating):
     from .trainer import train_adapter
 
     # SIGTERM (a launcher stopping us) cancels like Ctrl-C: cleanly, job marked cancelled.
+    # SIGINT is set too: a process started in the background by a non-interactive shell (a
+    # script's `app.py train ... &`, a CI runner) inherits SIGINT ignored, and Python then
+    # leaves it ignored, so Ctrl-C or `kill -INT` did nothing and the job trained on.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     lineage = None
     if config.method == "sft":
         from .dataset import dataset_report, load_dataset
