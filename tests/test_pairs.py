@@ -223,3 +223,27 @@ def test_the_store_s_cut_answer_reaches_the_pair_ended_where_the_user_kept_it(st
     (pair,) = build_preferences(data_store, PairConfig(eval_fraction=0), TopicEmbedder()).pairs
     assert pair.rejected == [{"role": "assistant", "content": "Rain falls from clouds. It waters the fields."}]
     assert pair.chosen[0]["content"].endswith("I hope this helps.")
+
+
+def test_an_edit_that_only_lays_the_answer_out_is_a_pair_and_one_that_only_adds_a_full_stop_is_not(store):
+    """The same words laid out as a list (or lines, a numbered list) are what the user asked
+    for: a pair. The same words with only case, punctuation or spaces changed say nothing."""
+    answer = "Rain falls from clouds. It waters the fields. It fills the rivers."
+    edits = {
+        "list": "- Rain falls from clouds.\n- It waters the fields.\n- It fills the rivers.",
+        "numbered": "1. Rain falls from clouds.\n2. It waters the fields.\n3. It fills the rivers.",
+        "paragraphs": "Rain falls from clouds.\n\nIt waters the fields. It fills the rivers.",
+        "full stop": answer.lower() + ".",
+        "spaces": answer.replace(" ", "  "),
+    }
+    for i, (name, edit) in enumerate(edits.items()):
+        question = f"Tell me about rain, {name} ({i})?"
+        mid = store.add_message(store.create_conversation(f"u{i}"), f"u{i}", question)
+        aid = store.log_answer(message_id=mid, user_id=f"u{i}", prompt=[{"role": "user", "content": question}],
+                               content=answer, model="m")
+        store.edit_answer(aid, f"u{i}", edit)
+    data = build_preferences(store, PairConfig(eval_fraction=0), TopicEmbedder())
+    chosen = {p.chosen[0]["content"] for p in data.pairs}
+    assert chosen == {edits["list"], edits["numbered"], edits["paragraphs"]}
+    assert all(p.rejected[0]["content"] == answer and p.signal == "edit" for p in data.pairs)
+    assert data.summary["dropped_pairs"]["no_difference"] == 2
