@@ -26,9 +26,10 @@ Rules, in order: opted-out conversations and withdrawn answers are never read (t
 enforces it); votes that contradict each other (up and down on the same answer, or on the
 same wording of an answer within one prompt group) are dropped; then pairs whose two sides
 say the same thing (the same words, case and punctuation aside, laid out the same way: an
-answer made a list is a difference, "Rome" -> "Rome." is not), pairs contradicted by a reverse pair in the same group, near-duplicates
-(same group, same normalized chosen and rejected), pairs beyond the per-group cap and
-beyond the per-user cap are dropped, each counted by reason in the summary.
+answer made a list is a difference, "Rome" -> "Rome." is not), pairs contradicted by a
+reverse pair in the same group, near-duplicates (same group, same normalized chosen and
+rejected), pairs beyond the per-group cap and beyond the per-user cap are dropped, each
+counted by reason in the summary.
 """
 
 from __future__ import annotations
