@@ -5,7 +5,8 @@ through the real store, pair builder, trainer and gate, and checked on held-out 
     .venv/bin/python bench/preference_suite.py --kinds opening closing --edits 128
     .venv/bin/python bench/preference_suite.py --thumbs --edits 128   # a thumbs-only deployment (KTO)
 
-For each kind: 4 users ask questions (``tuning.synthetic.prompts``), see the base model's
+For each kind: 4 users ask questions (``tuning.synthetic.mixed_prompts``: definitions, tips,
+whys, short facts and instructions), see the base model's
 greedy answer (on-policy, as the app shows it) and edit it by the kind's rewrite rule; the
 store's feedback becomes pairs (``build_preferences``), one job trains with the default
 recipe (``TrainConfig()``) and the default gate decides (``GateConfig()``). Then the
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tuning.pairs import whole_sentences  # noqa: E402
-from tuning.synthetic import first_sentence, is_one_sentence, prompts  # noqa: E402
+from tuning.synthetic import first_sentence, is_one_sentence, mixed_prompts, prompts  # noqa: E402
 
 OPENING = "Great question!"
 CLOSING = "I hope this helps."
@@ -208,6 +209,11 @@ def main() -> int:
     p.add_argument("--thumbs", action="store_true",
                    help=f"users only vote (up when an answer follows the preference): KTO, at most {MAX_VOTES} votes")
     p.add_argument("--held-out", type=int, default=32)
+    p.add_argument("--questions", choices=["mixed", "plain"], default="mixed",
+                   help="what users ask in training: 'mixed' (default since 2026-12-06): the edits spread over "
+                        "definitions, tips, whys, short facts and instructions (tuning.synthetic.mixed_prompts); "
+                        "'plain': the first questions of tuning.synthetic.prompts (definitions, tips, whys), "
+                        "as the runs before 2026-12-06")
     p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig setting for every kind, as app.py train takes it")
@@ -231,10 +237,14 @@ def main() -> int:
     if a.thumbs and any(KINDS[k].bad for k in a.kinds):
         p.error("--thumbs teaches the good kinds only")
     model_dir = prepare_embedded_model(a.models_dir)
-    qs = prompts()
-    held_q = qs[: a.held_out]
-    train_q = qs[a.held_out : a.held_out + a.edits]
-    key = f"{a.tokens}/{a.held_out}/{a.edits}"
+    qs = mixed_prompts() if a.questions == "mixed" else prompts()
+    held_q, pool = qs[: a.held_out], qs[a.held_out :]
+    if a.questions == "mixed":  # spread over the pool, so every shape of question is in a small set
+        n = min(a.edits, len(pool))
+        train_q = [pool[i * len(pool) // n] for i in range(n)]
+    else:
+        train_q = pool[: a.edits]
+    key = f"{a.tokens}/{a.held_out}/{a.edits}" + ("/mixed" if a.questions == "mixed" else "")
     cached = json.loads(a.cache.read_text()) if a.cache and a.cache.exists() else {}
     if cached.get("key") == key:
         shown_answers, base_held = cached["shown"], cached["base_held"]

@@ -346,3 +346,18 @@ def test_the_regression_set_is_answered_at_its_length_and_held_out_prompts_at_th
     calls.clear()
     gate._answer_all(None, tiny_tokenizer(), rows, config, False, 64)  # one pass when the lengths agree
     assert calls == [(8, 64)]
+
+
+def test_benchmark_users_never_ask_a_regression_or_replayed_question():
+    """The preference suite's users ask tuning.synthetic.mixed_prompts; a regression prompt
+    among them would be trained on and then judged, and a replayed one would be held to the
+    starting model's answer while users edit it."""
+    from tuning.gate import FRAGILE, REGRESSION
+    from tuning.general import questions
+    from tuning.synthetic import mixed_prompts, prompts
+
+    asked = mixed_prompts()
+    assert len(set(asked)) == len(asked) >= 288  # 256 edits beside 32 held-out questions
+    assert asked[: len(prompts())] == prompts()  # the held-out questions stay the first ones
+    assert not set(asked) & {g.prompt for g in REGRESSION + FRAGILE}
+    assert not set(asked) & set(questions())

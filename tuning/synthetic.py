@@ -56,6 +56,54 @@ def prompts() -> list[str]:
     return qs
 
 
+# Short facts and instructions, and more open questions: what a deployment's users also ask
+# (``mixed_prompts``). None is a question of the gate's regression set or fragile set, nor of
+# the general questions jobs replay (``tuning.general``), nor the same fact asked in other
+# words: other countries, elements, words and sums (tests/test_pairs.py checks the first
+# three).
+_NEW_CAPITALS = ["Vietnam", "Indonesia", "Colombia", "Ukraine", "Iceland", "New Zealand", "Morocco", "Cuba",
+                 "Nigeria", "the Czech Republic", "Romania", "Croatia", "the Philippines", "Pakistan", "Venezuela",
+                 "Ethiopia"]
+_NEW_LANGUAGES = ["Vietnam", "Iran", "Israel", "Iceland", "Romania", "Ukraine"]
+_NEW_SYMBOLS = ["zinc", "tin", "mercury", "sulfur", "neon", "chlorine", "uranium", "platinum"]
+_NEW_OPPOSITES = ["inside", "true", "win", "north", "asleep", "buy", "question", "remember"]
+_QUICK = [
+    "How many planets are in the solar system?", "What is the smallest planet in the solar system?",
+    "How many players are on a soccer team?", "How many strings does a violin have?",
+    "What is the hardest natural substance?", "Which animal has a trunk?", "What do caterpillars turn into?",
+    "How many bones are in the adult human body?", "Who discovered penicillin?", "Who painted The Starry Night?",
+    "Who invented the telephone?", "What is the main ingredient in guacamole?", "How many seconds are in a minute?",
+    "What is the closest star to Earth?", "How many wheels does a tricycle have?", "What do pandas mostly eat?",
+    "Translate 'please' into German.", "Say goodnight in Italian.", "Write the number seventy in digits.",
+    "Convert 3 kilograms to grams.", "Convert 5 minutes to seconds.", "Give me a synonym for 'quick'.",
+    "Spell the word 'rhythm'.", "Name three colors of the rainbow.", "Name two planets.",
+    "Complete the sentence: Better late than...", "Rewrite in the plural: The cat sleeps.", "Is 9 a prime number?",
+    "What is 7 + 8?", "What is 9 times 4?", "What is 50 minus 15?",
+    "Sort these words alphabetically: pear, apple, mango.", "What is the plural of 'leaf'?",
+    "Summarize in one sentence: The children played in the park until it got dark.",
+]
+_WORKS = ["compass", "telescope", "thermometer", "battery", "magnet", "microscope", "bicycle", "piano", "vaccine",
+          "calendar", "bridge", "volcano", "rainbow", "hurricane", "glacier"]
+
+
+def mixed_prompts() -> list[str]:
+    """``prompts`` first (so its first questions stay the preference suite's held-out ones),
+    then short facts and instructions (capitals, languages, symbols, opposites, sums,
+    translations) and more open questions: about 330 in all, for benchmarks whose users
+    ask what a deployment's users ask, not definitions, tips and whys alone."""
+    qs = prompts()
+    qs += [f"What is the capital of {c}?" for c in _NEW_CAPITALS]
+    qs += [f"What language is spoken in {c}?" for c in _NEW_LANGUAGES]
+    qs += [f"What is the chemical symbol for {e}?" for e in _NEW_SYMBOLS]
+    qs += [f"What is the opposite of {w}?" for w in _NEW_OPPOSITES]
+    qs += _QUICK
+    qs += [f"How does a {t} work?" for t in _WORKS]
+    qs += [f"What are the benefits of {a}?" for a in _ACTIVITIES]
+    qs += [f"What should I know before {a}?" for a in _ACTIVITIES]
+    qs += [f"What are common mistakes when {a}?" for a in _ACTIVITIES]
+    return qs
+
+
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
