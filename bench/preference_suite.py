@@ -190,6 +190,9 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         "up": row["metrics_json"].get("votes_up"), "down": row["metrics_json"].get("votes_down"),
         "base follows": sum(map(kind.follows, base_held)), "version follows": sum(map(kind.follows, answers)),
         "held-out": len(held_q), "words base": words(base_held), "words version": words(answers),
+        # where the preference puts the length: the users' rule applied to the base's held-out answers
+        "words edit": words([e if e is not None else a for a, e in
+                             ((a, kind.rewrite(a, i) if kind.bad else kind.rewrite(a)) for i, a in enumerate(base_held))]),
         "regression": f"{ev['golden_passed']}/{ev['golden_total']} (live {ev['live']['golden_passed']})",
         "gate": "passed" if result.gate.passed else "refused: " + ", ".join(
             c["check"] for c in result.gate.checks if not c["passed"]),
@@ -267,8 +270,8 @@ def main() -> int:
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
           f"{a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
     data_col = "votes -> train (up/down)/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
-    print(f"| preference | {data_col} | follows: base | follows: version | words base -> version "
-          "| regression set | gate | steps, train s |")
+    print(f"| preference | {data_col} | follows: base | follows: version | words base -> version (users' edit) "
+          "| regression set | gate | steps, train s (job with gate) |")
     print("| --- | --- | ---: | ---: | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
@@ -277,8 +280,8 @@ def main() -> int:
         data = (f"{r['edits']} -> {r['train votes']} ({r['up']}/{r['down']})/{r['held-out votes']}, {r['objective']}"
                 if a.thumbs else f"{r['edits']} -> {r['train pairs']}/{r['held-out pairs']}")
         print(f"| {r['kind']} | {data} | {r['base follows']}/{r['held-out']} "
-              f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} | {r['regression']} "
-              f"| {r['gate']} | {r['steps']}, {r['train s']:.0f} |")
+              f"| {r['version follows']}/{r['held-out']} | {r['words base']} -> {r['words version']} (edit {r['words edit']}) "
+              f"| {r['regression']} | {r['gate']} | {r['steps']}, {r['train s']:.0f} ({r['job s']}) |")
     judged = [(r, KINDS[r["kind"]].bad) for r in rows if "error" not in r]
     good = [r for r, bad in judged if not bad]
     bad = [r for r, bad in judged if bad]
