@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tuning.pairs import whole_sentences  # noqa: E402
-from tuning.synthetic import first_sentence, is_one_sentence, mixed_prompts, prompts  # noqa: E402
+from tuning.synthetic import first_sentence, is_one_sentence, mixed_prompts, prompts, spread  # noqa: E402
 
 OPENING = "Great question!"
 CLOSING = "I hope this helps."
@@ -73,6 +73,10 @@ class Kind:
     # Bad feedback the gate must refuse: rewrite takes (answer, edit number) and may return
     # None (that user does not edit).
     bad: bool = False
+
+    def edit(self, answer: str, i: int) -> str | None:
+        """The ``i``-th user's edit of ``answer`` (None: that user does not edit)."""
+        return self.rewrite(answer, i) if self.bad else self.rewrite(answer)
 
 
 FILLER = "This is an important point to remember."
@@ -165,7 +169,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         if thumbs:
             store.rate(aid, user, 1 if kind.follows(answer) else -1)
             continue
-        edit = kind.rewrite(answer, i) if kind.bad else kind.rewrite(answer)
+        edit = kind.edit(answer, i)
         if edit is not None and edit.strip() != answer.strip():
             store.edit_answer(aid, user, edit)
     prefs = build_preferences(store, PairConfig())
@@ -191,8 +195,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         "base follows": sum(map(kind.follows, base_held)), "version follows": sum(map(kind.follows, answers)),
         "held-out": len(held_q), "words base": words(base_held), "words version": words(answers),
         # where the preference puts the length: the users' rule applied to the base's held-out answers
-        "words edit": words([e if e is not None else a for a, e in
-                             ((a, kind.rewrite(a, i) if kind.bad else kind.rewrite(a)) for i, a in enumerate(base_held))]),
+        "words edit": words([a if e is None else e for a, e in ((a, kind.edit(a, i)) for i, a in enumerate(base_held))]),
         "regression": f"{ev['golden_passed']}/{ev['golden_total']} (live {ev['live']['golden_passed']})",
         "gate": "passed" if result.gate.passed else "refused: " + ", ".join(
             c["check"] for c in result.gate.checks if not c["passed"]),
@@ -242,11 +245,7 @@ def main() -> int:
     model_dir = prepare_embedded_model(a.models_dir)
     qs = mixed_prompts() if a.questions == "mixed" else prompts()
     held_q, pool = qs[: a.held_out], qs[a.held_out :]
-    if a.questions == "mixed":  # spread over the pool, so every shape of question is in a small set
-        n = min(a.edits, len(pool))
-        train_q = [pool[i * len(pool) // n] for i in range(n)]
-    else:
-        train_q = pool[: a.edits]
+    train_q = spread(pool, a.edits) if a.questions == "mixed" else pool[: a.edits]
     key = f"{a.tokens}/{a.held_out}/{a.edits}" + ("/mixed" if a.questions == "mixed" else "")
     cached = json.loads(a.cache.read_text()) if a.cache and a.cache.exists() else {}
     if cached.get("key") == key:

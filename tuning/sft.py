@@ -36,7 +36,7 @@ from .dpo import (_completion_ids, answer_logits, answer_token_share, autocast_o
                   sequence_logps, to_device)
 from .generation import answering_code, greedy_answers, keep, read_kept
 from .general import questions as general_questions
-from .synthetic import prompts as open_prompts
+from .synthetic import prompts as open_prompts, spread
 
 # What ``method: sft`` changes unless a setting says otherwise (tuning.train applies them
 # before --set): DPO's 5e-5 for 2 epochs is tuned to nudge preferences, not to teach facts.
@@ -150,16 +150,12 @@ def sft_loss(model, batch: dict, autocast: bool) -> tuple[torch.Tensor, float]:
 REPLAY_TOKENS = 96
 
 
-def _spread(pool: list[str], count: int) -> list[str]:
-    return [pool[i * len(pool) // count] for i in range(count)] if count < len(pool) else list(pool)
-
-
 def replay_questions(count: int) -> list[str]:
     """The ``count`` general questions a job replays: short facts and instructions first
     (``tuning.general.questions``, about 100), then open questions spread over
     ``tuning.synthetic.prompts`` (definitions, tips, whys)."""
     facts = general_questions()
-    return _spread(facts, min(count, len(facts))) + _spread(open_prompts(), max(0, count - len(facts)))
+    return spread(facts, min(count, len(facts))) + spread(open_prompts(), max(0, count - len(facts)))
 
 
 def replay_rows(model, tokenizer, count: int, max_new_tokens: int = REPLAY_TOKENS,

@@ -59,7 +59,7 @@ def prompts() -> list[str]:
 # Short facts and instructions, and more open questions: what a deployment's users also ask
 # (``mixed_prompts``). None is a question of the gate's regression set or fragile set, nor of
 # the general questions jobs replay (``tuning.general``), nor the same fact asked in other
-# words: other countries, elements, words and sums (tests/test_pairs.py checks the first
+# words: other countries, elements, words and sums (tests/test_gate.py checks the first
 # three).
 _NEW_CAPITALS = ["Vietnam", "Indonesia", "Colombia", "Ukraine", "Iceland", "New Zealand", "Morocco", "Cuba",
                  "Nigeria", "the Czech Republic", "Romania", "Croatia", "the Philippines", "Pakistan", "Venezuela",
@@ -102,6 +102,12 @@ def mixed_prompts() -> list[str]:
     qs += [f"What should I know before {a}?" for a in _ACTIVITIES]
     qs += [f"What are common mistakes when {a}?" for a in _ACTIVITIES]
     return qs
+
+
+def spread(pool: list[str], count: int) -> list[str]:
+    """``count`` questions taken evenly across ``pool`` (all of it when it has no more), so
+    that a small set still holds every shape of question the pool has."""
+    return [pool[i * len(pool) // count] for i in range(count)] if count < len(pool) else list(pool)
 
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
