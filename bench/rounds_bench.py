@@ -4,8 +4,10 @@ the loop retrains from all feedback so far, the gate decides, a passed version g
     .venv/bin/python bench/rounds_bench.py --kind opening --rounds 3
     .venv/bin/python bench/rounds_bench.py --kind closing --set learning_rate=2e-4
 
-Each round, 4 users ask a fresh set of questions (``tuning.synthetic.prompts``, disjoint
-from every other round's) and read the live version's greedy answer (float32, as the gate
+Each round, 4 users ask a fresh set of questions (``tuning.synthetic.mixed_prompts``:
+definitions, tips, whys, short facts and instructions; each round's set taken evenly across
+them and disjoint from every other round's; ``--questions plain``: the first of
+``tuning.synthetic.prompts`` in order, as before 2026-12-06) and read the live version's greedy answer (float32, as the gate
 generates; the base model before any version is live); each user edits every answer by
 the preference's rewrite rule (``bench/preference_suite.py``). Measured per round, on that
 round's answers: the share that already follow the preference, and the mean edit distance
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from preference_suite import GOOD, KINDS, greedy  # noqa: E402
-from tuning.synthetic import prompts  # noqa: E402
+from tuning.synthetic import mixed_prompts, prompts, spread  # noqa: E402
 
 
 def edit_distance(answer: str, edit: str) -> int:
@@ -64,6 +66,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-round", type=int, default=28, help="questions each round (4 users)")
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--questions", choices=["mixed", "plain"], default="mixed",
+                   help="what users ask: 'mixed' (default): every round's set spread over definitions, tips, whys, "
+                        "short facts and instructions; 'plain': definitions, tips and whys in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig setting")
     p.add_argument("--promote-refused", action="store_true",
                    help="promote every version the job made, as an admin overriding the gate would (the table says which)")
@@ -83,17 +88,23 @@ def main() -> int:
     settings = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
     kind = KINDS[a.kind]
     model_dir = prepare_embedded_model(a.models_dir)
-    pool = prompts()[32:]  # the preference suite's 32 held-out questions are never used here
-    need = a.per_round * (a.rounds + 1)
+    # The preference suite's 32 held-out questions are never used here.
+    pool = (mixed_prompts() if a.questions == "mixed" else prompts())[32:]
+    sets = a.rounds + 1
+    need = a.per_round * sets
     if need > len(pool):
-        p.error(f"{a.rounds + 1} sets of {a.per_round} questions need {need}; there are {len(pool)}")
+        p.error(f"{sets} sets of {a.per_round} questions need {need}; there are {len(pool)}")
+    # Round r asks every sets-th question from the r-th on, spread over that stride, so every
+    # round's users ask each shape of question the pool has (mixed); plain keeps the old order.
+    rounds_q = ([spread(pool[i::sets], a.per_round) for i in range(sets)] if a.questions == "mixed"
+                else [pool[i * a.per_round:(i + 1) * a.per_round] for i in range(sets)])
     rows: list[dict] = []
     live: int | None = None
     with tempfile.TemporaryDirectory(prefix="rounds-") as tmp:
         data = Path(tmp)
         store = Store(DataPaths(data).database)
         for r in range(1, a.rounds + 2):
-            questions = pool[(r - 1) * a.per_round : r * a.per_round]
+            questions = rounds_q[r - 1]
             shown = answers_of(model_dir, data, store, live, questions, a.tokens)
             # A user edits only answers that do not follow the preference yet.
             edits = [x if kind.follows(x) else kind.rewrite(x) for x in shown]
@@ -142,7 +153,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     first = rows[0]["edit_distance"] or 1
     print(f"\n{time.strftime('%Y-%m-%d')}; preference '{a.kind}'; training in {machine_format().describe()}; "
-          f"answers greedy in float32, {a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
+          f"answers greedy in float32, {a.tokens} tokens; {a.questions} questions, {a.per_round} a round; TrainConfig {settings or 'defaults'}, default GateConfig")
     print("| round | answered by | follows the preference | mean edit distance (words) | gap closed | words "
           "| pairs trained/held-out | the round's job |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |")
