@@ -140,7 +140,7 @@ MAX_VOTES = 256
 
 
 def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
-             work: Path, tokens: int, settings: dict, thumbs: bool = False) -> dict:
+             work: Path, tokens: int, settings: dict, thumbs: bool = False, held_tokens: int | None = None) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +185,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     row = store.adapter(result.version)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       DataPaths(data).version_folder(row))
-    answers = greedy(model, tok, held_q, tokens)
+    answers = greedy(model, tok, held_q, held_tokens or tokens)
     ev = row["eval_json"]
     words = lambda xs: round(sum(len(x.split()) for x in xs) / len(xs), 1)  # noqa: E731
     return {
@@ -201,6 +201,8 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
             c["check"] for c in result.gate.checks if not c["passed"]),
         "steps": row["metrics_json"].get("steps"), "train s": row["train_seconds"], "job s": round(job_s),
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
+        # held-out answers that do not follow, by their ends (where a closing would be)
+        "misses": [f"{q} -> ...{a[-90:]}" for q, a in zip(held_q, answers) if not kind.follows(a)][:4],
         "refused because": [c["detail"] for c in result.gate.checks if not c["passed"]],
         "now wrong": {q: g["answer"][:120] for q, g in ev["golden"].items()
                       if not g["passed"] and ev["live"]["golden"].get(q, {}).get("passed")},
@@ -221,6 +223,10 @@ def main() -> int:
                         "'plain': the first questions of tuning.synthetic.prompts (definitions, tips, whys), "
                         "as the runs before 2026-12-06")
     p.add_argument("--tokens", type=int, default=64, help="tokens per shown and held-out answer")
+    p.add_argument("--held-out-tokens", type=int, default=None,
+                   help="tokens per held-out answer of the version (default: --tokens). The users' edits of "
+                        "--tokens answers plus what they add can be longer than --tokens (the app serves 256): a "
+                        "version that answers at their length is cut before an added closing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig setting for every kind, as app.py train takes it")
     p.add_argument("--cache", type=Path, default=None,
@@ -263,11 +269,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
         for name in a.kinds:
             rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings,
-                                 a.thumbs))
+                                 a.thumbs, a.held_out_tokens))
             print(json.dumps(rows[-1]), flush=True)
     fmt = machine_format()
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
-          f"{a.tokens} tokens; TrainConfig {settings or 'defaults'}, default GateConfig")
+          f"{a.tokens} tokens (the version's: {a.held_out_tokens or a.tokens}); TrainConfig {settings or 'defaults'}, default GateConfig")
     data_col = "votes -> train (up/down)/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
     print(f"| preference | {data_col} | follows: base | follows: version | words base -> version (users' edit) "
           "| regression set | gate | steps, train s (job with gate) |")
