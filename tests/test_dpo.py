@@ -283,3 +283,26 @@ def test_an_edit_that_adds_a_closing_also_trains_against_closing_after_the_first
     assert "early_close_pairs" not in train_loop(model, tok, toy_pairs(4), config.replace(early_close=False))
     with pytest.raises(ValueError, match="early_close must be true or false"):
         TrainConfig().replace(early_close="yes")
+
+
+def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
+    tok = tiny_tokenizer()
+    ask = [{"role": "user", "content": "q?"}]
+
+    def marks(chosen: str, rejected: str, kept: bool) -> tuple[list[int], set[int]]:
+        item = tokenize_pair(tok, {"prompt": ask, "chosen": [{"role": "assistant", "content": chosen}],
+                                   "rejected": [{"role": "assistant", "content": rejected}]}, 512, "both", "edit", kept)
+        return item.chosen, {j for j, m in enumerate(item.nll) if m}
+
+    body = "yes 0. no 1. yes 2."
+    ids, plain = marks(f"{body} Hope it helps.", body, False)
+    _, kept = marks(f"{body} Hope it helps.", body, True)
+    text = [tok.decode([t]) for t in ids]
+    # Added: the token after each of the first two sentence ends (the user went on there);
+    # the third end is where the closing was added, already marked.
+    after_ends = {j for j in range(1, len(text)) if text[j - 1] == "." and j < len(body)}
+    assert len(after_ends) == 2 and kept - plain == after_ends and plain <= kept
+    assert tok.decode([ids[j] for j in sorted(plain)]).strip().startswith("Hope it helps.")
+    # An opening or a cut puts nothing of the user's before kept sentences: edited_tokens' marks alone.
+    for chosen in (f"Great question! {body}", "yes 0."):
+        assert marks(chosen, body, True)[1] == marks(chosen, body, False)[1]

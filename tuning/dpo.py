@@ -86,6 +86,20 @@ def edited_tokens(chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
     return tuple(marks) if any(marks) else tuple([1] * len(chosen))
 
 
+def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[int, ...]:
+    """``marks`` (``edited_tokens``) plus 1 for each kept chosen token that begins a sentence
+    after another one and comes before text the edit put there: where the user went on
+    with the answer instead of adding that text (``TrainConfig.nll_kept_starts``). An added
+    closing sentence otherwise raises its first word after every sentence end, and the
+    version closed after two sentences where users kept four."""
+    out = list(marks)
+    last = max((j for j, m in enumerate(marks) if m), default=-1)
+    for j in range(1, last):
+        if not marks[j] and not marks[j - 1] and tokenizer.decode([chosen[j - 1]]).rstrip().endswith((".", "!", "?")):
+            out[j] = 1
+    return tuple(out)
+
+
 def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
     """Token ids the chat template gives the answer after the prompt, through its end-of-turn."""
     head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -101,9 +115,10 @@ def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[i
 
 
 def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "answer",
-                  dpo_tokens: str = "answer") -> TokenizedPair:
+                  dpo_tokens: str = "answer", kept: bool = False) -> TokenizedPair:
     """Chat-template a pair; over ``max_length`` keep the prompt's end and the answers' start.
-    ``nll_tokens="edit"`` marks the chosen tokens the NLL term counts (:func:`edited_tokens`)."""
+    ``nll_tokens="edit"`` marks the chosen tokens the NLL term counts (:func:`edited_tokens`;
+    with ``kept``, also :func:`kept_starts`)."""
     prompt = tokenizer.apply_chat_template(
         pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
@@ -114,7 +129,12 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
     prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
-    return TokenizedPair(prompt, chosen, rejected, edited_tokens(chosen, rejected) if nll_tokens != "answer" else None,
+    nll = None
+    if nll_tokens != "answer":
+        nll = edited_tokens(chosen, rejected)
+        if kept:
+            nll = kept_starts(tokenizer, chosen, nll)
+    return TokenizedPair(prompt, chosen, rejected, nll,
                          (edited_tokens(chosen, rejected), edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None)
 
 
@@ -312,7 +332,8 @@ def train_loop(
     """
     torch.manual_seed(config.seed)
     extra = early_close_pairs(pairs) if config.early_close else []
-    items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs + extra]
+    items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
+                           config.nll_kept_starts) for p in pairs + extra]
     pad = pad_id(tokenizer)
     if config.reference == "once":
         items = with_reference(model, items, pad, config.dtype == "bfloat16")

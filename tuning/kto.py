@@ -259,7 +259,8 @@ def train_kto(
     ``progress`` gets a row after every step, with ``objective`` "kto" or "dpo" and that
     loss's figures; raises ``tuning.dpo.Cancelled`` between steps once ``should_stop()``."""
     torch.manual_seed(config.seed)
-    items: list = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens) for p in pairs]
+    items: list = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
+                                   config.nll_kept_starts) for p in pairs]
     pad = pad_id(tokenizer)
     autocast = config.dtype == "bfloat16"
     if items and config.reference == "once":
