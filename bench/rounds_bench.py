@@ -103,7 +103,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rounds-") as tmp:
         data = Path(tmp)
         store = Store(DataPaths(data).database)
-        for r in range(1, a.rounds + 2):
+        for r in range(1, sets + 1):
             questions = rounds_q[r - 1]
             shown = answers_of(model_dir, data, store, live, questions, a.tokens)
             # A user edits only answers that do not follow the preference yet.

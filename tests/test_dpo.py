@@ -306,3 +306,5 @@ def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
     # An opening or a cut puts nothing of the user's before kept sentences: edited_tokens' marks alone.
     for chosen in (f"Great question! {body}", "yes 0."):
         assert marks(chosen, body, True)[1] == marks(chosen, body, False)[1]
+    with pytest.raises(ValueError, match="nll_kept_starts must be true or false"):
+        TrainConfig().replace(nll_kept_starts="yes")

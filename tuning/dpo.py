@@ -129,13 +129,12 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
     prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
+    edited = edited_tokens(chosen, rejected) if nll_tokens != "answer" or dpo_tokens == "edit" else None
     nll = None
     if nll_tokens != "answer":
-        nll = edited_tokens(chosen, rejected)
-        if kept:
-            nll = kept_starts(tokenizer, chosen, nll)
+        nll = kept_starts(tokenizer, chosen, edited) if kept else edited
     return TokenizedPair(prompt, chosen, rejected, nll,
-                         (edited_tokens(chosen, rejected), edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None)
+                         (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
