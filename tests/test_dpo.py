@@ -294,14 +294,15 @@ def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
                                    "rejected": [{"role": "assistant", "content": rejected}]}, 512, "both", "edit", kept)
         return item.chosen, {j for j, m in enumerate(item.nll) if m}
 
-    body = "yes 0. no 1. yes 2."
+    body = "yes it is. no, 2.5 is not. 1. yes again."
     ids, plain = marks(f"{body} Hope it helps.", body, False)
     _, kept = marks(f"{body} Hope it helps.", body, True)
-    text = [tok.decode([t]) for t in ids]
-    # Added: the token after each of the first two sentence ends (the user went on there);
+    # One token per character here: added, the token after each of the first two sentence
+    # ends (the user went on there); not after the decimal's or the numbered line's point;
     # the third end is where the closing was added, already marked.
-    after_ends = {j for j in range(1, len(text)) if text[j - 1] == "." and j < len(body)}
-    assert len(after_ends) == 2 and kept - plain == after_ends and plain <= kept
+    after_ends = {body.index("is. ") + 3, body.index("not. ") + 4}
+    assert kept - plain == after_ends and plain <= kept
+    assert not kept & {body.index("2.5") + 2, body.index("1. ") + 2}
     assert tok.decode([ids[j] for j in sorted(plain)]).strip().startswith("Hope it helps.")
     # An opening or a cut puts nothing of the user's before kept sentences: edited_tokens' marks alone.
     for chosen in (f"Great question! {body}", "yes 0."):

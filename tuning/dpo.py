@@ -12,8 +12,10 @@ import difflib
 import math
 import random
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -91,11 +93,18 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     after another one and comes before text the edit put there: where the user went on
     with the answer instead of adding that text (``TrainConfig.nll_kept_starts``). An added
     closing sentence otherwise raises its first word after every sentence end, and the
-    version closed after two sentences where users kept four."""
+    version closed after two sentences where users kept four. A sentence ends where the
+    pair builder says (``tuning.pairs.SENTENCE_END``: . ! or ? before white space, not a
+    list's "2."), so a decimal's or a numbered line's digits are not a sentence start."""
+    from .pairs import SENTENCE_END
+
     out = list(marks)
     last = max((j for j, m in enumerate(marks) if m), default=-1)
-    for j in range(1, last):
-        if not marks[j] and not marks[j - 1] and tokenizer.decode([chosen[j - 1]]).rstrip().endswith((".", "!", "?")):
+    pieces = [tokenizer.decode([t]) for t in chosen[:last]]
+    starts = list(accumulate(map(len, pieces), initial=0))
+    for m in SENTENCE_END.finditer("".join(pieces)):
+        j = bisect_left(starts, m.end())  # the first token after the end's punctuation
+        if 0 < j < last and not marks[j] and not marks[j - 1]:
             out[j] = 1
     return tuple(out)
 
