@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tuning.pairs import whole_sentences  # noqa: E402
-from tuning.synthetic import first_sentence, is_one_sentence, mixed_prompts, prompts, spread  # noqa: E402
+from tuning.synthetic import QUESTION_SETS, first_sentence, is_one_sentence, spread  # noqa: E402
 
 OPENING = "Great question!"
 CLOSING = "I hope this helps."
@@ -217,7 +217,7 @@ def main() -> int:
     p.add_argument("--thumbs", action="store_true",
                    help=f"users only vote (up when an answer follows the preference): KTO, at most {MAX_VOTES} votes")
     p.add_argument("--held-out", type=int, default=32)
-    p.add_argument("--questions", choices=["mixed", "plain"], default="mixed",
+    p.add_argument("--questions", choices=list(QUESTION_SETS), default="mixed",
                    help="what users ask in training: 'mixed' (default since 2026-12-06): the edits spread over "
                         "definitions, tips, whys, short facts and instructions (tuning.synthetic.mixed_prompts); "
                         "'plain': the first questions of tuning.synthetic.prompts (definitions, tips, whys), "
@@ -249,7 +249,7 @@ def main() -> int:
     if a.thumbs and any(KINDS[k].bad for k in a.kinds):
         p.error("--thumbs teaches the good kinds only")
     model_dir = prepare_embedded_model(a.models_dir)
-    qs = mixed_prompts() if a.questions == "mixed" else prompts()
+    qs = QUESTION_SETS[a.questions]()
     held_q, pool = qs[: a.held_out], qs[a.held_out :]
     train_q = spread(pool, a.edits) if a.questions == "mixed" else pool[: a.edits]
     key = f"{a.tokens}/{a.held_out}/{a.edits}" + ("/mixed" if a.questions == "mixed" else "")

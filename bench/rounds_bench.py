@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from preference_suite import GOOD, KINDS, greedy  # noqa: E402
-from tuning.synthetic import mixed_prompts, prompts, spread  # noqa: E402
+from tuning.synthetic import QUESTION_SETS, spread  # noqa: E402
 
 
 def edit_distance(answer: str, edit: str) -> int:
@@ -66,7 +66,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--per-round", type=int, default=28, help="questions each round (4 users)")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--questions", choices=["mixed", "plain"], default="mixed",
+    p.add_argument("--questions", choices=list(QUESTION_SETS), default="mixed",
                    help="what users ask: 'mixed' (default): every round's set spread over definitions, tips, whys, "
                         "short facts and instructions; 'plain': definitions, tips and whys in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig setting")
@@ -89,7 +89,7 @@ def main() -> int:
     kind = KINDS[a.kind]
     model_dir = prepare_embedded_model(a.models_dir)
     # The preference suite's 32 held-out questions are never used here.
-    pool = (mixed_prompts() if a.questions == "mixed" else prompts())[32:]
+    pool = QUESTION_SETS[a.questions]()[32:]
     sets = a.rounds + 1
     need = a.per_round * sets
     if need > len(pool):

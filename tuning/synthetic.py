@@ -104,6 +104,11 @@ def mixed_prompts() -> list[str]:
     return qs
 
 
+# What a benchmark's users ask, by the name its ``--questions`` flag takes: ``mixed`` (the
+# default since 2026-12-06) or ``plain`` (definitions, tips and whys, as the runs before).
+QUESTION_SETS = {"mixed": mixed_prompts, "plain": prompts}
+
+
 def spread(pool: list[str], count: int) -> list[str]:
     """``count`` questions taken evenly across ``pool`` (all of it when it has no more), so
     that a small set still holds every shape of question the pool has."""
