@@ -83,7 +83,7 @@ class TrainConfig:
     # Preference suite, 2026-12-06, Xeon, float32, mixed questions, closing: held-out
     # answers 43.3 words where users' edits are 46.0 (29.5 without), 31/32 closing when
     # given 96 tokens, 52/52 regression, passed. Only edits that add text after kept
-    # sentences get more marks (closing 100 of 128 pairs; list 7, shorter and question 1,
+    # sentences get more marks (closing 99 of 128 pairs; list 5; shorter, question and
     # opening 0); length hacking and contradictory users were still refused with it.
     nll_kept_starts: bool = True
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
