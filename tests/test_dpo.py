@@ -74,7 +74,7 @@ def test_edit_nll_counts_only_the_edited_tokens():
     marked = [t for t, m in zip(edit.chosen, edit.nll) if m]
     assert "Great question!" in tok.decode(marked) and "0" not in tok.decode(marked)
     with torch.no_grad():
-        logps, counts, nll_sums, nll_counts, _ = sequence_logps(model, collate([edit], tok.pad_token_id), nll=True)
+        logps, counts, nll_sums, nll_counts, _, _ = sequence_logps(model, collate([edit], tok.pad_token_id), nll=True)
         plain = sequence_logps(model, collate([full], tok.pad_token_id), nll=True)
     assert nll_counts[0].item() == sum(edit.nll) < counts[0].item()
     assert plain[3][0].item() == counts[0].item() and plain[2][0].item() == pytest.approx(logps[0].item(), abs=1e-5)
@@ -309,3 +309,46 @@ def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
         assert marks(chosen, body, True)[1] == marks(chosen, body, False)[1]
     with pytest.raises(ValueError, match="nll_kept_starts must be true or false"):
         TrainConfig().replace(nll_kept_starts="yes")
+
+
+def test_unlikelihood_pushes_the_added_closing_down_where_the_user_went_on():
+    tok = tiny_tokenizer()
+    ask = [{"role": "user", "content": "q?"}]
+    body = "yes it is. no, 2.5 is not. 1. yes again."
+
+    def item(chosen: str, rejected: str = body, unlike: bool = True):
+        return tokenize_pair(tok, {"prompt": ask, "chosen": [{"role": "assistant", "content": chosen}],
+                                   "rejected": [{"role": "assistant", "content": rejected}]}, 512, "both", "edit",
+                             True, unlike)
+
+    closed = item(f"{body} Hope it helps.")
+    # One token per character: at the two kept sentence starts (not the decimal's or the
+    # numbered line's), the first token the user added (the closing's, after the body).
+    first = len(body)
+    assert tok.decode(closed.chosen[first:]).startswith(" Hope it helps.")
+    assert closed.unlike == ((body.index("is. ") + 3, closed.chosen[first]), (body.index("not. ") + 4, closed.chosen[first]))
+    # A cut answer: its end-of-turn is what must not come at the sentence starts it kept.
+    cut = item("yes it is. no, 2.5 is not.")
+    assert cut.unlike == ((body.index("is. ") + 3, tok.eos_token_id),)
+    # An opening adds nothing at the end, and off means off.
+    assert item(f"Great question! {body}").unlike == ()
+    assert item(f"{body} Hope it helps.", unlike=False).unlike is None
+
+    # The term is -log(1 - p) of those tokens at those positions, averaged, added to the
+    # loss at its weight.
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).eval()
+    batch = collate([closed], tok.pad_token_id)
+    assert batch["unlike_ids"][1].eq(-1).all()  # the rejected row pushes nothing down
+    *_, unlike = sequence_logps(model, batch, nll=True)
+    with torch.no_grad():
+        probs = torch.softmax(model(batch["input_ids"][:1]).logits[0].float(), -1)
+    at = [(len(closed.prompt) + j, t) for j, t in closed.unlike]
+    want = sum(-math.log(1 - probs[pos - 1, t].item()) for pos, t in at) / len(at)
+    assert unlike.item() == pytest.approx(want, rel=1e-4)
+    loss_off, _ = pair_loss(model, batch, 0.1, 1.0, False, "both", 0.0)
+    loss_on, stats = pair_loss(model, batch, 0.1, 1.0, False, "both", 2.0)
+    assert loss_on.item() == pytest.approx(loss_off.item() + 2.0 * want, rel=1e-4) and stats.unlike == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="unlike_kept_starts must be 0"):
+        TrainConfig().replace(unlike_kept_starts=-1)

@@ -86,6 +86,12 @@ class TrainConfig:
     # sentences get more marks (closing 99 of 128 pairs; list 5; shorter, question and
     # opening 0); length hacking and contradictory users were still refused with it.
     nll_kept_starts: bool = True
+    # Weight of an unlikelihood term, -log(1 - p), on the first token of the text an edit
+    # added at the end (a closing's first word; the end-of-turn of an answer cut short), at
+    # every sentence start the user kept before it (tuning.dpo.kept_unlikes): where the
+    # user went on, what they added at the end should not come yet. 0: off. Without it the
+    # closing taught from 256-token answers closed at 63 words where users' edits are 106.
+    unlike_kept_starts: float = 0.0
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
     # without a forward per pair per epoch).
@@ -256,6 +262,8 @@ class TrainConfig:
             raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
         if self.replay_loss not in ("nll", "kl"):
             raise ValueError(f"replay_loss must be 'nll' or 'kl', not {self.replay_loss!r}.")
+        if not 0 <= self.unlike_kept_starts <= 100:
+            raise ValueError("unlike_kept_starts must be 0 (off) to 100.")
         if not 0 <= self.replay <= 250:  # tuning.general and tuning.synthetic: about 250 questions
             raise ValueError("replay must be 0 to 250 (general questions answered before training).")
         if not (1 <= self.replay_per_step <= 64 and 0 <= self.replay_weight <= 100):

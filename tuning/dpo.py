@@ -67,6 +67,10 @@ class TokenizedPair:
     # The reference's summed log-probabilities of (chosen, rejected), when computed once
     # before training (TrainConfig.reference="once"); None: computed at every step.
     ref: tuple[float, float] | None = None
+    # (chosen position, token) pairs the unlikelihood term pushes down there: at a sentence
+    # start the user kept, the first token of the text they added at the end
+    # (TrainConfig.unlike_kept_starts, :func:`kept_unlikes`); None: none.
+    unlike: tuple[tuple[int, int], ...] | None = None
 
 
 def edited_tokens(chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
@@ -109,6 +113,23 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     return tuple(out)
 
 
+def kept_unlikes(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(position, token) for each sentence start the user kept (:func:`kept_starts`) before
+    the last run of tokens the edit put there, with that run's first token: where the user
+    went on, the text they added at the end (a closing's first word, or the end-of-turn of
+    an answer they cut short) should not come yet (``TrainConfig.unlike_kept_starts``).
+    Stressing the kept start alone left the version closing about two sentences early on
+    answers of 100 words and more."""
+    last = max((j for j, m in enumerate(marks) if m), default=-1)
+    first = last
+    while first > 0 and marks[first - 1]:
+        first -= 1
+    if first <= 0:
+        return ()
+    kept = kept_starts(tokenizer, chosen, marks)
+    return tuple((j, chosen[first]) for j in range(first) if kept[j] and not marks[j])
+
+
 def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
     """Token ids the chat template gives the answer after the prompt, through its end-of-turn."""
     head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -124,10 +145,10 @@ def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[i
 
 
 def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "answer",
-                  dpo_tokens: str = "answer", kept: bool = False) -> TokenizedPair:
+                  dpo_tokens: str = "answer", kept: bool = False, unlike: bool = False) -> TokenizedPair:
     """Chat-template a pair; over ``max_length`` keep the prompt's end and the answers' start.
     ``nll_tokens="edit"`` marks the chosen tokens the NLL term counts (:func:`edited_tokens`;
-    with ``kept``, also :func:`kept_starts`)."""
+    with ``kept``, also :func:`kept_starts`); ``unlike`` lists :func:`kept_unlikes`."""
     prompt = tokenizer.apply_chat_template(
         pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
@@ -138,12 +159,14 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
     prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
-    edited = edited_tokens(chosen, rejected) if nll_tokens != "answer" or dpo_tokens == "edit" else None
+    need = nll_tokens != "answer" or dpo_tokens == "edit" or unlike
+    edited = edited_tokens(chosen, rejected) if need else None
     nll = None
     if nll_tokens != "answer":
         nll = kept_starts(tokenizer, chosen, edited) if kept else edited
     return TokenizedPair(prompt, chosen, rejected, nll,
-                         (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None)
+                         (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None,
+                         unlike=kept_unlikes(tokenizer, chosen, edited) if unlike else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -180,6 +203,12 @@ def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
                 row, marks = side * len(items) + k, it.dpo[side]
                 dpo_mask[row, len(it.prompt) : len(it.prompt) + len(marks)] = torch.tensor(marks)
         batch["dpo_mask"] = dpo_mask
+    if any(it.unlike for it in items):  # chosen rows: the token to push down at a position, else -1
+        unlike_ids = torch.full((len(seqs), width), -1, dtype=torch.long)
+        for k, it in enumerate(items):
+            for j, token in it.unlike or ():
+                unlike_ids[k, len(it.prompt) + j] = token
+        batch["unlike_ids"] = unlike_ids
     if items and all(it.ref is not None for it in items):
         batch["ref_logps"] = torch.tensor([it.ref[0] for it in items] + [it.ref[1] for it in items])
     return batch
@@ -250,7 +279,9 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
-    """Summed log-probabilities of the completion tokens and their count, each (N,).
+    """Summed log-probabilities of the completion tokens and their count, each (N,); with
+    ``nll`` also the NLL term's sums and counts, the unmasked sums, and the batch's mean
+    unlikelihood ``-log(1 - p)`` of its ``unlike_ids`` (a scalar, 0 without any).
 
     Runs the backbone, then the LM head only at the M positions that predict an answer
     token: (M, V) logits instead of (N, T, V), as TRL's fused LM head does. With a 49k
@@ -275,7 +306,15 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     w = marks[:, 1:][mask].to(token_logps.dtype)  # (M,)
     nll_sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps * w)
     nll_counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, w)
-    return sums, counts, nll_sums, nll_counts, whole
+    unlike = token_logps.new_zeros(())
+    if "unlike_ids" in batch:
+        # The ids sit at the token the position predicts, like the targets (shifted by one).
+        ids = batch["unlike_ids"][:, 1:][mask]  # (M,), -1 where nothing is pushed down
+        at = ids >= 0
+        if at.any():
+            lp = logits[at].gather(1, ids[at].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits[at], dim=1)
+            unlike = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6)).mean()
+    return sums, counts, nll_sums, nll_counts, whole, unlike
 
 
 @dataclass
@@ -287,10 +326,11 @@ class StepStats:
     reward_margin: float
     chosen_reward: float
     rejected_reward: float
+    unlike: float = 0.0
 
 
 def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool,
-              nll_tokens: str = "answer") -> tuple[torch.Tensor, StepStats]:
+              nll_tokens: str = "answer", unlike_weight: float = 0.0) -> tuple[torch.Tensor, StepStats]:
     """Forward the reference (adapter off, no grad) and the policy; DPO + NLL on chosen."""
     n = batch["input_ids"].shape[0] // 2
     ctx = autocast_on(model, autocast)
@@ -300,7 +340,7 @@ def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool
         with torch.no_grad(), model.disable_adapter(), ctx:
             ref_logps, _ = sequence_logps(model, batch)
     with ctx:
-        logps, counts, nll_sums, nll_counts, whole = sequence_logps(model, batch, nll=True)
+        logps, counts, nll_sums, nll_counts, whole, unlike = sequence_logps(model, batch, nll=True)
     losses, cr, rr = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta)
     # NLL per chosen token (TRL's "sft" term): long answers do not outweigh short ones. Its
     # tokens are the whole chosen answer, or with nll_tokens="edit" only what the edit
@@ -309,12 +349,12 @@ def pair_loss(model, batch: dict, beta: float, nll_weight: float, autocast: bool
     if nll_tokens == "both":
         per_edit = per_edit + whole[:n] / counts[:n].clamp(min=1)
     nll = -per_edit.mean()
-    loss = losses.mean() + nll_weight * nll
+    loss = losses.mean() + nll_weight * nll + unlike_weight * unlike
     margin = cr - rr
     return loss, StepStats(
         loss=float(loss.detach()), dpo_loss=float(losses.detach().mean()), nll=float(nll.detach()),
         reward_accuracy=float((margin > 0).float().mean()), reward_margin=float(margin.mean()),
-        chosen_reward=float(cr.mean()), rejected_reward=float(rr.mean()),
+        chosen_reward=float(cr.mean()), rejected_reward=float(rr.mean()), unlike=float(unlike.detach()),
     )
 
 
@@ -341,14 +381,14 @@ def train_loop(
     torch.manual_seed(config.seed)
     extra = early_close_pairs(pairs) if config.early_close else []
     items = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
-                           config.nll_kept_starts) for p in pairs + extra]
+                           config.nll_kept_starts, config.unlike_kept_starts > 0) for p in pairs + extra]
     pad = pad_id(tokenizer)
     if config.reference == "once":
         items = with_reference(model, items, pad, config.dtype == "bfloat16")
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, config.dtype == "bfloat16",
-                                config.nll_tokens)
+                                config.nll_tokens, config.unlike_kept_starts)
         return loss, vars(stats)
 
     history, _ = optimise(model, items, collate, pad, step_loss, config, progress, should_stop, replay=replay)

@@ -216,7 +216,7 @@ def vote_loss(model, batch: dict, config: TrainConfig, autocast: bool,
         policy_kl, _ = sequence_logps(model, _rows(batch, n, 2 * n))
     with ctx:
         if "nll_mask" in batch:
-            logps, counts, stress_sums, stress_counts, _ = sequence_logps(
+            logps, counts, stress_sums, stress_counts, _, _ = sequence_logps(
                 model, _rows(batch, 0, n, ("input_ids", "attention_mask", "completion_mask", "nll_mask")), nll=True)
         else:
             logps, counts = sequence_logps(model, _rows(batch, 0, n))
@@ -260,7 +260,7 @@ def train_kto(
     loss's figures; raises ``tuning.dpo.Cancelled`` between steps once ``should_stop()``."""
     torch.manual_seed(config.seed)
     items: list = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
-                                   config.nll_kept_starts) for p in pairs]
+                                   config.nll_kept_starts, config.unlike_kept_starts > 0) for p in pairs]
     pad = pad_id(tokenizer)
     autocast = config.dtype == "bfloat16"
     if items and config.reference == "once":
@@ -278,7 +278,8 @@ def train_kto(
 
     def step_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         if batch.pop("objective") == "dpo":
-            loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, autocast, config.nll_tokens)
+            loss, stats = pair_loss(model, batch, config.beta, config.nll_weight, autocast, config.nll_tokens,
+                                    config.unlike_kept_starts)
         else:
             loss, stats = vote_loss(model, batch, config, autocast, share["nll_scale"])
         return loss, {"objective": "kto" if isinstance(stats, VoteStats) else "dpo", **vars(stats)}
