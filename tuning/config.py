@@ -89,9 +89,14 @@ class TrainConfig:
     # Weight of an unlikelihood term, -log(1 - p), on the first token of the text an edit
     # added at the end (a closing's first word; the end-of-turn of an answer cut short), at
     # every sentence start the user kept before it (tuning.dpo.kept_unlikes): where the
-    # user went on, what they added at the end should not come yet. 0: off. Without it the
-    # closing taught from 256-token answers closed at 63 words where users' edits are 106.
-    unlike_kept_starts: float = 0.0
+    # user went on, what they added at the end should not come yet. 0: off. Preference
+    # suite, 2026-12-06, Xeon, float32, closing taught from 256-token answers (the served
+    # length): 84.2 words where users' edits are 106.3 (63.1 without), 28/32 closing (the
+    # misses: 2 cut by the 256-token limit at the users' length, 2 unclosed), 52/52,
+    # passed; weight 2: 93.0 words, 24/32, refused for fluency. From 64-token answers
+    # (96 held-out tokens): 27/32, 54.3 words (users' 46.0; 43.3 without), 52/52, passed.
+    # List unchanged (32/32, 50/52, passed); length hacking and contradictory users refused.
+    unlike_kept_starts: float = 1.0
     # The reference model's log-probabilities: "step" (a no-grad forward with the adapter
     # off at every step) or "once" (for every pair before training; the same numbers
     # without a forward per pair per epoch).
