@@ -113,20 +113,19 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     return tuple(out)
 
 
-def kept_unlikes(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """(position, token) for each sentence start the user kept (:func:`kept_starts`) before
-    the last run of tokens the edit put there, with that run's first token: where the user
-    went on, the text they added at the end (a closing's first word, or the end-of-turn of
-    an answer they cut short) should not come yet (``TrainConfig.unlike_kept_starts``).
-    Stressing the kept start alone left the version closing about two sentences early on
-    answers of 100 words and more."""
+def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(position, token) for each sentence start the user kept (``kept``, from
+    :func:`kept_starts`, beyond ``marks``) before the last run of tokens the edit put there,
+    with that run's first token: where the user went on, the text they added at the end (a
+    closing's first word, or the end-of-turn of an answer they cut short) should not come
+    yet (``TrainConfig.unlike_kept_starts``). Stressing the kept start alone left the
+    version closing about two sentences early on answers of 100 words and more."""
     last = max((j for j, m in enumerate(marks) if m), default=-1)
     first = last
     while first > 0 and marks[first - 1]:
         first -= 1
     if first <= 0:
         return ()
-    kept = kept_starts(tokenizer, chosen, marks)
     return tuple((j, chosen[first]) for j in range(first) if kept[j] and not marks[j])
 
 
@@ -161,12 +160,13 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
     chosen, rejected = chosen[:room], rejected[:room]
     need = nll_tokens != "answer" or dpo_tokens == "edit" or unlike
     edited = edited_tokens(chosen, rejected) if need else None
+    starts = kept_starts(tokenizer, chosen, edited) if (kept and nll_tokens != "answer") or unlike else None
     nll = None
     if nll_tokens != "answer":
-        nll = kept_starts(tokenizer, chosen, edited) if kept else edited
+        nll = starts if kept else edited
     return TokenizedPair(prompt, chosen, rejected, nll,
                          (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None,
-                         unlike=kept_unlikes(tokenizer, chosen, edited) if unlike else None)
+                         unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -290,7 +290,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
     """
     logits, rows, targets = answer_logits(model, batch)
     mask = batch["completion_mask"][:, 1:].bool()
-    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
+    lse = torch.logsumexp(logits, dim=1)  # (M,)
+    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
     n = batch["input_ids"].shape[0]
     counts = mask.sum(1).to(token_logps.dtype)
     whole = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
@@ -312,7 +313,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], nll: bool = False):
         ids = batch["unlike_ids"][:, 1:][mask]  # (M,), -1 where nothing is pushed down
         at = ids >= 0
         if at.any():
-            lp = logits[at].gather(1, ids[at].unsqueeze(1)).squeeze(1) - torch.logsumexp(logits[at], dim=1)
+            lp = logits[at].gather(1, ids[at].unsqueeze(1)).squeeze(1) - lse[at]
             unlike = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6)).mean()
     return sums, counts, nll_sums, nll_counts, whole, unlike
 
