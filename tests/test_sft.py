@@ -230,21 +230,21 @@ def test_replayed_answers_are_kept_for_the_next_job_from_the_same_start(checkpoi
     calls = []
     real = sft.greedy_answers
     monkeypatch.setattr(sft, "greedy_answers", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    config = TrainConfig(replay=20)
+    config = TrainConfig(replay=40)
     cache = sft.ReplayCache(tmp_path / ".replay", sft.starting_point(checkpoint))
     seen = []
     first = sft.prepare_replay(model, tok, config, cache, seen.append)
-    assert calls == [16, 4] and [(r["replay_answered"], r["replay_total"]) for r in seen] == [(16, 20), (20, 20)]
+    assert calls == [32, 8] and [(r["replay_answered"], r["replay_total"]) for r in seen] == [(32, 40), (40, 40)]
     again = sft.prepare_replay(model, tok, config, cache)
-    assert calls == [16, 4], "the same start answered the questions again"
+    assert calls == [32, 8], "the same start answered the questions again"
     assert [(i.prompt, i.answer) for i in again] == [(i.prompt, i.answer) for i in first]
     assert all(torch.equal(a.ref_logps, b.ref_logps) for a, b in zip(again, first))
 
-    questions = sft.replay_questions(20)
+    questions = sft.replay_questions(40)
     here = cache.file(config, questions, sft.REPLAY_TOKENS)
     model.save_pretrained(tmp_path / "v1")
     others = [sft.ReplayCache(cache.folder, sft.starting_point(checkpoint, tmp_path / "v1")).file(config, questions, 96),
-              cache.file(config.replace(dtype="bfloat16"), questions, 96), cache.file(config, questions[:19], 96),
+              cache.file(config.replace(dtype="bfloat16"), questions, 96), cache.file(config, questions[:39], 96),
               cache.file(config, questions, 64)]
     assert len({here, *others}) == 5
     (checkpoint / "notes.txt").write_text("a changed base folder")
@@ -255,7 +255,7 @@ def test_replayed_answers_are_kept_for_the_next_job_from_the_same_start(checkpoi
 
     here.write_text('[{"id": "replay-0", "messages": "not a conversation"}]')
     damaged = sft.prepare_replay(model, tok, config, cache)
-    assert calls == [16, 4, 16, 4] and "not readable; answering again" in capsys.readouterr().out
+    assert calls == [32, 8, 32, 8] and "not readable; answering again" in capsys.readouterr().out
     assert [i.answer for i in damaged] == [i.answer for i in first] and cache.read(here) is not None
 
     blocked = sft.ReplayCache(tmp_path / "a-file", cache.start)
