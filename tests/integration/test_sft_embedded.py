@@ -4,13 +4,15 @@ held out), through the command line, the store, the job row, the registry and th
 an admin would: ``app.py train --sft train.jsonl --heldout heldout.jsonl --as ADMIN``.
 
 This test teaches the first ``FACTS`` facts only (their 4 training questions each and their
-held-out paraphrase), with the default recipe: the whole domain took 889 s of a 52-minute
-CI run on AVX2 kernels in float32, the largest single part. This test's 20 facts
-(2026-12-02, AMD EPYC 2 cores avx512_bf16, bf16, no answers kept from an earlier job):
-held-out 0/20 -> 15/20, regression set 52/52 -> 50/52, gate passed, 866 s (128 replayed
-answers ~130 s, 156 steps 596 s, gate 128 s). With batches of similar length (an SFT
-default since; same machine, answers kept): 156 steps in 367 s instead of 552 s, 15/20,
-52/52, passed. The figures below are the whole domain's.
+held-out paraphrase), with the default recipe but ``REPLAY`` replayed general answers instead
+of 128: CI may land on a 2-core AVX2-only CPU where the model's work runs 3-5x slower than on
+the machines these figures come from, and the whole suite must stay well inside CI's 90
+minutes there. With 20 facts and 128 replayed answers (26 batches, 156 steps) this test took
+499 s of a 37-minute CI run on an Intel Xeon in float32, the largest single part; with 12
+facts and 48 replayed answers (12 batches, 72 steps; 2026-12-06, same Xeon, avx2 avx512f
+avx512_bf16, float32): held-out 0/12 -> 10/12, regression set 52/52 -> 51/52, gate passed,
+269 s (48 replayed answers 44 s, 72 steps 163 s, gate 41 s). The figures below are the
+whole domain's, with the default 128 replayed answers.
 
 The version must answer most held-out paraphrases right where the base answers almost none,
 keep the regression set (the gate's non-inferiority check), and pass the gate on its own.
@@ -35,11 +37,11 @@ import pytest
 
 from store import Store
 
-# 20 facts: (80 rows + 128 replayed) / 8 = 26 batches, 156 steps, then the gate.
+# 12 facts: (48 rows + 48 replayed) / 8 = 12 batches, 72 steps, then the gate.
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = ROOT / "examples" / "quorvia"
-FACTS = 20
+FACTS, REPLAY = 12, 48
 
 
 def first_facts(name: str, folder: Path) -> Path:
@@ -58,8 +60,9 @@ def test_an_sft_version_learns_the_domain_keeps_the_regression_set_and_passes_th
     started = time.monotonic()
     r = subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path), "train", "--sft", str(train),
-         "--heldout", str(heldout), "--as", "root", "--model", str(embedded_model), "--priority", "normal"],
-        capture_output=True, text=True, cwd=ROOT, timeout=2400,  # ~15 min in bf16 here; float32 machines slower
+         "--heldout", str(heldout), "--as", "root", "--model", str(embedded_model), "--priority", "normal",
+         "--set", f"replay={REPLAY}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=2400,  # 4.5 min on the Xeon in float32; allow an AVX2-only CPU 5x that
     )
     print(r.stdout[-6000:], r.stderr[-3000:], f"{time.monotonic() - started:.0f} s", sep="\n")
     assert r.returncode == 0, r.stderr
