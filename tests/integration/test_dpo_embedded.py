@@ -25,17 +25,21 @@ from tuning.trainer import train_adapter
 pytestmark = pytest.mark.slow
 
 N_TRAIN, N_HELD = 64, 24
-# The CI recipe: r=16 all-linear, DPO + NLL over whole answers, lr 1e-4, 2 epochs, batch 4,
-# on 64 pairs (32 steps); measured to halve answer length on held-out questions (README
-# "Training"). The default recipe now counts only the edited tokens (dpo_tokens and
+# The CI recipe: r=16 all-linear, DPO + NLL over whole answers, lr 2e-4, 1 epoch, batch 4,
+# on 64 pairs (16 steps). Until 2026-12-06 it was lr 1e-4 for 2 epochs (32 steps); halved
+# because CI may land on an AVX2-only CPU that runs the model's work 3-5x slower. Side by
+# side (2026-12-06, Intel Xeon avx2/avx512f/avx512_bf16, 2 cores, float32): one-sentence
+# held-out answers 24/24 both (base 1/24), mean tokens 58.4 -> 19.6 vs 18.1, regression set
+# 52/52 vs 51/52, both passed by the gate; the noise version refused by both; the two tests
+# 305 s vs 199 s. The default recipe now counts only the edited tokens (dpo_tokens and
 # nll_tokens "edit"/"both"), which teaches additive edits (preference suite) but taught
 # brevity to only 12 of these 24 held-out answers from 64 pairs (31/32 from 95 pairs in the
 # suite; not yet told apart from the reference computed once, also new): this test keeps
 # the recipe it was measured with, without the replayed general answers (replay=0) that
 # feedback jobs train beside the pairs since 2026-12-01. The reference's log-probabilities
 # are computed once before training (the default): the same numbers as a no-grad forward
-# at every step (tests/test_dpo.py), without that forward at each of the 32 steps.
-RECIPE = TrainConfig(learning_rate=1e-4, epochs=2, dpo_tokens="answer", nll_tokens="answer", reference="once", replay=0)
+# at every step (tests/test_dpo.py), without that forward at each step.
+RECIPE = TrainConfig(learning_rate=2e-4, epochs=1, dpo_tokens="answer", nll_tokens="answer", reference="once", replay=0)
 # The default gate: teaching brevity halves answer length on purpose, and the length check
 # lets answers move toward the chosen answers' length.
 GATE = GateConfig()
@@ -54,7 +58,8 @@ def on_policy(embedded_model):
     qs = prompts()
     tok = AutoTokenizer.from_pretrained(embedded_model)
     model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=machine_format().torch_dtype())  # as the app serves here
-    answers = greedy_answers(model, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens=ANSWER_TOKENS)
+    answers = greedy_answers(model, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens=ANSWER_TOKENS,
+                             batch_size=64)
     usable = [(i, q, a) for i, (q, (a, _)) in enumerate(zip(qs, answers)) if first_sentence(a) != a]
     held = [(q, a) for i, q, a in usable if i % 5 == 0][:N_HELD]
     train = [(q, a) for i, q, a in usable if i % 5 != 0][:N_TRAIN]
