@@ -30,8 +30,8 @@ N_TRAIN, N_HELD = 64, 24
 # because CI may land on an AVX2-only CPU that runs the model's work 3-5x slower. Side by
 # side (2026-12-06, Intel Xeon avx2/avx512f/avx512_bf16, 2 cores, float32): one-sentence
 # held-out answers 24/24 both (base 1/24), mean tokens 58.4 -> 19.6 vs 18.1, regression set
-# 52/52 vs 51/52, both passed by the gate; the noise version refused by both; the two tests
-# 305 s vs 199 s. The default recipe now counts only the edited tokens (dpo_tokens and
+# 51/52 both, both passed by the gate; the noise version refused by both; the two tests
+# 289 s vs 199 s. The default recipe now counts only the edited tokens (dpo_tokens and
 # nll_tokens "edit"/"both"), which teaches additive edits (preference suite) but taught
 # brevity to only 12 of these 24 held-out answers from 64 pairs (31/32 from 95 pairs in the
 # suite; not yet told apart from the reference computed once, also new): this test keeps
