@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 N_TRAIN, N_HELD = 64, 24
 # The CI recipe: r=16 all-linear, DPO + NLL over whole answers, lr 2e-4, 1 epoch, batch 4,
 # on 64 pairs (16 steps). Until 2026-12-06 it was lr 1e-4 for 2 epochs (32 steps); halved
-# because CI may land on an AVX2-only CPU that runs the model's work 3-5x slower. Side by
+# because CI may land on an AVX2-only CPU that runs a training step up to 5x slower (README,
+# "Tests"). Side by
 # side (2026-12-06, Intel Xeon avx2/avx512f/avx512_bf16, 2 cores, float32): one-sentence
 # held-out answers 24/24 both (base 1/24), mean tokens 58.4 -> 19.6 vs 18.1, regression set
 # 51/52 both, both passed by the gate; the noise version refused by both; the two tests

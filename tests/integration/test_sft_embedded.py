@@ -5,9 +5,9 @@ an admin would: ``app.py train --sft train.jsonl --heldout heldout.jsonl --as AD
 
 This test teaches the first ``FACTS`` facts only (their 4 training questions each and their
 held-out paraphrase), with the default recipe but ``REPLAY`` replayed general answers instead
-of 128: CI may land on a 2-core AVX2-only CPU where the model's work runs 3-5x slower than on
-the machines these figures come from, and the whole suite must stay well inside CI's 90
-minutes there. With 20 facts and 128 replayed answers (26 batches, 156 steps) this test took
+of 128: CI may land on a 2-core AVX2-only CPU, and the one a user tried (2026-11-30) took
+about 18 s per float32 DPO step where an EPYC with AVX2-limited kernels took 3.7 s, so the
+whole suite must leave room inside CI's 90 minutes. With 20 facts and 128 replayed answers (26 batches, 156 steps) this test took
 499 s of a 37-minute CI run on an Intel Xeon in float32, the largest single part; with 12
 facts and 48 replayed answers (12 batches, 72 steps; 2026-12-06, same Xeon, avx2 avx512f
 avx512_bf16, float32): held-out 0/12 -> 10/12, regression set 52/52 -> 51/52, gate passed,
