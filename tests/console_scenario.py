@@ -99,7 +99,11 @@ def seed(store) -> None:
         version = None if d > 3 else 1
         for i in range(3 + d):
             vote(store, f"u{i}", version, 1 if i % 3 else -1, day)
-    vote(store, "alice", 1, -1, now - dt.timedelta(hours=1), text="Paris is in Italy. " + HOSTILE, comment=HOSTILE)
+    # Today, a seventh day: an hour ago, or midnight when it is not yet 1:00 UTC (an hour
+    # before 00:20 is yesterday, a day the loop above already filled; a CI run at 00:19
+    # counted six days).
+    today = max(now - dt.timedelta(hours=1), now.replace(hour=0, minute=0, second=0, microsecond=0))
+    vote(store, "alice", 1, -1, today, text="Paris is in Italy. " + HOSTILE, comment=HOSTILE)
     _version(store, 1, gate=True)
     store.update_adapter(1, eval_json=gate_record(None, True), pair_ids_json=[f"p{i}" for i in range(12)],
                          metrics_json={"loss": 0.41, "first_loss": 1.69, "steps": 8, "eval_pairs": 8},

@@ -265,3 +265,22 @@ def test_the_console_redraws_itself_once_when_a_job_ends(store):
     assert page.overview_after_job(True, req("root"))[2] is not None
     _, _, seen, ended = page.tick(seen, req("root"))  # once
     assert (seen, ended) == (running, False) and page.overview_after_job(False, req("root")) == gr.skip()
+
+
+def test_the_scenario_has_votes_on_seven_days_at_any_time_of_day(tmp_path, monkeypatch):
+    """console_scenario.seed at 00:19 UTC once put today's vote on yesterday (an hour
+    earlier), so the console showed six days where its tests expect seven (a CI run)."""
+    import console_scenario
+    from store import Store
+
+    for i, (hour, minute) in enumerate([(0, 0), (0, 19), (12, 0), (23, 59)]):
+        class Clock(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return dt.datetime(2026, 12, 7, hour, minute, 30, tzinfo=dt.timezone.utc)
+
+        monkeypatch.setattr(console_scenario, "dt", SimpleNamespace(
+            datetime=Clock, timedelta=dt.timedelta, timezone=dt.timezone))
+        s = Store(tmp_path / f"{i}.db")
+        console_scenario.seed(s)
+        assert len(s.ratings_per_day()) == 7, (hour, minute, s.ratings_per_day())
