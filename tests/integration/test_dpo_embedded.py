@@ -28,18 +28,17 @@ N_TRAIN, N_HELD = 64, 24
 # The CI recipe: r=16 all-linear, DPO + NLL over whole answers, lr 2e-4, 1 epoch, batch 4,
 # on 64 pairs (16 steps). Until 2026-12-06 it was lr 1e-4 for 2 epochs (32 steps); halved
 # because CI may land on an AVX2-only CPU that runs a training step up to 5x slower (README,
-# "Tests"). Side by
-# side (2026-12-06, Intel Xeon avx2/avx512f/avx512_bf16, 2 cores, float32): one-sentence
-# held-out answers 24/24 both (base 1/24), mean tokens 58.4 -> 19.6 vs 18.1, regression set
-# 51/52 both, both passed by the gate; the noise version refused by both; the two tests
-# 289 s vs 199 s. The default recipe now counts only the edited tokens (dpo_tokens and
-# nll_tokens "edit"/"both"), which teaches additive edits (preference suite) but taught
-# brevity to only 12 of these 24 held-out answers from 64 pairs (31/32 from 95 pairs in the
-# suite; not yet told apart from the reference computed once, also new): this test keeps
-# the recipe it was measured with, without the replayed general answers (replay=0) that
-# feedback jobs train beside the pairs since 2026-12-01. The reference's log-probabilities
-# are computed once before training (the default): the same numbers as a no-grad forward
-# at every step (tests/test_dpo.py), without that forward at each step.
+# "Tests"). Side by side (2026-12-06, Intel Xeon avx2/avx512f/avx512_bf16, 2 cores,
+# float32): one-sentence held-out answers 24/24 both (base 1/24), mean tokens 58.4 -> 19.6
+# vs 18.1, regression set 51/52 both, both passed by the gate; the noise version refused by
+# both; the two tests 289 s vs 199 s. The default recipe now counts only the edited tokens
+# (dpo_tokens and nll_tokens "edit"/"both"), which teaches additive edits (preference suite)
+# but taught brevity to only 12 of these 24 held-out answers from 64 pairs (31/32 from 95
+# pairs in the suite; not yet told apart from the reference computed once, also new): this
+# test keeps the recipe it was measured with, without the replayed general answers
+# (replay=0) that feedback jobs train beside the pairs since 2026-12-01. The reference's
+# log-probabilities are computed once before training (the default): the same numbers as a
+# no-grad forward at every step (tests/test_dpo.py), without that forward at each step.
 RECIPE = TrainConfig(learning_rate=2e-4, epochs=1, dpo_tokens="answer", nll_tokens="answer", reference="once", replay=0)
 # The default gate: teaching brevity halves answer length on purpose, and the length check
 # lets answers move toward the chosen answers' length.

@@ -4,15 +4,15 @@ held out), through the command line, the store, the job row, the registry and th
 an admin would: ``app.py train --sft train.jsonl --heldout heldout.jsonl --as ADMIN``.
 
 This test teaches the first ``FACTS`` facts only (their 4 training questions each and their
-held-out paraphrase), with the default recipe but ``REPLAY`` replayed general answers instead
-of 128: CI may land on a 2-core AVX2-only CPU, and the one a user tried (2026-11-30) took
-about 18 s per float32 DPO step where an EPYC with AVX2-limited kernels took 3.7 s, so the
-whole suite must leave room inside CI's 90 minutes. With 20 facts and 128 replayed answers (26 batches, 156 steps) this test took
-499 s of a 37-minute CI run on an Intel Xeon in float32, the largest single part; with 12
-facts and 48 replayed answers (12 batches, 72 steps; 2026-12-06, same Xeon, avx2 avx512f
-avx512_bf16, float32): held-out 0/12 -> 10/12, regression set 52/52 -> 51/52, gate passed,
-269 s (48 replayed answers 44 s, 72 steps 163 s, gate 41 s). The figures below are the
-whole domain's, with the default 128 replayed answers.
+held-out paraphrase), with the default recipe but ``REPLAY`` replayed general answers
+instead of 128: CI may land on a 2-core AVX2-only CPU, and the one a user tried (2026-11-30)
+took about 18 s per float32 DPO step where an EPYC with AVX2-limited kernels took 3.7 s, so
+the whole suite must leave room inside CI's 90 minutes. With 20 facts and 128 replayed
+answers (26 batches, 156 steps) this test took 499 s of a 37-minute CI run on an Intel Xeon
+in float32, the largest single part; with 12 facts and 48 replayed answers (12 batches, 72
+steps; 2026-12-06, same Xeon, avx2 avx512f avx512_bf16, float32): held-out 0/12 -> 10/12,
+regression set 52/52 -> 51/52, gate passed, 269 s (48 replayed answers 44 s, 72 steps 163 s,
+gate 41 s). The figures below are the whole domain's, with the default 128 replayed answers.
 
 The version must answer most held-out paraphrases right where the base answers almost none,
 keep the regression set (the gate's non-inferiority check), and pass the gate on its own.
