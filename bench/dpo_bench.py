@@ -105,7 +105,7 @@ def worker(args) -> None:
             "phases": ((store.job(r.job_id) or {}).get("progress_json") or {}).get("phases") if r.job_id else None,
         }), flush=True)
         return
-    config = TrainConfig(trainer=args.worker, epochs=1, dtype=machine_format(args.dtype).dtype).replace(**lever)
+    config = TrainConfig(epochs=1, dtype=machine_format(args.dtype).dtype).replace(trainer=args.worker, **lever)
     subset = pairs[: args.steps * config.batch_size]
     model, tok = load_for_training(Path(args.model_dir), config, None, Path("."))
     rows: list[dict] = []
@@ -254,10 +254,15 @@ def main() -> None:
                   f"({j.get('base_one_sentence')}) | {j.get('golden')} | {gate} |")
         return
 
+    from tuning.config import TRL_RECIPE
+
+    # The same objective on both sides: our loop with what TRL's DPOTrainer computes (whole
+    # answers, no replay); the trl worker takes it from TrainConfig.replace(trainer="trl").
+    recipe = [f"{k}={json.dumps(v)}" for k, v in TRL_RECIPE.items()]
     results = []
     for kind in ("loop", "trl", "loop", "trl") if args.compare_twice else ("loop", "trl"):
         print(f"-- {kind}: {args.compare_steps} steps of 4 pairs", flush=True)
-        results.append(run_worker(kind, common, args.compare_steps))
+        results.append(run_worker(kind, common, args.compare_steps, recipe if kind == "loop" else ()))
         print("  ", json.dumps(results[-1]), flush=True)
     print("\n| trainer | format | s/step (steps 2..n) | step-1 DPO loss | reward margin at last step | peak MB |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -130,19 +130,53 @@ def test_training_stops_between_steps_when_asked(lora_model):
     assert len(seen) == 2
 
 
-def test_trl_trainer_optimises_the_same_objective(lora_model):
+@pytest.mark.parametrize("reference", ["once", "step"])
+def test_trl_trainer_optimises_the_same_objective(lora_model, reference, monkeypatch):
+    from trl import DPOTrainer
+
     from tuning.trl_trainer import train_trl
 
+    passes = []  # reference "once" is TRL's own pass over the pairs before the first step
+    own = DPOTrainer._precompute_ref_logps
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda self, *a, **k: passes.append(1) or own(self, *a, **k))
     model, tok = lora_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = []
-    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32", trainer="trl")
+    config = TrainConfig(rank=4, alpha=8, learning_rate=5e-3, epochs=3, batch_size=4, dtype="float32",
+                         reference=reference).replace(trainer="trl")
     metrics = train_trl(model, tok, toy_pairs(16), config, progress=rows.append)
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert rows[0]["reward_margin"] == pytest.approx(0, abs=1e-3)  # step 1: policy == reference
     assert metrics["steps"] == 12 and metrics["reward_accuracy"] > 0.9
+    assert len(passes) == (reference == "once")
     assert list(model.peft_config) == ["default"]
+
+
+def test_trl_trainer_records_what_it_computes_and_refuses_what_it_cannot(lora_model):
+    from tuning.config import TRL_RECIPE
+    from tuning.trl_trainer import train_trl
+
+    # Asked for alone, trainer "trl" takes what TRL's DPOTrainer computes, so the job's
+    # recorded settings say what ran (no edited tokens, no replay), not our loop's defaults.
+    config = TrainConfig().replace(trainer="trl")
+    assert {k: config.to_dict()[k] for k in TRL_RECIPE} == TRL_RECIPE
+    assert TrainConfig().replace(trainer="trl", learning_rate=2e-4).replay == 0
+    assert config.replace(trainer="loop").trainer == "loop"
+    # One of our loop's settings asked for with it: refused by name, not ignored.
+    for setting in [{"replay": 64}, {"dpo_tokens": "edit"}, {"nll_kept_starts": True}, {"unlike_kept_starts": 1.0},
+                    {"by_length": True}, {"nll_tokens": "both"}]:
+        with pytest.raises(ValueError, match=f"our loop's only: {next(iter(setting))}="):
+            TrainConfig().replace(trainer="trl", **setting)
+    with pytest.raises(ValueError, match="our loop's only: replay=32"):
+        config.replace(replay=32)
+    with pytest.raises(ValueError, match="SFT job trains in our own loop"):
+        TrainConfig().replace(method="sft", dataset="a" * 64, trainer="trl")
+    # A config built around replace() (the dataclass itself is not checked) is refused by
+    # the trainer before any step.
+    model, tok = lora_model
+    with pytest.raises(ValueError, match="does not apply dpo_tokens=edit"):
+        train_trl(model, tok, toy_pairs(4), TrainConfig(rank=4, alpha=8, trainer="trl"))
 
 
 def test_reference_computed_once_gives_the_same_losses_as_at_every_step(lora_model):

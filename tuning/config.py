@@ -18,6 +18,14 @@ from assistant.limits import MAX_LORA_RANK
 # epochs "auto": two passes over a small job's examples, one over a larger one's.
 AUTO_TWO_EPOCHS = 128
 
+# What TRL's DPOTrainer computes (``trainer="trl"``, tuning.trl_trainer), in this config's
+# terms: sigmoid DPO and NLL over whole answers, no replayed answers, shuffled batches.
+# The other values of these settings exist in our loop only. ``replace(trainer="trl")``
+# takes these values for the ones not asked for with it, so the job records what it ran;
+# asking for another value together with trainer "trl" is refused by name.
+TRL_RECIPE = {"dpo_tokens": "answer", "nll_tokens": "answer", "nll_kept_starts": False,
+              "unlike_kept_starts": 0.0, "replay": 0, "by_length": False}
+
 
 def epochs_for(config: "TrainConfig", examples: int) -> int:
     """The epochs a job over ``examples`` training pairs and votes runs: ``config.epochs``,
@@ -230,6 +238,8 @@ class TrainConfig:
                     raise ValueError(f"{key} must be a number, not {value!r}.")
                 value = type(default)(value)
             clean[key] = value
+        if clean.get("trainer") == "trl":
+            clean = {**TRL_RECIPE, **clean}
         new = dataclasses.replace(self, **clean)
         new.check()
         return new
@@ -265,6 +275,14 @@ class TrainConfig:
                              "at least 0.")
         if self.trainer not in ("loop", "trl"):
             raise ValueError(f"trainer must be 'loop' or 'trl', not {self.trainer!r}.")
+        if self.trainer == "trl" and self.method == "sft":
+            raise ValueError("trainer 'trl' runs DPO only; an SFT job trains in our own loop (trainer 'loop').")
+        if self.trainer == "trl" and (unknown := trl_conflicts(self)):
+            raise ValueError(
+                "trainer 'trl' runs TRL's DPOTrainer, which trains DPO and NLL over whole answers without "
+                f"replayed answers; these settings are our loop's only: {', '.join(unknown)}. Leave them out "
+                "(trainer=trl then sets " + ", ".join(f"{k}={v}" for k, v in TRL_RECIPE.items())
+                + "), or use trainer=loop.")
         if self.replay_loss not in ("nll", "kl"):
             raise ValueError(f"replay_loss must be 'nll' or 'kl', not {self.replay_loss!r}.")
         if not 0 <= self.unlike_kept_starts <= 100:
@@ -286,3 +304,8 @@ class TrainConfig:
                              "serving would refuse the version this trains.")
         if not (self.learning_rate > 0 and self.beta > 0):
             raise ValueError("learning_rate and beta must be positive.")
+
+
+def trl_conflicts(config: TrainConfig) -> list[str]:
+    """The settings of ``config`` TRL's DPOTrainer would not apply, as ``key=value``."""
+    return [f"{k}={getattr(config, k)}" for k, v in TRL_RECIPE.items() if getattr(config, k) != v]

@@ -1,9 +1,12 @@
 """The same objective through TRL's DPOTrainer, kept for the side-by-side benchmark.
 
-``TrainConfig(trainer="trl")`` selects it. It optimises what ``tuning.dpo.train_loop``
-does (sigmoid DPO + NLL on chosen, reference = adapter disabled, AdamW, linear decay,
-clip 1.0) with TRL 1.16's settings spelled out, since its CPU defaults differ
-(learning rate 1e-6, gradient checkpointing on, no bf16).
+``TrainConfig().replace(trainer="trl")`` selects it. It optimises what ``tuning.dpo.train_loop``
+does with ``TRL_RECIPE`` (sigmoid DPO + NLL over whole chosen answers, reference = adapter
+disabled, computed once or at every step as ``reference`` says, AdamW, linear decay, clip
+1.0) with TRL 1.16's settings spelled out, since its CPU defaults differ (learning rate
+1e-6, gradient checkpointing on, no bf16). Settings only our loop has (edited tokens,
+kept sentence starts, replayed answers, batches by length) are refused, not ignored:
+``TrainConfig.replace(trainer="trl")`` sets them to what TRL computes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from typing import Callable
 
-from .config import TrainConfig, epochs_for
+from .config import TrainConfig, epochs_for, trl_conflicts
 from .dpo import Cancelled, summarize
 
 
@@ -20,6 +23,9 @@ def train_trl(model, tokenizer, pairs: list[dict], config: TrainConfig,
               should_stop: Callable[[], bool] | None = None) -> dict:
     import time
 
+    if conflicts := trl_conflicts(config):
+        raise ValueError(f"TRL's DPOTrainer does not apply {', '.join(conflicts)} (TrainConfig.replace(trainer='trl') "
+                         "sets what it computes)")
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -59,6 +65,9 @@ def train_trl(model, tokenizer, pairs: list[dict], config: TrainConfig,
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=1,
             beta=config.beta,
+            # reference "once": every pair's reference log-probabilities before the first
+            # step (TRL's own pass, adapter disabled), as our loop's "once" does.
+            precompute_ref_log_probs=config.reference == "once",
             loss_type=["sigmoid", "sft"],
             loss_weights=[1.0, config.nll_weight],
             max_length=config.max_length,
