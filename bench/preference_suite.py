@@ -201,6 +201,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
             c["check"] for c in result.gate.checks if not c["passed"]),
         "steps": row["metrics_json"].get("steps"), "train s": row["train_seconds"], "job s": round(job_s),
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
+        "answers": answers,
         # held-out answers that do not follow, by their ends (where a closing would be)
         "misses": [f"{q} -> ...{a[-90:]}" for q, a in zip(held_q, answers) if not kind.follows(a)][:4],
         "refused because": [c["detail"] for c in result.gate.checks if not c["passed"]],
@@ -231,6 +232,8 @@ def main() -> int:
                    help="a TrainConfig setting for every kind, as app.py train takes it")
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the base model's greedy answers here and reuse them on the next run")
+    p.add_argument("--answers", type=Path, default=None,
+                   help="write each kind's held-out questions, the base's and the version's answers here (JSON)")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
     if a.thumbs and a.edits > MAX_VOTES:
@@ -270,7 +273,11 @@ def main() -> int:
         for name in a.kinds:
             rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings,
                                  a.thumbs, a.held_out_tokens))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "answers"}), flush=True)
+    if a.answers:
+        a.answers.write_text(json.dumps({r["kind"]: [{"question": q, "base": b, "version": v} for q, b, v in
+                                                     zip(held_q, base_held, r["answers"])]
+                                         for r in rows if "answers" in r}, indent=1))
     fmt = machine_format()
     print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
           f"{a.tokens} tokens (the version's: {a.held_out_tokens or a.tokens}); TrainConfig {settings or 'defaults'}, default GateConfig")
