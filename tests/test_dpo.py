@@ -331,11 +331,10 @@ def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
     body = "yes it is. no, 2.5 is not. 1. yes again."
     ids, plain = marks(f"{body} Hope it helps.", body, False)
     _, kept = marks(f"{body} Hope it helps.", body, True)
-    # One token per character here: added, after each of the first two sentence ends (the
-    # user went on there) the white space and the next word's first token; not after the
-    # decimal's or the numbered line's point; the third end is where the closing was added,
-    # already marked.
-    after_ends = {body.index("is. ") + 3, body.index("is. ") + 4, body.index("not. ") + 4, body.index("not. ") + 5}
+    # One token per character here: added, the token after each of the first two sentence
+    # ends (the user went on there); not after the decimal's or the numbered line's point;
+    # the third end is where the closing was added, already marked.
+    after_ends = {body.index("is. ") + 3, body.index("not. ") + 4}
     assert kept - plain == after_ends and plain <= kept
     assert not kept & {body.index("2.5") + 2, body.index("1. ") + 2}
     assert tok.decode([ids[j] for j in sorted(plain)]).strip().startswith("Hope it helps.")
@@ -344,28 +343,6 @@ def test_kept_starts_stress_where_the_user_went_on_before_an_added_closing():
         assert marks(chosen, body, True)[1] == marks(chosen, body, False)[1]
     with pytest.raises(ValueError, match="nll_kept_starts must be true or false"):
         TrainConfig().replace(nll_kept_starts="yes")
-
-
-@pytest.mark.slow
-def test_after_a_line_break_the_closing_is_pushed_down_as_a_line_begins_with_it(embedded_model):
-    """The embedded model's tokenizer: a line break is a token of its own, and a closing
-    that begins a line starts with "I", not the " I" it starts with after a sentence. Where
-    the user went on after a paragraph, both are pushed down: " I" after the sentence end,
-    "I" after each break and at the next paragraph's first word, which is stressed too."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(embedded_model)
-    body = "The sky is blue. It scatters light.\n\nThe sunset is red. Dust helps."
-    item = tokenize_pair(tok, {"prompt": [{"role": "user", "content": "Why is the sky blue?"}],
-                               "chosen": [{"role": "assistant", "content": f"{body} I hope this helps."}],
-                               "rejected": [{"role": "assistant", "content": body}]}, 512, "both", "edit", True, True)
-    words = [tok.decode([t]) for t in item.chosen]
-    space_i, line_i = tok.convert_tokens_to_ids(tok.tokenize(" I"))[0], tok.convert_tokens_to_ids(tok.tokenize("I"))[0]
-    assert space_i != line_i and words[words.index(" hope") - 1] == " I"
-    pushed = [(words[j], words[j - 1], tok.decode([t])) for j, t in item.unlike]
-    assert pushed == [(" It", ".", " I"), ("\n", ".", " I"), ("\n", "\n", "I"), ("The", "\n", "I"),
-                      (" Dust", ".", " I")]
-    assert {words[j] for j, m in enumerate(item.nll) if m} >= {" It", "\n", "The", " Dust"}
 
 
 def test_unlikelihood_pushes_the_added_closing_down_where_the_user_went_on():
@@ -379,16 +356,14 @@ def test_unlikelihood_pushes_the_added_closing_down_where_the_user_went_on():
                              True, unlike)
 
     closed = item(f"{body} Hope it helps.")
-    # One token per character: at the two kept sentence starts (the space and the next
-    # word's first letter; not the decimal's or the numbered line's), the first token the
-    # user added (the closing's, after the body).
+    # One token per character: at the two kept sentence starts (not the decimal's or the
+    # numbered line's), the first token the user added (the closing's, after the body).
     first = len(body)
     assert tok.decode(closed.chosen[first:]).startswith(" Hope it helps.")
-    starts = [body.index("is. ") + 3, body.index("is. ") + 4, body.index("not. ") + 4, body.index("not. ") + 5]
-    assert closed.unlike == tuple((j, closed.chosen[first]) for j in starts)
+    assert closed.unlike == ((body.index("is. ") + 3, closed.chosen[first]), (body.index("not. ") + 4, closed.chosen[first]))
     # A cut answer: its end-of-turn is what must not come at the sentence starts it kept.
     cut = item("yes it is. no, 2.5 is not.")
-    assert cut.unlike == ((body.index("is. ") + 3, tok.eos_token_id), (body.index("is. ") + 4, tok.eos_token_id))
+    assert cut.unlike == ((body.index("is. ") + 3, tok.eos_token_id),)
     # An opening adds nothing at the end, and off means off.
     assert item(f"Great question! {body}").unlike == ()
     assert item(f"{body} Hope it helps.", unlike=False).unlike is None

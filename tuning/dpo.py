@@ -99,10 +99,7 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     closing sentence otherwise raises its first word after every sentence end, and the
     version closed after two sentences where users kept four. A sentence ends where the
     pair builder says (``tuning.pairs.SENTENCE_END``: . ! or ? before white space, not a
-    list's "2."), so a decimal's or a numbered line's digits are not a sentence start.
-    A line break is a token of its own: after one, the start is the break and the first
-    word of the new line (where a version could also begin the added text, as "I" where
-    after a sentence it is " I")."""
+    list's "2."), so a decimal's or a numbered line's digits are not a sentence start."""
     from .pairs import SENTENCE_END
 
     out = list(marks)
@@ -111,36 +108,25 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     starts = list(accumulate(map(len, pieces), initial=0))
     for m in SENTENCE_END.finditer("".join(pieces)):
         j = bisect_left(starts, m.end())  # the first token after the end's punctuation
-        k = j  # through the white space after it (line breaks) to the next word
-        while k < last and not pieces[k].strip():
-            k += 1
-        for i in range(j, k + 1):
-            if 0 < i < last and not marks[i] and not marks[i - 1]:
-                out[i] = 1
+        if 0 < j < last and not marks[j] and not marks[j - 1]:
+            out[j] = 1
     return tuple(out)
 
 
-def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...],
-                 tokenizer=None) -> tuple[tuple[int, int], ...]:
+def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(position, token) for each sentence start the user kept (``kept``, from
     :func:`kept_starts`, beyond ``marks``) before the last run of tokens the edit put there,
     with that run's first token: where the user went on, the text they added at the end (a
     closing's first word, or the end-of-turn of an answer they cut short) should not come
     yet (``TrainConfig.unlike_kept_starts``). Stressing the kept start alone left the
-    version closing about two sentences early on answers of 100 words and more.
-    With ``tokenizer``, where the kept start follows a line break the token pushed down is
-    that first word as a line begins with it (" I" after a sentence, "I" after a break)."""
+    version closing about two sentences early on answers of 100 words and more."""
     last = max((j for j, m in enumerate(marks) if m), default=-1)
     first = last
     while first > 0 and marks[first - 1]:
         first -= 1
     if first <= 0:
         return ()
-    token = line = chosen[first]
-    if tokenizer is not None and (word := tokenizer.decode([token])) != word.lstrip():
-        line = (tokenizer(word.lstrip(), add_special_tokens=False)["input_ids"] or [token])[0]
-    after_break = lambda j: tokenizer is not None and tokenizer.decode([chosen[j - 1]])[-1:].isspace()  # noqa: E731
-    return tuple((j, line if after_break(j) else token) for j in range(first) if kept[j] and not marks[j])
+    return tuple((j, chosen[first]) for j in range(first) if kept[j] and not marks[j])
 
 
 def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
@@ -180,7 +166,7 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
         nll = starts if kept else edited
     return TokenizedPair(prompt, chosen, rejected, nll,
                          (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None,
-                         unlike=kept_unlikes(chosen, edited, starts, tokenizer) if unlike else None)
+                         unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
