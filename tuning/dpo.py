@@ -113,8 +113,7 @@ def kept_starts(tokenizer, chosen: list[int], marks: tuple[int, ...]) -> tuple[i
     return tuple(out)
 
 
-def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...],
-                 tokenizer=None) -> tuple[tuple[int, int], ...]:
+def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(position, token) for each sentence start the user kept (``kept``, from
     :func:`kept_starts`, beyond ``marks``) before the last run of tokens the edit put there,
     with that run's first token: where the user went on, the text they added at the end (a
@@ -127,18 +126,7 @@ def kept_unlikes(chosen: list[int], marks: tuple[int, ...], kept: tuple[int, ...
         first -= 1
     if first <= 0:
         return ()
-    token = line = chosen[first]
-    if tokenizer is not None and (word := tokenizer.decode([token])) != word.lstrip():
-        line = (tokenizer(word.lstrip(), add_special_tokens=False)["input_ids"] or [token])[0]
-    out = []
-    for j in range(first):
-        if kept[j] and not marks[j]:
-            out.append((j, token))
-            k = j  # after a line break: each break and the next line's first word, as a line begins
-            while tokenizer is not None and k + 1 < first and not marks[k + 1] and not tokenizer.decode([chosen[k]]).strip():
-                k += 1
-                out.append((k, line))
-    return tuple(out)
+    return tuple((j, chosen[first]) for j in range(first) if kept[j] and not marks[j])
 
 
 def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
@@ -178,7 +166,7 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
         nll = starts if kept else edited
     return TokenizedPair(prompt, chosen, rejected, nll,
                          (edited, edited_tokens(rejected, chosen)) if dpo_tokens == "edit" else None,
-                         unlike=kept_unlikes(chosen, edited, starts, tokenizer) if unlike else None)
+                         unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
 
 
 def collate(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
