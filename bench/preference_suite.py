@@ -129,18 +129,19 @@ GOOD = [k for k, v in KINDS.items() if not v.bad]
 BAD = [k for k, v in KINDS.items() if v.bad]
 
 
-def greedy(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
+def greedy(model, tokenizer, questions: list[str], tokens: int, frequency_penalty: float = 0.0) -> list[str]:
     from tuning.generation import greedy_answers
 
     return [a for a, _ in greedy_answers(model, tokenizer, [[{"role": "user", "content": q}] for q in questions],
-                                         max_new_tokens=tokens)]
+                                         max_new_tokens=tokens, frequency_penalty=frequency_penalty)]
 
 
 MAX_VOTES = 256
 
 
 def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
-             work: Path, tokens: int, settings: dict, thumbs: bool = False, held_tokens: int | None = None) -> dict:
+             work: Path, tokens: int, settings: dict, thumbs: bool = False, held_tokens: int | None = None,
+             penalty: float = 0.0) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +186,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     row = store.adapter(result.version)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       DataPaths(data).version_folder(row))
-    answers = greedy(model, tok, held_q, held_tokens or tokens)
+    answers = greedy(model, tok, held_q, held_tokens or tokens, penalty)
     ev = row["eval_json"]
     words = lambda xs: round(sum(len(x.split()) for x in xs) / len(xs), 1)  # noqa: E731
     return {
@@ -232,6 +233,9 @@ def main() -> int:
                    help="a TrainConfig setting for every kind, as app.py train takes it")
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the base model's greedy answers here and reuse them on the next run")
+    p.add_argument("--served", action="store_true",
+                   help="the version's held-out answers with the server's frequency penalty (assistant.engine.Sampling), "
+                        "as users get them greedily; default: plain greedy, as every run before 2026-12-07")
     p.add_argument("--answers", type=Path, default=None,
                    help="write each kind's held-out questions, the base's and the version's answers here (JSON)")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
@@ -248,6 +252,9 @@ def main() -> int:
     from tuning.train import _value
 
     settings = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
+    from assistant.engine import Sampling
+
+    penalty = Sampling().frequency_penalty if a.served else 0.0
     a.kinds = [k for name in a.kinds for k in ({"good": GOOD, "bad": BAD}.get(name) or [name])]
     if a.thumbs and any(KINDS[k].bad for k in a.kinds):
         p.error("--thumbs teaches the good kinds only")
@@ -267,19 +274,25 @@ def main() -> int:
         del base
         if a.cache:
             a.cache.write_text(json.dumps({"key": key, "shown": shown_answers, "base_held": base_held}))
+    if a.served:  # the base's held-out answers as served too (the users' shown answers stay as cached)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base_held = greedy(base, tok, held_q, a.tokens, penalty)
+        del base
     shown = list(zip(train_q, shown_answers))
     rows = []
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
         for name in a.kinds:
             rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings,
-                                 a.thumbs, a.held_out_tokens))
+                                 a.thumbs, a.held_out_tokens, penalty))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "answers"}), flush=True)
     if a.answers:
         a.answers.write_text(json.dumps({r["kind"]: [{"question": q, "base": b, "version": v} for q, b, v in
                                                      zip(held_q, base_held, r["answers"])]
                                          for r in rows if "answers" in r}, indent=1))
-    fmt = machine_format()
-    print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32, "
+    fmt = machine_format(settings.get("dtype", "auto"))
+    print(f"\n{time.strftime('%Y-%m-%d')}; training in {fmt.describe()}; held-out answers greedy in float32"
+          + (f" with the server's frequency penalty {penalty}" if penalty else "") + ", "
           f"{a.tokens} tokens (the version's: {a.held_out_tokens or a.tokens}); TrainConfig {settings or 'defaults'}, default GateConfig")
     data_col = "votes -> train (up/down)/held-out votes" if a.thumbs else "edits -> train/held-out pairs"
     print(f"| preference | {data_col} | follows: base | follows: version | words base -> version (users' edit) "
