@@ -122,8 +122,10 @@ def test_a_learnable_preference_changes_what_the_model_says(tmp_path, embedded_m
           f"mean tokens {base['mean_answer_tokens']} -> {ev['mean_answer_tokens']}")
     # Scores: clearly above the base on held-out pairs (the base's reward accuracy is 0).
     assert ev["preference_accuracy"] >= 0.9 and ev["reward_margin"] > 0.5
-    # ... and on plain per-token likelihood, which the base can score on (measured 0.58 -> 1.0).
-    assert ev["likelihood_accuracy_per_token"] >= base["likelihood_accuracy_per_token"] + 0.25
+    # ... and on plain per-token likelihood, which the base can score on: clearly above it,
+    # or at the top. Measured 0.58 -> 1.0 on answers made in float32; in bfloat16 (the same
+    # kind of Xeon, 2026-12-07, AMX usable) the base already scored 0.79, and 1.0 is the most.
+    assert ev["likelihood_accuracy_per_token"] >= min(base["likelihood_accuracy_per_token"] + 0.25, 1.0)
     # Behaviour: one-sentence answers to most held-out questions, goldens still right.
     assert short >= 0.75 * len(ev["answers"]) and short >= base_short + 0.5 * len(ev["answers"]), ev["answers"]
     assert ev["mean_answer_tokens"] < base["mean_answer_tokens"]
