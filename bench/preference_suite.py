@@ -264,21 +264,23 @@ def main() -> int:
     train_q = spread(pool, a.edits) if a.questions == "mixed" else pool[: a.edits]
     key = f"{a.tokens}/{a.held_out}/{a.edits}" + ("/mixed" if a.questions == "mixed" else "")
     cached = json.loads(a.cache.read_text()) if a.cache and a.cache.exists() else {}
+    base = []  # the base model, loaded once and only when something must be answered
+
+    def base_answers(questions: list[str], frequency_penalty: float = 0.0) -> list[str]:
+        if not base:
+            base.append((AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                         AutoTokenizer.from_pretrained(model_dir)))
+        return greedy(*base[0], questions, a.tokens, frequency_penalty)
+
     if cached.get("key") == key:
         shown_answers, base_held = cached["shown"], cached["base_held"]
     else:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        shown_answers = greedy(base, tok, train_q, a.tokens)
-        base_held = greedy(base, tok, held_q, a.tokens)
-        del base
+        shown_answers, base_held = base_answers(train_q), base_answers(held_q)
         if a.cache:
             a.cache.write_text(json.dumps({"key": key, "shown": shown_answers, "base_held": base_held}))
     if a.served:  # the base's held-out answers as served too (the users' shown answers stay as cached)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        base_held = greedy(base, tok, held_q, a.tokens, penalty)
-        del base
+        base_held = base_answers(held_q, penalty)
+    base.clear()
     shown = list(zip(train_q, shown_answers))
     rows = []
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
