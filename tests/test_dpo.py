@@ -168,6 +168,9 @@ def test_trl_trainer_records_what_it_computes_and_refuses_what_it_cannot(lora_mo
                     {"by_length": True}, {"nll_tokens": "both"}]:
         with pytest.raises(ValueError, match=f"our loop's only: {next(iter(setting))}="):
             TrainConfig().replace(trainer="trl", **setting)
+    # ... in the words --set takes (true, not Python's True).
+    with pytest.raises(ValueError, match="only: nll_kept_starts=true.*sets dpo_tokens=answer.*nll_kept_starts=false"):
+        TrainConfig().replace(trainer="trl", nll_kept_starts=True)
     with pytest.raises(ValueError, match="our loop's only: replay=32"):
         config.replace(replay=32)
     with pytest.raises(ValueError, match="SFT job trains in our own loop"):

@@ -9,6 +9,7 @@ r=16 on every linear layer + 2 epochs moved 8 of 8 held-out answers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
@@ -281,7 +282,7 @@ class TrainConfig:
             raise ValueError(
                 "trainer 'trl' runs TRL's DPOTrainer, which trains DPO and NLL over whole answers without "
                 f"replayed answers; these settings are our loop's only: {', '.join(unknown)}. Leave them out "
-                "(trainer=trl then sets " + ", ".join(f"{k}={v}" for k, v in TRL_RECIPE.items())
+                "(trainer=trl then sets " + ", ".join(_as_set(k, v) for k, v in TRL_RECIPE.items())
                 + "), or use trainer=loop.")
         if self.replay_loss not in ("nll", "kl"):
             raise ValueError(f"replay_loss must be 'nll' or 'kl', not {self.replay_loss!r}.")
@@ -306,6 +307,11 @@ class TrainConfig:
             raise ValueError("learning_rate and beta must be positive.")
 
 
+def _as_set(key: str, value) -> str:
+    """``key=value`` as ``--set`` takes it (true/false, not Python's True/False)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
 def trl_conflicts(config: TrainConfig) -> list[str]:
     """The settings of ``config`` TRL's DPOTrainer would not apply, as ``key=value``."""
-    return [f"{k}={getattr(config, k)}" for k, v in TRL_RECIPE.items() if getattr(config, k) != v]
+    return [_as_set(k, getattr(config, k)) for k, v in TRL_RECIPE.items() if getattr(config, k) != v]
