@@ -361,3 +361,17 @@ def test_benchmark_users_never_ask_a_regression_or_replayed_question():
     assert asked[: len(prompts())] == prompts()  # the held-out questions stay the first ones
     assert not set(asked) & {g.prompt for g in REGRESSION + FRAGILE}
     assert not set(asked) & set(questions())
+
+
+def test_the_benchmark_users_first_sentence_is_not_a_list_number():
+    """The "shorter" users keep the first sentence: the number opening a numbered line is
+    not one (they cut "...avoid:\n\n1. Rinse..." to "...avoid:\n\n1." before), a number
+    ending a sentence is."""
+    from tuning.synthetic import first_sentence, is_one_sentence
+
+    listed = "There are mistakes to avoid:\n\n1. Rinse the rice. It helps.\n2. Soak it."
+    assert first_sentence(listed) == "There are mistakes to avoid:\n\n1. Rinse the rice."
+    assert first_sentence("12. Twelve is enough. More.") == "12. Twelve is enough."
+    assert not is_one_sentence("1.") and not is_one_sentence("A list:\n1.")
+    assert is_one_sentence("One plus one is 2.") and is_one_sentence("Paris is the capital of France.")
+    assert not is_one_sentence("It is 12. Then more.")

@@ -115,7 +115,11 @@ def spread(pool: list[str], count: int) -> list[str]:
     return [pool[i * len(pool) // count] for i in range(count)] if count < len(pool) else list(pool)
 
 
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# A sentence ends at . ! or ? before a space or the end, except the number that opens a
+# numbered line ("1. Rinse the rice."): before 2026-12-07 the "shorter" users of
+# bench/preference_suite.py cut "...mistakes to avoid:\n\n1. Rinse..." to "...avoid:\n\n1.",
+# and "1." alone counted as one sentence.
+_SENTENCE_END = re.compile(r"(?<!^\d)(?<!^\d\d)[.!?](?=\s|$)", re.M)
 
 
 def first_sentence(answer: str) -> str:
