@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -82,7 +83,11 @@ def describe_cpu(model: str, flags: set[str]) -> str:
         level = torch.backends.cpu.get_cpu_capability()
     except Exception:  # torch missing or too old: the flags still say most of it
         level = "?"
-    return f"{model} [{' '.join(shown) or 'no AVX2'}; torch kernels {level}]"
+    # Caps set for a benchmark: ATEN_CPU_CAPABILITY shows in torch's level, but MKL (float32
+    # matmul) and oneDNN (bf16) choose their own kernels unless these are set too.
+    caps = [f"{name} {os.environ[var]}" for name, var in (("MKL", "MKL_ENABLE_INSTRUCTIONS"), ("oneDNN", "ONEDNN_MAX_CPU_ISA"))
+            if os.environ.get(var)]
+    return f"{model} [{' '.join(shown) or 'no AVX2'}; torch kernels {level}" + "".join(f", {c}" for c in caps) + "]"
 
 
 def matmul_gflops(dtype: str, n: int = 256, reps: int = 4) -> float:
