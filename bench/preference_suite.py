@@ -177,9 +177,17 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
     votes, held_votes = [asdict(u) for u in prefs.train_unpaired], [asdict(u) for u in prefs.eval_unpaired]
     start = time.monotonic()
+    marks: dict = {}  # job seconds when the first and the last step ended, and the phases
+
+    def progress(row: dict) -> None:
+        if "step" in row and "loss" in row:
+            marks.setdefault("first step", row["job_seconds"])
+            marks["last step"] = row["job_seconds"]
+        marks["phases"] = row.get("phases", [])
+
     result = train_adapter(train, held, store=store, data_dir=data, base_model_dir=model_dir,
                            config=TrainConfig().replace(**settings), gate_config=GateConfig(), created_by="bench",
-                           votes=votes, eval_votes=held_votes)
+                           votes=votes, eval_votes=held_votes, progress=progress)
     job_s = time.monotonic() - start
     if result.status != "succeeded":
         return {"kind": kind.name, "error": result.error}
@@ -201,6 +209,9 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         "gate": "passed" if result.gate.passed else "refused: " + ", ".join(
             c["check"] for c in result.gate.checks if not c["passed"]),
         "steps": row["metrics_json"].get("steps"), "train s": row["train_seconds"], "job s": round(job_s),
+        # where the job's time went: loading and the replayed answers and the reference pass before
+        # the first step ended, the steps, then saving and the gate ("evaluating")
+        "phases": marks.get("phases"), "first step s": marks.get("first step"), "last step s": marks.get("last step"),
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
         "answers": answers,
         # held-out answers that do not follow, by their ends (where a closing would be)
