@@ -180,7 +180,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
     marks: dict = {}  # job seconds when the first and the last step ended, and the phases
 
     def progress(row: dict) -> None:
-        if "step" in row and "loss" in row:
+        if row.get("phase") == "training" and "step" in row and "loss" in row:  # later rows keep the last step's keys
             marks.setdefault("first step", row["job_seconds"])
             marks["last step"] = row["job_seconds"]
         marks["phases"] = row.get("phases", [])
