@@ -552,6 +552,17 @@ def answer_reach(tokenizer, wanted: list[str], config: GateConfig) -> int:
     return max(config.max_new_tokens, min(longest, config.max_answer_tokens))
 
 
+def regression_answers(model, tokenizer, config: GateConfig, adapter_off: bool,
+                       cache: AnswerCache | None = None) -> list[tuple[str, int]]:
+    """Greedy answers, as served, to the regression set (``max_new_tokens``), read from
+    ``cache`` where the same model answered them before: what every gate asks the live
+    version, and what ``tuning.prepare`` answers ahead while the machine is idle."""
+    golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
+    return greedy_answers(model, tokenizer, golden_convs, max_new_tokens=config.max_new_tokens, cache=cache,
+                          batch_size=config.answer_batch_size, adapter_off=adapter_off,
+                          frequency_penalty=config.frequency_penalty)
+
+
 def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
                 reach: int | None = None, cache: AnswerCache | None = None) -> tuple[dict, dict]:
     """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
@@ -569,7 +580,7 @@ def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_
         answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
     else:  # greedy in float32: batching apart changes no answer (tuning.generation)
         # Only the regression set's answers are kept (``cache``): users' prompts stay in the data folder.
-        answers = (greedy_answers(model, tokenizer, golden_convs, max_new_tokens=config.max_new_tokens, cache=cache, **kw)
+        answers = (regression_answers(model, tokenizer, config, adapter_off, cache)
                    + greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, **kw))
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
@@ -718,7 +729,7 @@ def measure_sft(model, tokenizer, heldout: list[dict], *, adapter_off: bool, con
     kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.answer_batch_size, adapter_off=adapter_off,
               frequency_penalty=config.frequency_penalty)  # as served, like the DPO measure
     # The regression set's answers may be kept (``cache``); the data set's questions are not.
-    answers = (greedy_answers(model, tokenizer, golden_convs, cache=cache, **kw)
+    answers = (regression_answers(model, tokenizer, config, adapter_off, cache)
                + greedy_answers(model, tokenizer, domain_convs, **kw))
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}

@@ -13,6 +13,7 @@ start and when its job process ends; ``app.py train``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -481,23 +482,34 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
 def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one, base_model_dir):
     """(live version, the new adapter's figures, the live version's figures), each from
     ``measure_one(adapter_off, cache)`` with the adapter to measure active: 'default' for
-    the new one; the live version's folder, validated against its recorded hash, loaded
-    beside it (or the adapter switched off when the base model is live). The live version's
-    answers are kept (``answer_cache``): the next job's gate reads them."""
-    live_version = store.live_version()
+    the new one, then the live version (``live_active``). The live version's answers are
+    kept (``answer_cache``): the next job's gate reads them."""
     model.set_adapter("default")
     candidate = measure_one(False, None)
+    with live_active(model, store, data_dir, base_shapes, config, base_model_dir) as (live_version, adapter_off, cache):
+        return live_version, candidate, measure_one(adapter_off, cache)
+
+
+@contextlib.contextmanager
+def live_active(model, store, data_dir, base_shapes, config, base_model_dir):
+    """With the live version answering: yields (live version or None, adapter_off, its
+    ``answer_cache``). The live version's folder, validated against its recorded hash, is
+    loaded beside the model's adapter as 'live' and removed after (or the adapter is
+    switched off when the base model is live)."""
+    live_version = store.live_version()
     if live_version is None:
-        return live_version, candidate, measure_one(True, answer_cache(base_model_dir, None))
+        yield None, True, answer_cache(base_model_dir, None)
+        return
     row = store.adapter(live_version)
     folder = DataPaths(data_dir).version_folder(row)
     validate_adapter(folder, base_shapes=base_shapes, max_rank=config.max_rank, expected_hash=row["content_hash"])
+    active = model.active_adapter
     model.load_adapter(folder, adapter_name="live")
     model.set_adapter("live")
     try:
-        return live_version, candidate, measure_one(False, answer_cache(base_model_dir, row["content_hash"]))
+        yield live_version, False, answer_cache(base_model_dir, row["content_hash"])
     finally:
-        model.set_adapter("default")
+        model.set_adapter(active)
         model.delete_adapter("live")
 
 
