@@ -84,6 +84,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canary-min-votes", type=int, default=30, help="votes each side of a canary needs before an automatic rollback")
     p.add_argument("--pause-training-at", type=int, default=d.pause_training_at, metavar="N",
                    help="stop a running training job while N or more answers stream at once (0: never)")
+    p.add_argument("--no-prepare-answers", dest="prepare_answers", action="store_false",
+                   help="do not answer ahead, in the background, what the next training job answers first "
+                        "(its replayed questions and the gate's regression set: minutes of a job on a 2-core CPU)")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="training setting for jobs started from the console (repeatable)")
 
 
@@ -179,7 +182,7 @@ def serve_config(a: argparse.Namespace) -> ServeConfig:
         data_dir=a.data_dir, database=a.database, model=a.model, engine=a.engine, host=a.host, port=a.port,
         context_tokens=a.context_tokens, sampling=sampling, models_path=a.models_dir,
         vllm_urls=vllm_urls(a), vllm_api_key=a.vllm_api_key, dtype=a.dtype,
-        pause_training_at=a.pause_training_at,
+        pause_training_at=a.pause_training_at, prepare_answers=a.prepare_answers,
         api=a.api, api_port=a.api_port,
     )
 
@@ -248,8 +251,11 @@ def build(config: ServeConfig, closers: list | None = None, loop_config=None, tr
 
     slots = GenerationSlots()  # the chat page's and the API's answers in progress
     launch = jobs.launcher(config, train_set or [], store, streaming=slots.active, closers=closers)
+    preparer = jobs.Preparer(config, train_set or [], store, streaming=slots.active) if config.prepare_answers else None
+    if preparer is not None:
+        closers.append(preparer.stop)
     controller = Controller(store, router, adapter_of, launch,
-                            loop_config or LoopConfig())
+                            loop_config or LoopConfig(), preparer=preparer)
     for job_id in jobs.recover_at_start(store, config.data_dir):
         print(f"training job {job_id} was left running by a process that died: marked failed", flush=True)
     for warning in controller.start():  # a live folder damaged while the app was stopped

@@ -45,6 +45,10 @@ class ServeConfig:
     # (bench/busy_bench.py), while under light load (1-3 streams) it costs little and gets
     # most of its speed. 0: never stop it.
     pause_training_at: int = 4
+    # Answer ahead, at background priority, what the next training job answers first (its
+    # replayed questions, the gate's regression set with the live version: tuning.prepare),
+    # when the app starts and whenever the live version changes.
+    prepare_answers: bool = True
     # Loopback unless told otherwise: the app is not a public service by default.
     host: str = "127.0.0.1"
     port: int = 7860

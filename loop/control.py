@@ -73,14 +73,17 @@ class Controller:
         adapter_of: Callable[[int], Adapter],
         launcher: Callable[[str], Any],
         config: LoopConfig = LoopConfig(),
+        preparer: Any = None,
     ):
         """``adapter_of(version)`` validates a registered version and returns it for serving;
-        ``launcher(job_id)`` starts the training process for a queued job."""
+        ``launcher(job_id)`` starts the training process for a queued job; ``preparer``
+        (``loop.jobs.Preparer``, optional) answers ahead what the next job answers first."""
         self.store = store
         self.router = router
         self.adapter_of = adapter_of
         self.launcher = launcher
         self.config = config
+        self.preparer = preparer
         self._lock = threading.RLock()  # one state change at a time
         self._stop = threading.Event()
         self._applied: tuple | None = None  # ids of the promotions the router reflects
@@ -113,6 +116,8 @@ class Controller:
             job_id = self.store.queue_job(actor, overrides or {}, host=jobs.HOST)  # atomic across replicas
         except JobConflict as e:
             raise Conflict(str(e)) from e
+        if self.preparer is not None:
+            self.preparer.stop()  # the job answers what it had not answered yet
         try:
             self.launcher(job_id)
         except Exception as e:
@@ -326,7 +331,8 @@ class Controller:
         return None
 
     def tick(self) -> str | None:
-        """One round of the background loop: sync, canary check, then scheduled retraining."""
+        """One round of the background loop: sync, canary check, scheduled retraining, then
+        answering ahead for the next job (``preparer``) while none is due or active."""
         self.sync()
         self.check_canary()
         reason = self.due()
@@ -335,6 +341,8 @@ class Controller:
                 return self._retrain(SCHEDULER, {"trigger": reason})
             except Conflict:
                 return None
+        if self.preparer is not None:
+            self.preparer.poll()
         return None
 
     def run_forever(self) -> threading.Thread:

@@ -233,3 +233,83 @@ def _watch(proc: subprocess.Popen, job_id: str, store: Any, data_dir: Path, paus
     if store.job(job_id)["status"] in ("queued", "running"):
         store.update_job(job_id, status="failed", error=f"the training process exited with code {code}")
         recover_stale_jobs(store, data_dir)  # removes what it left half-written
+
+
+_NOTHING_YET = object()
+
+
+class Preparer:
+    """Answers ahead what the next job answers first (``tuning.prepare``): when the app
+    starts and whenever the live version changes, while no job is queued or running, it
+    starts ``python -m tuning.prepare`` at background priority (stopped outright while
+    ``streaming()`` reaches ``config.pause_training_at``, like a job), its output in
+    ``DATA_DIR/prepare.log``. A job that starts meanwhile stops it (``stop``); what it had
+    answered stays kept and the job answers the rest. ``poll`` is called by the control
+    loop (``loop.control.Controller.tick``); it does nothing while one is running and
+    tries once per live version, whatever the outcome (the job answers what is missing)."""
+
+    def __init__(self, config: Any, train_set: list[str], store: Any, streaming: Callable[[], int] = lambda: 0):
+        self.config, self.train_set, self.store, self.streaming = config, list(train_set), store, streaming
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._pauser = None
+        self._for: Any = _NOTHING_YET  # the live version the last one was started for
+        self.started: list = []  # the live versions prepared for, in order (the console and tests read it)
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "tuning.prepare", "--data-dir", str(self.config.data_dir),
+               "--models-dir", str(self.config.models_dir), "--parent", str(os.getpid())]
+        if self.config.model:
+            cmd += ["--model", self.config.model]
+        for item in self.train_set:
+            cmd += ["--set", item]
+        return cmd
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def poll(self) -> bool:
+        """Start one if the live version changed since the last and no job is active; True if it did."""
+        from loop.control import ACTIVE
+
+        with self._lock:
+            if self.running():
+                if any(self.store.jobs(s) for s in ACTIVE):  # a job from the command line: it answers itself
+                    self._stop_locked()
+                return False
+            live = self.store.live_version()
+            if live == self._for or any(self.store.jobs(s) for s in ACTIVE):
+                return False
+            self._for = live
+            self.started.append(live)
+            env = None
+            if self.config.database:
+                from assistant.paths import DATABASE_ENV
+
+                env = dict(os.environ, **{DATABASE_ENV: self.config.database})
+            with open(Path(self.config.data_dir) / "prepare.log", "ab") as log:
+                self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                              start_new_session=True, env=env)
+            if self.config.pause_training_at > 0:
+                from tuning.priority import PauseWhileBusy
+
+                self._pauser = PauseWhileBusy(self._proc.pid,
+                                              lambda: self.streaming() >= self.config.pause_training_at).start()
+            return True
+
+    def stop(self) -> None:
+        """Stop a running one (a job is about to start, or the app stops) and wait for it."""
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._pauser is not None:
+            self._pauser.stop()  # continued first: a stopped process cannot act on SIGTERM
+            self._pauser = None
+        if self.running():
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                self._proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()

@@ -86,7 +86,8 @@ def vllm_processes_of(data_dir: Path) -> list[int]:
 
 
 def training_processes_of(data_dir: Path) -> list[int]:
-    """Pids of the training jobs (``python -m tuning.train``) working on ``data_dir``."""
+    """Pids of the training jobs (``python -m tuning.train``) and of the answers prepared
+    ahead for them (``python -m tuning.prepare``) working on ``data_dir``."""
     pids, names = [], {str(data_dir).encode(), str(Path(data_dir).resolve()).encode()}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -94,7 +95,7 @@ def training_processes_of(data_dir: Path) -> list[int]:
                 args = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"tuning.train" in args and names & set(args):
+            if (b"tuning.train" in args or b"tuning.prepare" in args) and names & set(args):
                 pids.append(int(d.name))
     return pids
 

@@ -224,6 +224,30 @@ def test_schedule_is_off_by_default_and_fires_on_new_feedback(loop, store):
     assert "1 h since the last job" in c.due(later)
 
 
+def test_the_loop_answers_ahead_between_jobs_and_stops_that_before_one_starts(loop, store):
+    """The control loop asks the preparer (loop.jobs.Preparer) every round unless a job is
+    due, and stops it before launching a job, so the two never answer side by side."""
+    c, _, launched = loop
+    calls = []
+
+    class Preparer:
+        def poll(self):
+            calls.append(("poll", len(launched)))
+
+        def stop(self):
+            calls.append(("stop", len(launched)))
+
+    c.preparer = Preparer()
+    assert c.tick() is None and calls == [("poll", 0)]
+    job = c.retrain("root")
+    assert launched == [job] and calls == [("poll", 0), ("stop", 0)]  # stopped before the launch
+    c.config = LoopConfig(retrain_min_new_feedback=1)
+    store.update_job(job, status="succeeded")
+    _vote(store, "u0", None, 1)
+    due = c.tick()
+    assert due and launched == [job, due] and calls[-1] == ("stop", 1)  # a scheduled job: no poll that round
+
+
 def test_promotions_from_another_process_reach_the_router(loop, store):
     c, router, _ = loop
     _version(store, 1)

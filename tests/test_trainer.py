@@ -414,3 +414,87 @@ def test_a_long_run_keeps_a_bounded_history_with_its_whole_shape():
     steps = [h["step"] for h in history]
     assert len(history) <= 50 and steps[0] == 1 and steps[-1] == 1000 and steps == sorted(steps)
     assert "nll" not in history[0] and "steps" not in history[0]  # curve values only
+
+
+def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_path, monkeypatch, capsys):
+    """tuning.prepare answers the replayed questions with the job's starting model and the
+    regression set with the live version, into the caches a job reads: the job that follows
+    answers neither again (only its own new version and the users' held-out prompts), and
+    a promotion makes the live version's answers new work for the next prepare."""
+    from tuning import generation, sft
+    from tuning.prepare import prepare
+
+    own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")
+    golden, replayed = [], []
+    real_greedy, real_replay = generation.greedy_answers, sft.replay_rows
+    monkeypatch.setattr(generation, "greedy_answers",
+                        lambda m, t, convs, **kw: golden.append(len(convs)) or real_greedy(m, t, convs, **kw))
+    monkeypatch.setattr(sft, "replay_rows", lambda *a, **kw: replayed.append(a[2]) or real_replay(*a, **kw))
+    config, data = FAST.replace(replay=8), tmp_path / "data"
+    done = prepare(store, data, own, config, GATE)
+    assert (golden, replayed) == ([1], [8]) and done["live_version"] is None
+    assert (done["regression"], done["format"]) == (1, "float32") and "replayed" in done  # the tiny model's rows may be empty
+    assert "regression set: 1 answers of the base model" in capsys.readouterr().out
+    assert prepare(store, data, own, config, GATE)["replayed"] == done["replayed"] and (golden, replayed) == ([1], [8])
+
+    first = run(store, data, own, config=config)
+    assert first.status == "succeeded" and (golden, replayed) == ([1], [8]), "the job answered what was prepared"
+    store.record_promotion(first.version, "alice", "test")
+    assert prepare(store, data, own, config, GATE)["live_version"] == first.version
+    assert (golden, replayed) == ([1, 1], [8])  # the new live version's regression answers; the start is the same
+    second = run(store, data, own, config=config.replace(seed=1))
+    assert store.adapter(second.version)["eval_json"]["live_version"] == first.version
+    assert (golden, replayed) == ([1, 1], [8])
+    # Another format is another start: the replayed answers are kept by format.
+    assert prepare(store, data, own, config.replace(dtype="bfloat16"), GATE)["format"] == "bfloat16"
+    assert replayed == [8, 8]
+
+
+def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(store, tmp_path, monkeypatch):
+    """loop.jobs.Preparer runs the real ``python -m tuning.prepare`` for the tiny model: once
+    when nothing was prepared, not again for the same live version, never while a job is
+    queued or running (a running one is stopped when a job appears), again when the live
+    version changes."""
+    from assistant.config import ServeConfig
+    from loop import jobs
+
+    own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")
+    prep = jobs.Preparer(ServeConfig(data_dir=tmp_path, model=str(own), pause_training_at=0),
+                         ["dtype=float32", "replay=4"], store)
+    assert prep.poll() and prep._proc.wait(timeout=180) == 0, (tmp_path / "prepare.log").read_text()
+    log = (tmp_path / "prepare.log").read_text()
+    assert "regression set: " in log and "the base model" in log and "priority: background" in log
+    assert list((tmp_path / "models" / ".answers").glob("*.json")) and list((tmp_path / "models" / ".replay").glob("*.json"))
+    assert not prep.poll() and prep.started == [None]  # the same live version: nothing to do
+
+    job = store.create_job("root", {}, status="queued")
+    monkeypatch.setattr(store, "live_version", lambda: 7)  # a promotion, seen while the job is active
+    assert not prep.poll() and prep.started == [None]
+    store.update_job(job, status="failed", error="test")
+    monkeypatch.setattr(prep, "command", lambda: [sys.executable, "-c", "import time; time.sleep(120)"])
+    assert prep.poll() and prep.started == [None, 7] and prep.running()
+    running = store.create_job("root", {}, status="running")  # a job from the command line: it answers itself
+    assert not prep.poll() and not prep.running() and prep._proc.returncode == -signal.SIGTERM
+    store.update_job(running, status="failed", error="test")
+    assert not prep.poll()  # tried once for this live version
+
+
+def test_answers_prepared_ahead_stop_when_the_app_that_started_them_is_gone(tmp_path):
+    """The prepare process runs in its own session, out of reach of signals to the app's
+    group; with ``--parent`` it ends when that process ends, even killed outright."""
+    import psutil
+
+    from test_precision import _wait_for
+
+    parent = subprocess.Popen([sys.executable, "-c", """
+import os, subprocess, sys, time
+p = subprocess.Popen([sys.executable, "-c", f"import tuning.prepare as t, time; t._exit_with({os.getpid()}); "
+                      "print('watching', flush=True); time.sleep(60)"], start_new_session=True)
+print(p.pid, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "watching" and psutil.pid_exists(child)
+    parent.kill()
+    parent.wait()
+    assert _wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE)

@@ -1,0 +1,118 @@
+"""Answer ahead, while the machine is idle, what the next training job answers first.
+
+Before its first step a feedback job answers the general questions it replays with the
+model it starts from (``TrainConfig.replay``), and its gate answers the regression set with
+the live version. Neither depends on users' feedback, only on those two models, and both
+are kept beside the prepared base models for the next job (``tuning.sft.ReplayCache``,
+``tuning.generation.AnswerCache``). On a 2-core CPU they are minutes of a job: of a
+288-edit job on torch's, MKL's and oneDNN's AVX2 kernels in float32 (2026-12-07, Intel
+Xeon), the first step ended at 242 s and the gate took 124 s. The app runs this in the
+background at idle priority when it starts and whenever the live version changes
+(``loop.jobs.Preparer``); a job started meanwhile stops it and answers the rest itself.
+
+    python -m tuning.prepare --data-dir DATA [--models-dir M] [--model DIR] [--set KEY=VALUE ...]
+
+``--set`` takes the settings the app's jobs get (``app.py serve --train-set``): the format
+and the replay settings decide which answers a job reads. Users' prompts are never answered
+here: the held-out pairs' answers stay the job's, in its data folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from assistant.paths import DATABASE_ENV, DataPaths, database_option
+
+
+def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_config=None) -> dict:
+    """Answer the replayed questions with the model a job would start from and the
+    regression set with the live version, each read from its cache where already answered.
+    Returns what it did: the live version, the counts and the seconds of each part."""
+    import torch
+
+    from .config import TrainConfig
+    from .gate import GateConfig, regression_answers
+    from .sft import cached_replay_rows
+    from .trainer import base_weight_shapes, build_model, live_active, parent_folder, replay_cache
+    from assistant.precision import machine_format
+
+    config = config or TrainConfig()
+    gate_config = gate_config or GateConfig()
+    fmt = machine_format(config.dtype)
+    config = config.replace(dtype=fmt.dtype)  # as the job records it: the answers are kept by format
+    done: dict = {"format": fmt.dtype}
+    parent = parent_folder(base_model_dir, config, store, data_dir)
+    model, tokenizer = build_model(base_model_dir, config, parent)
+    t0 = time.monotonic()
+    if config.replay:
+        rows = cached_replay_rows(model, tokenizer, config, replay_cache(base_model_dir, parent))
+        done["replayed"] = len(rows)
+    done["replay_s"] = round(time.monotonic() - t0, 1)
+    print(f"replayed questions: {done.get('replayed', 0)} answered or read in {done['replay_s']} s", flush=True)
+    t0 = time.monotonic()
+    model.to("cpu", torch.float32)  # as the gate answers (tuning.trainer.train_adapter)
+    with live_active(model, store, data_dir, base_weight_shapes(base_model_dir), config, base_model_dir) as (
+            live, adapter_off, cache):
+        done["live_version"] = live
+        done["regression"] = len(regression_answers(model, tokenizer, gate_config, adapter_off, cache))
+    done["regression_s"] = round(time.monotonic() - t0, 1)
+    print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
+        f"answered or read in {done['regression_s']} s", flush=True)
+    return done
+
+
+def _exit_with(parent: int) -> None:
+    """The app starts this in its own session (so signals to the app's group do not reach it)
+    and stops it when it closes; an app killed outright cannot, so this watches for it."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        print("the app that started this is gone: stopping", flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="parent").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--database", default=database_option(),
+                   help=f"a postgresql:// URL or SQLite file instead of DATA_DIR/assistant.db (default ${DATABASE_ENV})")
+    p.add_argument("--models-dir", type=Path, default=None, help="prepared models (default DATA_DIR/models)")
+    p.add_argument("--model", default=None, help="base checkpoint folder (default: the embedded model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig setting the jobs get")
+    p.add_argument("--priority", choices=["background", "normal"], default="background")
+    p.add_argument("--parent", type=int, default=None,
+                   help="exit when this process (the app that started it) is gone, however it ended")
+    a = p.parse_args(argv)
+    if a.parent is not None:
+        _exit_with(a.parent)
+    from .priority import apply
+
+    print(f"priority: {a.priority} ({apply(a.priority)})", flush=True)  # before torch starts its threads
+    from assistant.model_files import resolve_model
+    from store import Store
+
+    from .config import TrainConfig
+    from .train import _value
+
+    try:
+        config = TrainConfig().replace(**{k: _value(v) for k, v in (s.split("=", 1) for s in a.set)})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = Store(DataPaths(a.data_dir).database_target(a.database))
+    model_dir = resolve_model(a.model, a.models_dir or DataPaths(a.data_dir).models)
+    prepare(store, a.data_dir, model_dir, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
