@@ -254,7 +254,7 @@ class Preparer:
         self._proc: subprocess.Popen | None = None
         self._pauser = None
         self._for: Any = _NOTHING_YET  # the live version the last one was started for
-        self.started: list = []  # the live versions prepared for, in order (the console and tests read it)
+        self.started: list = []  # the live versions prepared for, in order
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "tuning.prepare", "--data-dir", str(self.config.data_dir),
@@ -277,6 +277,9 @@ class Preparer:
                 if any(self.store.jobs(s) for s in ACTIVE):  # a job from the command line: it answers itself
                     self._stop_locked()
                 return False
+            if self._pauser is not None:  # it ended: its pid is no longer its to signal
+                self._pauser.stop()
+                self._pauser = None
             live = self.store.live_version()
             if live == self._for or any(self.store.jobs(s) for s in ACTIVE):
                 return False

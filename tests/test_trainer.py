@@ -477,6 +477,12 @@ def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(stor
     assert not prep.poll() and not prep.running() and prep._proc.returncode == -signal.SIGTERM
     store.update_job(running, status="failed", error="test")
     assert not prep.poll()  # tried once for this live version
+    # Under chat load it is stopped like a job; once it ended, nothing signals its pid again.
+    quick = jobs.Preparer(ServeConfig(data_dir=tmp_path, model=str(own), pause_training_at=3), [], store)
+    monkeypatch.setattr(quick, "command", lambda: [sys.executable, "-c", "pass"])
+    assert quick.poll() and quick._pauser is not None
+    quick._proc.wait(timeout=30)
+    assert not quick.poll() and quick._pauser is None
 
 
 def test_answers_prepared_ahead_stop_when_the_app_that_started_them_is_gone(tmp_path):
