@@ -190,7 +190,6 @@ def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[
     while ``streaming()`` answers (all users) reach ``config.pause_training_at`` it is
     stopped outright (``PauseWhileBusy``), and continued when they are done, when a cancel
     is asked for, and when the app stops (``closers``, which it leaves once the job ended)."""
-    from assistant.paths import DATABASE_ENV
     from store.actors import LAUNCHER
     from tuning.priority import PauseWhileBusy
 
@@ -198,18 +197,8 @@ def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[
         # A job that died since the app started (an admin's, say) must not leave its folders behind.
         for failed in recover_stale_jobs(store, config.data_dir):
             print(f"training job {failed} was left running by a process that died: marked failed", flush=True)
-        cmd = [sys.executable, "-m", "tuning.train", "--data-dir", str(config.data_dir),
-               "--as", LAUNCHER, "--job", job_id, "--models-dir", str(config.models_dir)]
-        if config.model:
-            cmd += ["--model", config.model]
-        for item in train_set:
-            cmd += ["--set", item]
-        env = None
-        if config.database:  # in the environment, not the command line: ps would show a password
-            env = dict(os.environ, **{DATABASE_ENV: config.database})
-        with open(Path(config.data_dir) / f"train-{job_id}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                    env=env)
+        cmd = app_command("tuning.train", config, train_set, "--as", LAUNCHER, "--job", job_id)
+        proc = start_in_background(cmd, config, Path(config.data_dir) / f"train-{job_id}.log", "wb")
         pauser = None
         if config.pause_training_at > 0:
             pauser = PauseWhileBusy(proc.pid, lambda: streaming() >= config.pause_training_at,
@@ -221,6 +210,31 @@ def launcher(config: Any, train_set: list[str], store: Any, streaming: Callable[
         return proc
 
     return launch
+
+
+def app_command(module: str, config: Any, train_set: list[str], *args: str) -> list[str]:
+    """``python -m MODULE --data-dir D ARGS --models-dir M [--model X] [--set K=V ...]``: a
+    process working for the app on its data folder, models and job settings."""
+    cmd = [sys.executable, "-m", module, "--data-dir", str(config.data_dir), *args,
+           "--models-dir", str(config.models_dir)]
+    if config.model:
+        cmd += ["--model", config.model]
+    for item in train_set:
+        cmd += ["--set", item]
+    return cmd
+
+
+def start_in_background(cmd: list[str], config: Any, log_path: Path, mode: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (the app's Ctrl-C does not reach it) from the
+    project's root, its output appended to or written over ``log_path`` (``mode``), the
+    database URL in its environment."""
+    from assistant.paths import DATABASE_ENV
+
+    env = None
+    if config.database:  # in the environment, not the command line: ps would show a password
+        env = dict(os.environ, **{DATABASE_ENV: config.database})
+    with open(log_path, mode) as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
 
 
 def _watch(proc: subprocess.Popen, job_id: str, store: Any, data_dir: Path, pauser, closers: list | None) -> None:
@@ -257,13 +271,7 @@ class Preparer:
         self.started: list = []  # the live versions prepared for, in order
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "tuning.prepare", "--data-dir", str(self.config.data_dir),
-               "--models-dir", str(self.config.models_dir), "--parent", str(os.getpid())]
-        if self.config.model:
-            cmd += ["--model", self.config.model]
-        for item in self.train_set:
-            cmd += ["--set", item]
-        return cmd
+        return app_command("tuning.prepare", self.config, self.train_set, "--parent", str(os.getpid()))
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -285,14 +293,7 @@ class Preparer:
                 return False
             self._for = live
             self.started.append(live)
-            env = None
-            if self.config.database:
-                from assistant.paths import DATABASE_ENV
-
-                env = dict(os.environ, **{DATABASE_ENV: self.config.database})
-            with open(Path(self.config.data_dir) / "prepare.log", "ab") as log:
-                self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                              start_new_session=True, env=env)
+            self._proc = start_in_background(self.command(), self.config, Path(self.config.data_dir) / "prepare.log", "ab")
             if self.config.pause_training_at > 0:
                 from tuning.priority import PauseWhileBusy
 

@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     from store import Store
 
     from .config import TrainConfig
-    from .train import _value
+    from .train import parse_settings
 
     try:
-        config = TrainConfig().replace(**{k: _value(v) for k, v in (s.split("=", 1) for s in a.set)})
+        config = TrainConfig().replace(**parse_settings(a.set))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,17 @@ def _value(text: str):
         return text
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as TrainConfig overrides (values read as JSON where they are)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, not {item!r}")
+        settings[key.strip()] = _value(value.strip())
+    return settings
+
+
 def add_options(p: argparse.ArgumentParser) -> None:
     """The job's options, also those of ``app.py train`` (which adds ``--data-dir`` itself)."""
     p.add_argument("--as", dest="actor", required=True,
@@ -92,11 +103,10 @@ def _overrides(store, a: argparse.Namespace, first: dict | None = None) -> dict:
     if a.job:
         queued = store.job(a.job)
         overrides.update({k: v for k, v in (queued.get("config_json") or {}).items() if k in TrainConfig.__dataclass_fields__})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
-        overrides[key.strip()] = _value(value.strip())
+    try:
+        overrides.update(parse_settings(a.set))
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     if a.price_per_hour is not None:
         overrides["price_per_hour"] = a.price_per_hour
     if a.trainer:
