@@ -217,7 +217,8 @@ def test_replayed_answers_are_kept_for_the_next_job_from_the_same_start(checkpoi
     """tuning.sft.ReplayCache: a job answers the replayed questions once per start (base
     files, parent version's weights), format, questions and token limit, reporting how far
     it got; the next job from the same start reads them. A changed start answers again; a
-    damaged file is answered again and replaced; an unwritable folder only costs the reuse."""
+    damaged file is answered again and replaced; an unwritable folder only costs the reuse.
+    The replayed rows' reference is kept and read back the same way."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -257,6 +258,29 @@ def test_replayed_answers_are_kept_for_the_next_job_from_the_same_start(checkpoi
     damaged = sft.prepare_replay(model, tok, config, cache)
     assert calls == [32, 8, 32, 8] and "not readable; answering again" in capsys.readouterr().out
     assert [i.answer for i in damaged] == [i.answer for i in first] and cache.read(here) is not None
+
+    # The reference (a forward pass over every row) is kept beside the answers and read back
+    # exactly; another format, k or set of rows is another file; a damaged one is computed again.
+    scored = []
+    real_ref = sft.with_replay_reference
+    monkeypatch.setattr(sft, "with_replay_reference", lambda m, items, *a, **k: scored.append(len(items)) or real_ref(m, items, *a, **k))
+    ref = cache.reference_file(config, first)
+    assert ref.exists() and ref != cache.reference_file(config.replace(dtype="bfloat16"), first)
+    assert cache.reference_file(config, first[:-1]) != ref and cache.reference_file(config, first, top_k=8) != ref
+    read = sft.prepare_replay(model, tok, config, cache)
+    assert scored == [], "the same start scored the replayed rows again"
+    assert all(torch.equal(a.ref_ids, b.ref_ids) and torch.equal(a.ref_logps, b.ref_logps) for a, b in zip(read, first))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ref)
+    tensors["0.ids"] = tensors["0.ids"][:-1]
+    save_file(tensors, ref)
+    again = sft.prepare_replay(model, tok, config, cache)
+    assert scored == [len(first)] and "kept reference" in capsys.readouterr().out
+    assert all(torch.equal(a.ref_logps, b.ref_logps) for a, b in zip(again, first))
+    ref.write_bytes(b"not safetensors")
+    sft.prepare_replay(model, tok, config, cache)
+    assert scored == [len(first)] * 2 and "kept reference" in capsys.readouterr().out
 
     blocked = sft.ReplayCache(tmp_path / "a-file", cache.start)
     blocked.folder.write_text("")

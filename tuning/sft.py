@@ -203,6 +203,16 @@ class ReplayCache:
                           "max_new_tokens": max_new_tokens, "code": answering_code()}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
+    def reference_file(self, config: TrainConfig, items: list[TokenizedExample], top_k: int = REPLAY_TOP_K) -> Path:
+        """Where the starting model's top-k reference for these tokenized replayed rows is
+        kept (``with_replay_reference``: a forward pass over every row, about 36 s for 128
+        rows on AVX2 kernels in float32): keyed by the start, the format, the rows' tokens,
+        k and the code that computes it."""
+        rows = hashlib.sha256(json.dumps([[it.prompt, it.answer] for it in items]).encode()).hexdigest()
+        key = json.dumps({"start": self.start, "dtype": config.dtype, "rows": rows, "top_k": top_k,
+                          "code": reference_code()}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.reference.safetensors"
+
     def read(self, path: Path) -> list[dict] | None:
         """The rows kept at ``path``, or None when absent or not rows (then they are answered again)."""
         return read_kept(path, lambda rows: isinstance(rows, list) and all(
@@ -268,15 +278,78 @@ def prepare_replay(model, tokenizer, config: TrainConfig, cache: ReplayCache | N
                    progress: Callable[[dict], None] | None = None) -> list[TokenizedExample]:
     """``config.replay`` general questions answered by the model as it starts
     (:func:`cached_replay_rows`), tokenized, with the top-k reference when ``replay_loss``
-    is "kl" (computed here each time: one forward pass per 16 rows)."""
+    is "kl" (one forward pass per 16 rows, kept in ``cache`` beside the answers: it too
+    depends only on the start)."""
     if not config.replay:
         return []
     replay = cached_replay_rows(model, tokenizer, config, cache, progress)
     pad = pad_id(tokenizer)
     replayed = [tokenize_example(tokenizer, r, config.max_length) for r in replay]
     if config.replay_loss == "kl" and replayed:
+        path = cache.reference_file(config, replayed) if cache else None
+        kept = read_reference(path, replayed) if path else None
+        if kept is not None:
+            return kept
         replayed = with_replay_reference(model, replayed, pad, config.dtype == "bfloat16")
+        if path:
+            keep_reference(path, replayed)
     return replayed
+
+
+def reference_code() -> str:
+    """What else decides a kept reference: the files that tokenize and score the rows, torch's
+    and transformers' versions."""
+    import transformers
+
+    from . import dpo
+
+    h = hashlib.sha256(Path(__file__).read_bytes() + Path(dpo.__file__).read_bytes())
+    return f"{h.hexdigest()[:16]} torch {torch.__version__} transformers {transformers.__version__}"
+
+
+def read_reference(path: Path, items: list[TokenizedExample]) -> list[TokenizedExample] | None:
+    """``items`` with the reference kept at ``path`` (``keep_reference``), or None when absent
+    or not that reference (a row missing or of another shape: said, then computed again)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        kept = load_file(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, SafetensorError, ValueError):
+        kept = {}
+    out = []
+    for i, it in enumerate(items):
+        ids, logps = kept.get(f"{i}.ids"), kept.get(f"{i}.logps")
+        if ids is None or logps is None or ids.shape != logps.shape or ids.shape[0] != len(it.answer) \
+                or ids.dtype != torch.long or logps.dtype != torch.float32:
+            print(f"kept reference in {path} is not readable; computing it again", flush=True)
+            return None
+        out.append(TokenizedExample(it.prompt, it.answer, ids, logps))
+    if len(kept) != 2 * len(items):
+        print(f"kept reference in {path} is not readable; computing it again", flush=True)
+        return None
+    return out
+
+
+def keep_reference(path: Path, items: list[TokenizedExample]) -> None:
+    """Write the rows' reference at ``path`` (safetensors, whole, then renamed); a folder that
+    cannot be written only costs the reuse."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, it in enumerate(items):
+        tensors[f"{i}.ids"], tensors[f"{i}.logps"] = it.ref_ids.contiguous(), it.ref_logps.contiguous()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)
+    except OSError as e:
+        print(f"reference not kept ({e}); the next job computes it again", flush=True)
 
 
 def replay_for(model, tokenizer, config: TrainConfig, progress: Callable[[dict], None] | None = None,
