@@ -59,6 +59,13 @@ class DataPaths:
         """Prepared base models, unless the app is given another folder (``--models-dir``)."""
         return self.root / "models"
 
+    @property
+    def references(self) -> Path:
+        """The reference's log-probabilities of the pairs' answers, kept for the next job
+        (``tuning.dpo.ReferenceCache``): numbers from users' answers, so here, not beside
+        the models."""
+        return self.root / "references"
+
     def version_folder(self, row: dict) -> Path:
         """The folder of a registered version (an ``adapters`` row), resolved. Its recorded
         path must lead directly into the adapters folder: one that leads anywhere else

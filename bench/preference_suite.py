@@ -141,7 +141,7 @@ MAX_VOTES = 256
 
 def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: list[str], base_held: list[str],
              work: Path, tokens: int, settings: dict, thumbs: bool = False, held_tokens: int | None = None,
-             penalty: float = 0.0) -> dict:
+             penalty: float = 0.0, prepared: bool = False) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,6 +173,13 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         edit = kind.edit(answer, i)
         if edit is not None and edit.strip() != answer.strip():
             store.edit_answer(aid, user, edit)
+    ahead = None
+    if prepared:  # what the app does while idle once feedback grew (loop.jobs.Preparer)
+        from tuning.prepare import prepare
+
+        t0 = time.monotonic()
+        ahead = {**prepare(store, data, model_dir, TrainConfig().replace(**settings), GateConfig()),
+                 "seconds": round(time.monotonic() - t0, 1)}
     prefs = build_preferences(store, PairConfig())
     train, held = [asdict(p) for p in prefs.train_pairs], [asdict(p) for p in prefs.eval_pairs]
     votes, held_votes = [asdict(u) for u in prefs.train_unpaired], [asdict(u) for u in prefs.eval_unpaired]
@@ -212,6 +219,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         # where the job's time went: loading and the replayed answers and the reference pass before
         # the first step ended, the steps, then saving and the gate ("evaluating")
         "phases": marks.get("phases"), "first step s": marks.get("first step"), "last step s": marks.get("last step"),
+        **({"prepared ahead": ahead} if ahead else {}),
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
         "answers": answers,
         # held-out answers that do not follow, by their ends (where a closing would be)
@@ -249,6 +257,10 @@ def main() -> int:
                         "as users get them greedily; default: plain greedy, as every run before 2026-12-07")
     p.add_argument("--answers", type=Path, default=None,
                    help="write each kind's held-out questions, the base's and the version's answers here (JSON)")
+    p.add_argument("--prepared", action="store_true",
+                   help="before each job, run tuning.prepare on the users' store, as the app does while idle "
+                        "(replayed answers, the pairs' reference, the live version's regression answers); "
+                        "the row says what it did and how long it took")
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
     if a.thumbs and a.edits > MAX_VOTES:
@@ -297,7 +309,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="preference-suite-") as tmp:
         for name in a.kinds:
             rows.append(run_kind(KINDS[name], model_dir, shown, held_q, base_held, Path(tmp), a.tokens, settings,
-                                 a.thumbs, a.held_out_tokens, penalty))
+                                 a.thumbs, a.held_out_tokens, penalty, a.prepared))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "answers"}), flush=True)
     if a.answers:
         a.answers.write_text(json.dumps({r["kind"]: [{"question": q, "base": b, "version": v} for q, b, v in

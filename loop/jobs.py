@@ -260,14 +260,19 @@ class Preparer:
     ``DATA_DIR/prepare.log``. A job that starts meanwhile stops it (``stop``); what it had
     answered stays kept and the job answers the rest. ``poll`` is called by the control
     loop (``loop.control.Controller.tick``); it does nothing while one is running and
-    tries once per live version, whatever the outcome (the job answers what is missing)."""
+    tries once per live version, whatever the outcome (the job answers what is missing),
+    and again once ``new_feedback`` votes and edits arrived since the last one started: the
+    pairs' reference (``tuning.dpo.ReferenceCache``) then scores only what is new."""
 
-    def __init__(self, config: Any, train_set: list[str], store: Any, streaming: Callable[[], int] = lambda: 0):
+    def __init__(self, config: Any, train_set: list[str], store: Any, streaming: Callable[[], int] = lambda: 0,
+                 new_feedback: int = 32):
         self.config, self.train_set, self.store, self.streaming = config, list(train_set), store, streaming
+        self.new_feedback = new_feedback
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._pauser = None
         self._for: Any = _NOTHING_YET  # the live version the last one was started for
+        self._at: str | None = None  # when the last one started (UTC)
         self.started: list = []  # the live versions prepared for, in order
 
     def command(self) -> list[str]:
@@ -277,7 +282,8 @@ class Preparer:
         return self._proc is not None and self._proc.poll() is None
 
     def poll(self) -> bool:
-        """Start one if the live version changed since the last and no job is active; True if it did."""
+        """Start one if the live version changed since the last, or feedback grew by
+        ``new_feedback``, and no job is active; True if it did."""
         from loop.control import ACTIVE
 
         with self._lock:
@@ -289,9 +295,10 @@ class Preparer:
                 self._pauser.stop()
                 self._pauser = None
             live = self.store.live_version()
-            if live == self._for or any(self.store.jobs(s) for s in ACTIVE):
+            grown = self._at is not None and self.store.feedback_count_since(self._at) >= self.new_feedback
+            if (live == self._for and not grown) or any(self.store.jobs(s) for s in ACTIVE):
                 return False
-            self._for = live
+            self._for, self._at = live, utc_now()
             self.started.append(live)
             self._proc = start_in_background(self.command(), self.config, Path(self.config.data_dir) / "prepare.log", "ab")
             if self.config.pause_training_at > 0:

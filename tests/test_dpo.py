@@ -199,6 +199,42 @@ def test_reference_computed_once_gives_the_same_losses_as_at_every_step(lora_mod
     assert once[-1]["dpo_loss"] < once[0]["dpo_loss"]  # and it still learns
 
 
+def test_the_pairs_reference_is_kept_and_only_new_answers_are_scored(lora_model, tmp_path, monkeypatch, capsys):
+    """tuning.dpo.ReferenceCache: the reference's token log-probabilities of the pairs'
+    answers are kept by start and format; the next call reads them and scores only new
+    sequences, with the same numbers as scoring everything (edit marks and all); the file
+    then holds only that call's sequences; a damaged file is said and scored again."""
+    from tuning import dpo
+
+    model, tok = lora_model
+    config = TrainConfig(rank=4, alpha=8, dtype="float32", dpo_tokens="edit")
+    pad = dpo.pad_id(tok)
+    items = dpo.pair_items(tok, toy_pairs(8), config)
+    assert all(it.dpo is not None for it in items)
+    scored = []
+    real = dpo.token_logps
+    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **k: scored.append(len(seqs)) or real(m, seqs, *a, **k))
+    fresh = dpo.with_reference(model, items, pad, False)
+    cache = dpo.ReferenceCache(tmp_path / "references", {"base": "tiny"})
+    first = dpo.with_reference(model, items[:6], pad, False, cache)
+    sequences = len({dpo.sequence_key(it.prompt, a) for it in items[:6] for a in (it.chosen, it.rejected)})
+    assert scored == [2 * len(items), sequences] and cache.file("float32").exists()
+    again = dpo.with_reference(model, items, pad, False, cache)
+    new = len({dpo.sequence_key(it.prompt, a) for it in items for a in (it.chosen, it.rejected)}) - sequences
+    assert scored[2:] == [new] and new > 0, "kept answers were scored again"
+    flat = lambda rows: [x for it in rows for x in it.ref]  # noqa: E731
+    assert flat(again) == pytest.approx(flat(fresh), abs=1e-5) and flat(first) == pytest.approx(flat(fresh[:6]), abs=1e-5)
+    # Not the same start or format: nothing read. Fewer pairs: the file keeps only theirs.
+    assert dpo.ReferenceCache(cache.folder, {"base": "other"}).read("float32") == {}
+    assert cache.read("bfloat16") == {}
+    dpo.with_reference(model, items[:2], pad, False, cache)
+    assert scored[3:] == [0] and len(cache.read("float32")) < sequences
+    cache.file("float32").write_bytes(b"damaged")
+    dpo.with_reference(model, items[:2], pad, False, cache)
+    assert scored[4] > 0 and "not readable; scoring the pairs again" in capsys.readouterr().out
+    assert len(cache.read("float32")) == scored[4]
+
+
 def test_lora_on_top_layers_only(tmp_path):
     from tuning.trainer import load_for_training
     from tiny import save_tiny_checkpoint

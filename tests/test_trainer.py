@@ -417,9 +417,9 @@ def test_a_long_run_keeps_a_bounded_history_with_its_whole_shape():
 
 
 def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_path, monkeypatch, capsys):
-    """tuning.prepare answers the replayed questions with the job's starting model and the
-    regression set with the live version, into the caches a job reads: the job that follows
-    answers neither again (only its own new version and the users' held-out prompts), and
+    """tuning.prepare answers the replayed questions with the job's starting model (and
+    scores them: the replay's reference) and the regression set with the live version, into
+    the caches a job reads: the job that follows answers and scores none of them again (only its own new version and the users' held-out prompts), and
     a promotion makes the live version's answers new work for the next prepare."""
     from tuning import generation, sft
     from tuning.prepare import prepare
@@ -430,15 +430,18 @@ def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_
     monkeypatch.setattr(generation, "greedy_answers",
                         lambda m, t, convs, **kw: golden.append(len(convs)) or real_greedy(m, t, convs, **kw))
     monkeypatch.setattr(sft, "replay_rows", lambda *a, **kw: replayed.append(a[2]) or real_replay(*a, **kw))
+    scored, real_score = [], sft.with_replay_reference
+    monkeypatch.setattr(sft, "with_replay_reference", lambda m, items, *a, **kw: scored.append(len(items)) or real_score(m, items, *a, **kw))
     config, data = FAST.replace(replay=8), tmp_path / "data"
     done = prepare(store, data, own, config, GATE)
-    assert (golden, replayed) == ([1], [8]) and done["live_version"] is None
+    once = [done["replayed"]] if done["replayed"] else []  # scored when there are rows (tests/test_sft.py: kept)
+    assert (golden, replayed, scored) == ([1], [8], once) and done["live_version"] is None
     assert (done["regression"], done["format"]) == (1, "float32") and "replayed" in done  # the tiny model's rows may be empty
     assert "regression set: 1 answers of the base model" in capsys.readouterr().out
     assert prepare(store, data, own, config, GATE)["replayed"] == done["replayed"] and (golden, replayed) == ([1], [8])
 
     first = run(store, data, own, config=config)
-    assert first.status == "succeeded" and (golden, replayed) == ([1], [8]), "the job answered what was prepared"
+    assert first.status == "succeeded" and (golden, replayed, scored) == ([1], [8], once), "the job answered what was prepared"
     store.record_promotion(first.version, "alice", "test")
     assert prepare(store, data, own, config, GATE)["live_version"] == first.version
     assert (golden, replayed) == ([1, 1], [8])  # the new live version's regression answers; the start is the same
@@ -450,11 +453,46 @@ def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_
     assert replayed == [8, 8]
 
 
+def test_the_pairs_reference_prepared_from_the_store_is_the_one_the_next_job_reads(store, tmp_path, monkeypatch):
+    """tuning.prepare also scores both answers of every training pair the store would give a
+    job now (the DPO reference), kept in the data folder; the job built from the same store
+    scores none of them again, and gets the numbers it would have computed itself."""
+    from dataclasses import asdict
+
+    from feedback_scenario import build_scenario
+    from tuning import dpo, kto
+    from tuning.pairs import build_preferences
+    from tuning.prepare import prepare
+
+    own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")
+    build_scenario(store)
+    scored, refs = [], []
+    real_score, real_ref = dpo.token_logps, dpo.with_reference
+    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **k: scored.append(len(seqs)) or real_score(m, seqs, *a, **k))
+    for module in (dpo, kto):  # a job with lone votes too trains both (tuning.kto)
+        monkeypatch.setattr(module, "with_reference", lambda *a, **k: refs.append(real_ref(*a, **k)) or refs[-1])
+    config, data = FAST.replace(replay=0), tmp_path / "data"
+    done = prepare(store, data, own, config, GATE)
+    built = build_preferences(store)
+    assert done["pairs"] >= len(built.train_pairs) > 0 and scored and scored[0] > 0
+    assert [p.parent.name for p in (data / "references").glob("*.safetensors")] == ["references"]
+    assert not list((own.parent).glob("references*")), "users' numbers beside the models"
+    job = train_adapter([asdict(p) for p in built.train_pairs], [asdict(p) for p in built.eval_pairs], store=store,
+                        data_dir=data, base_model_dir=own, config=config, gate_config=GATE,
+                        votes=[asdict(u) for u in built.train_unpaired], eval_votes=[asdict(u) for u in built.eval_unpaired])
+    assert job.status == "succeeded" and len(refs) == 2 and scored[1] == 0, "the job scored prepared pairs again"
+    from tuning.trainer import build_model
+
+    model, tok = build_model(own, config)
+    fresh = real_ref(model, dpo.pair_items(tok, [asdict(p) for p in built.train_pairs], config), dpo.pad_id(tok), False)
+    assert [x for it in refs[1][: len(fresh)] for x in it.ref] == pytest.approx([x for it in fresh for x in it.ref], abs=1e-4)
+
+
 def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(store, tmp_path, monkeypatch):
     """loop.jobs.Preparer runs the real ``python -m tuning.prepare`` for the tiny model: once
-    when nothing was prepared, not again for the same live version, never while a job is
-    queued or running (a running one is stopped when a job appears), again when the live
-    version changes."""
+    when nothing was prepared, not again for the same live version unless 32 votes and edits
+    arrived since, never while a job is queued or running (a running one is stopped when a
+    job appears), again when the live version changes."""
     from assistant.config import ServeConfig
     from loop import jobs
 
@@ -466,13 +504,23 @@ def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(stor
     assert "regression set: " in log and "the base model" in log and "priority: background" in log
     assert list((tmp_path / "models" / ".answers").glob("*.json")) and list((tmp_path / "models" / ".replay").glob("*.json"))
     assert not prep.poll() and prep.started == [None]  # the same live version: nothing to do
+    # Feedback grew since it started: again, so the new pairs' reference is scored ahead too.
+    counted = []
+    monkeypatch.setattr(store, "feedback_count_since", lambda since: counted.append(since) or 31)
+    assert not prep.poll() and counted == [prep._at] and prep.started == [None]
+    monkeypatch.setattr(store, "feedback_count_since", lambda since: 32)
+    real_command = prep.command
+    monkeypatch.setattr(prep, "command", lambda: [sys.executable, "-c", "pass"])
+    assert prep.poll() and prep.started == [None, None] and prep._proc.wait(timeout=30) == 0
+    monkeypatch.setattr(store, "feedback_count_since", lambda since: 0)
+    monkeypatch.setattr(prep, "command", real_command)
 
     job = store.create_job("root", {}, status="queued")
     monkeypatch.setattr(store, "live_version", lambda: 7)  # a promotion, seen while the job is active
-    assert not prep.poll() and prep.started == [None]
+    assert not prep.poll() and prep.started == [None, None]
     store.update_job(job, status="failed", error="test")
     monkeypatch.setattr(prep, "command", lambda: [sys.executable, "-c", "import time; time.sleep(120)"])
-    assert prep.poll() and prep.started == [None, 7] and prep.running()
+    assert prep.poll() and prep.started == [None, None, 7] and prep.running()
     running = store.create_job("root", {}, status="running")  # a job from the command line: it answers itself
     assert not prep.poll() and not prep.running() and prep._proc.returncode == -signal.SIGTERM
     store.update_job(running, status="failed", error="test")

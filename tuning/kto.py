@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
-from .dpo import (TokenizedPair, autocast_on, collate, optimise, pad_id, pair_loss, sequence_logps, tokenize_pair,
+from .dpo import (TokenizedPair, autocast_on, collate, optimise, pad_id, pair_items, pair_loss, sequence_logps,
                   with_reference)
 from .sft import TokenizedExample, collate_examples, tokenize_example
 
@@ -252,6 +252,7 @@ def train_kto(
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     replay=None,
+    reference_cache=None,
 ) -> dict:
     """Train the model's active LoRA adapter by KTO on ``votes`` and, when ``pairs`` are
     given, by DPO on them in the same run (steps of one kind each); the run's metrics.
@@ -259,12 +260,11 @@ def train_kto(
     ``progress`` gets a row after every step, with ``objective`` "kto" or "dpo" and that
     loss's figures; raises ``tuning.dpo.Cancelled`` between steps once ``should_stop()``."""
     torch.manual_seed(config.seed)
-    items: list = [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
-                                   config.nll_kept_starts, config.unlike_kept_starts > 0) for p in pairs]
+    items: list = pair_items(tokenizer, pairs, config)
     pad = pad_id(tokenizer)
     autocast = config.dtype == "bfloat16"
     if items and config.reference == "once":
-        items = with_reference(model, items, pad, autocast)
+        items = with_reference(model, items, pad, autocast, reference_cache)
     added = vote_markers(votes) if config.kto_nll_tokens == "both" else {}
     items += [tokenize_vote(tokenizer, v, config.max_length, added) for v in votes]
 

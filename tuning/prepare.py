@@ -1,20 +1,24 @@
 """Answer ahead, while the machine is idle, what the next training job answers first.
 
 Before its first step a feedback job answers the general questions it replays with the
-model it starts from (``TrainConfig.replay``), and its gate answers the regression set with
-the live version. Neither depends on users' feedback, only on those two models, and both
-are kept beside the prepared base models for the next job (``tuning.sft.ReplayCache``,
-``tuning.generation.AnswerCache``). On a 2-core CPU they are minutes of a job: of a
-288-edit job on torch's, MKL's and oneDNN's AVX2 kernels in float32 (2026-12-07, Intel
-Xeon), the first step ended at 242 s and the gate took 124 s. The app runs this in the
-background at idle priority when it starts and whenever the live version changes
-(``loop.jobs.Preparer``); a job started meanwhile stops it and answers the rest itself.
+model it starts from (``TrainConfig.replay``) and scores those answers with it (the
+reference its replay loss holds the version to); it scores both answers of every pair with
+it (the DPO reference); and its gate answers the regression set with the live version. The
+first and the last depend only on those two models and are kept beside the prepared base
+models for the next job (``tuning.sft.ReplayCache``, ``tuning.generation.AnswerCache``).
+The pairs' reference comes from users' answers, so it is kept in the data folder
+(``tuning.dpo.ReferenceCache``), holding only the pairs the store would give a job now. On
+a 2-core CPU these are minutes of a job: of a 288-edit job on torch's, MKL's and oneDNN's
+AVX2 kernels in float32 (2026-12-07, Intel Xeon), the first step ended at 242 s and the
+gate took 124 s. The app runs this in the background at idle priority when it starts,
+whenever the live version changes and when feedback has grown (``loop.jobs.Preparer``); a
+job started meanwhile stops it and does the rest itself.
 
     python -m tuning.prepare --data-dir DATA [--models-dir M] [--model DIR] [--set KEY=VALUE ...]
 
 ``--set`` takes the settings the app's jobs get (``app.py serve --train-set``): the format
 and the replay settings decide which answers a job reads. Users' prompts are never answered
-here: the held-out pairs' answers stay the job's, in its data folder.
+here: the held-out pairs' answers stay the job's.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
 
     from .config import TrainConfig
     from .gate import GateConfig, regression_answers
-    from .sft import cached_replay_rows
-    from .trainer import base_weight_shapes, build_model, live_active, parent_folder, replay_cache
+    from .sft import prepare_replay
+    from .trainer import base_weight_shapes, build_model, live_active, parent_folder, reference_cache, replay_cache
     from assistant.precision import machine_format
 
     config = config or TrainConfig()
@@ -49,10 +53,14 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     model, tokenizer = build_model(base_model_dir, config, parent)
     t0 = time.monotonic()
     if config.replay:
-        rows = cached_replay_rows(model, tokenizer, config, replay_cache(base_model_dir, parent))
-        done["replayed"] = len(rows)
+        done["replayed"] = len(prepare_replay(model, tokenizer, config, replay_cache(base_model_dir, parent)))
     done["replay_s"] = round(time.monotonic() - t0, 1)
-    print(f"replayed questions: {done.get('replayed', 0)} answered or read in {done['replay_s']} s", flush=True)
+    print(f"replayed questions: {done.get('replayed', 0)} answered and scored, or read, in {done['replay_s']} s", flush=True)
+    t0 = time.monotonic()
+    done["pairs"] = score_pairs(store, model, tokenizer, config, reference_cache(data_dir, base_model_dir, parent))
+    done["pairs_s"] = round(time.monotonic() - t0, 1)
+    print(f"the store's training pairs: {done['pairs']} scored by the reference, or read, in {done['pairs_s']} s",
+          flush=True)
     t0 = time.monotonic()
     model.to("cpu", torch.float32)  # as the gate answers (tuning.trainer.train_adapter)
     with live_active(model, store, data_dir, base_weight_shapes(base_model_dir), config, base_model_dir) as (
@@ -63,6 +71,28 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
         f"answered or read in {done['regression_s']} s", flush=True)
     return done
+
+
+def score_pairs(store, model, tokenizer, config, cache) -> int:
+    """The reference's log-probabilities of the training pairs a job would build from the
+    store now, kept in ``cache`` (``tuning.dpo.with_reference``; those already kept are
+    read); how many pairs. None scored when the job would not train pairs by our DPO loop."""
+    from dataclasses import asdict
+
+    from .dpo import early_close_pairs, pad_id, pair_items, with_reference
+    from .kto import choose_objective
+    from .pairs import build_preferences
+
+    if config.reference != "once" or config.trainer == "trl" or config.method == "sft":
+        return 0
+    data = build_preferences(store)
+    pairs, votes = [asdict(p) for p in data.train_pairs], [asdict(u) for u in data.train_unpaired]
+    if not pairs or choose_objective(config.objective, pairs, votes) == "kto":
+        return 0
+    if choose_objective(config.objective, pairs, votes) == "dpo" and config.early_close:
+        pairs += early_close_pairs(pairs)  # as tuning.dpo.train_loop adds them
+    with_reference(model, pair_items(tokenizer, pairs, config), pad_id(tokenizer), config.dtype == "bfloat16", cache)
+    return len(pairs)
 
 
 def _exit_with(parent: int) -> None:

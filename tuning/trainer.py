@@ -215,7 +215,8 @@ def train_adapter(
         report({"phase": "training"})
         t0 = time.monotonic()
         metrics = train_model(model, tokenizer, objective, pairs, votes, config, report, should_stop,
-                              replay_cache=replay_cache(base_model_dir, parent))
+                              replay_cache=replay_cache(base_model_dir, parent),
+                              reference_cache=reference_cache(data_dir, base_model_dir, parent))
         train_seconds = time.monotonic() - t0
 
         report({"phase": "saving"})
@@ -308,12 +309,22 @@ def replay_cache(base_model_dir: Path, parent: Path | None):
     return ReplayCache(Path(base_model_dir).resolve().parent / ".replay", starting_point(base_model_dir, parent))
 
 
+def reference_cache(data_dir: Path, base_model_dir: Path, parent: Path | None):
+    """Where jobs starting from this base (and parent version) keep the pairs' reference:
+    ``tuning.dpo.ReferenceCache``, in the data folder."""
+    from .dpo import ReferenceCache
+    from .sft import starting_point
+
+    return ReferenceCache(DataPaths(data_dir).references, starting_point(base_model_dir, parent))
+
+
 def train_model(model, tokenizer, objective: str, pairs: list, votes: list, config: TrainConfig,
                 progress: Callable[[dict], None] | None = None,
-                should_stop: Callable[[], bool] | None = None, replay_cache=None) -> dict:
+                should_stop: Callable[[], bool] | None = None, replay_cache=None, reference_cache=None) -> dict:
     """Train the model's adapter by ``objective`` (sft, dpo, kto, dpo+kto) with the trainer
     ``config`` names; the run's metrics. The same call on every rank of a process group.
-    ``replay_cache``: where the replayed answers of this start are kept (``replay_cache``)."""
+    ``replay_cache``: where the replayed answers of this start are kept (``replay_cache``);
+    ``reference_cache``: where the pairs' reference of this start is (``reference_cache``)."""
     if objective == "sft":
         from .sft import train_sft
 
@@ -328,9 +339,11 @@ def train_model(model, tokenizer, objective: str, pairs: list, votes: list, conf
     # (TrainConfig.replay): the version learns the users' style and keeps its facts.
     replay = replay_for(model, tokenizer, config, progress, replay_cache)
     if objective != "dpo":
-        metrics = train_kto(model, tokenizer, pairs, votes, config, progress, should_stop, replay=replay)
+        metrics = train_kto(model, tokenizer, pairs, votes, config, progress, should_stop, replay=replay,
+                            reference_cache=reference_cache)
     else:
-        metrics = train_loop(model, tokenizer, pairs, config, progress, should_stop, replay=replay)
+        metrics = train_loop(model, tokenizer, pairs, config, progress, should_stop, replay=replay,
+                             reference_cache=reference_cache)
     return {**metrics, "replay_rows": len(replay.items) if replay is not None else 0}
 
 
