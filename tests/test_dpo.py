@@ -51,6 +51,54 @@ def test_sequence_logps_count_only_answer_tokens():
     assert counts.tolist() == [len(item.chosen), len(item.rejected)]
 
 
+def test_a_batch_runs_its_shared_prefix_once_and_its_rows_in_groups_of_similar_length(monkeypatch):
+    """answer_logits: the prefix every row shares (the chat template's opening) runs once and
+    the rows go on from its keys and values; the rows run in groups of similar length, each
+    cut to its longest row, where the padding saved is worth another pass. The same
+    log-probabilities and gradients as one padded batch computed whole."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuning import dpo
+
+    assert dpo.row_groups([10, 200, 12, 190], overhead=48) == [[0, 2], [3, 1]]
+    assert dpo.row_groups([10, 200, 12, 190], overhead=1000) == [[0, 2, 3, 1]]  # a pass costs more than the padding
+    assert dpo.row_groups([50, 52, 51], overhead=48) == [[0, 2, 1]]
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pairs = toy_pairs(3)
+    for i, p in enumerate(pairs):  # chosen answers much shorter than rejected ones
+        p["rejected"] = [{"role": "assistant", "content": "no, " * (30 + 3 * i) + "it is not."}]
+    batch = collate([tokenize_pair(tok, p, 512) for p in pairs], tok.pad_token_id)
+    prefix = dpo.shared_prefix(batch)
+    first_answer = int(batch["completion_mask"][0].float().argmax())
+    assert dpo.SHARED_PREFIX_MIN <= prefix < first_answer
+    widths = []
+    backbone = model.get_base_model().model
+    real = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda **kw: widths.append(kw["input_ids"].shape[1]) or real(**kw))
+
+    def run(share: bool):
+        monkeypatch.setattr(dpo, "SHARED_PREFIX_MIN", 8 if share else 10**6)
+        monkeypatch.setattr(dpo, "PASS_TOKENS", 48 if share else 10**6)
+        model.zero_grad()
+        logps, counts = sequence_logps(model, batch)
+        logps.sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    whole = run(share=False)
+    assert widths == [batch["input_ids"].shape[1]]
+    apart = run(share=True)
+    longest = batch["attention_mask"].sum(1)
+    assert widths[1:] == [prefix, int(longest[:3].max()) - prefix, int(longest[3:].max()) - prefix]
+    assert torch.allclose(apart[0], whole[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(apart[1], whole[1]))
+
+
 def test_edited_tokens_mark_what_the_edit_changed():
     # An added opening: the inserted tokens, nothing of the kept answer.
     assert edited_tokens([9, 8, 1, 2, 3, 0], [1, 2, 3, 0]) == (1, 1, 1, 0, 0, 0)
@@ -276,6 +324,30 @@ def test_edit_dpo_counts_only_what_tells_the_answers_apart():
         whole, _ = sequence_logps(model, collate([tokenize_pair(tok, pair, 512)], tok.pad_token_id))
     assert masked[1].item() > whole[1].item()  # fewer (negative) terms counted
     assert counts.tolist() == [len(item.chosen), len(item.rejected)]
+
+    # Past its last marked token the rejected answer is not computed (nothing counts it there):
+    # the same loss and gradients as with the whole rejected answer, its later tokens unmarked.
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    full = tokenize_pair(tok, pair, 512).rejected
+    assert len(item.rejected) == max(i for i, m in enumerate(rejected_marks) if m) + 1 < len(full)
+    whole_item = dataclasses.replace(item, rejected=full, dpo=(chosen_marks, rejected_marks + (0,) * (len(full) - len(item.rejected))))
+    torch.manual_seed(0)
+    lora = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # not the reference, so the DPO term has a gradient
+    grads = []
+    for it in (item, whole_item):
+        lora.zero_grad()
+        loss, _ = pair_loss(lora, collate([it], tok.pad_token_id), 0.1, 1.0, False, "both")
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_replayed_answers_hold_a_dpo_version_to_what_it_said_elsewhere():

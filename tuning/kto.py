@@ -188,7 +188,10 @@ def collate_votes(items: list[TokenizedVote], pad_id: int, max_length: int = 10*
 
 
 def _rows(batch: dict, start: int, stop: int, keys=("input_ids", "attention_mask", "completion_mask")) -> dict:
-    return {k: batch[k][start:stop] for k in keys}
+    rows = {k: batch[k][start:stop] for k in keys}
+    if "prefix" in batch:  # the whole batch's shared prefix (tuning.dpo.shared_prefix)
+        rows["prefix"] = batch["prefix"]
+    return rows
 
 
 @dataclass

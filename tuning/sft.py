@@ -270,8 +270,13 @@ class Replay:
     pad: int
     autocast: bool
 
-    def loss(self, model, share: list[TokenizedExample]) -> torch.Tensor:
-        return sft_loss(model, to_device(collate_examples(share, self.pad), model), self.autocast)[0]
+    def loss(self, model, share: list[TokenizedExample], prefix: int | None = None) -> torch.Tensor:
+        """``prefix``: the shared prefix of the step's rows when ``share`` is a process's part
+        of them (``tuning.dpo.shared_prefix``)."""
+        batch = collate_examples(share, self.pad)
+        if prefix is not None:
+            batch["prefix"] = prefix
+        return sft_loss(model, to_device(batch, model), self.autocast)[0]
 
 
 def prepare_replay(model, tokenizer, config: TrainConfig, cache: ReplayCache | None = None,
