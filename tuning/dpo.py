@@ -175,7 +175,7 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
         # DPO term counts only marked tokens; NLL and unlikelihood are the chosen answer's),
         # and under causal attention what comes after changes nothing before: it is not
         # computed. An added opening leaves one rejected token (its first) to score.
-        end = max(i for i, m in enumerate(cut) if m) + 1
+        end = max((i for i, m in enumerate(cut) if m), default=len(cut) - 1) + 1
         rejected, marks = rejected[:end], (edited, cut[:end])
     return TokenizedPair(prompt, chosen, rejected, nll, marks,
                          unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
