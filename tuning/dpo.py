@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from bisect import bisect_left
@@ -269,44 +268,26 @@ class ReferenceCache:
     start: dict
 
     def file(self, dtype: str) -> Path:
-        import transformers
+        from .generation import code_version
 
-        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-        key = json.dumps({"start": self.start, "dtype": dtype, "code": code, "torch": torch.__version__,
-                          "transformers": transformers.__version__}, sort_keys=True)
+        key = json.dumps({"start": self.start, "dtype": dtype, "code": code_version(__file__)}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def read(self, dtype: str) -> dict[str, torch.Tensor]:
         """The kept sequences' token log-probabilities (name -> (answer length,) float32);
         empty when none are kept or the file is damaged (said: then all are scored again)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .generation import read_tensors
 
-        path = self.file(dtype)
-        try:
-            kept = load_file(path)
-        except FileNotFoundError:
-            return {}
-        except (OSError, SafetensorError, ValueError):
-            kept = None
-        if kept is None or any(t.dtype != torch.float32 or t.dim() != 1 for t in kept.values()):
-            print(f"kept reference in {path} is not readable; scoring the pairs again", flush=True)
-            return {}
-        return kept
+        kept = read_tensors(self.file(dtype), lambda t: all(v.dtype == torch.float32 and v.dim() == 1 for v in t.values()),
+                            "scoring the pairs again")
+        return kept or {}
 
     def keep(self, dtype: str, table: dict[str, torch.Tensor]) -> None:
         """Replace the kept sequences with ``table`` (written whole, then renamed); a folder
         that cannot be written only costs the reuse."""
-        from safetensors.torch import save_file
+        from .generation import keep_tensors
 
-        path = self.file(dtype)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({k: v.contiguous() for k, v in table.items()}, tmp)
-            tmp.replace(path)
-        except OSError as e:
-            print(f"reference not kept ({e}); the next job scores the pairs again", flush=True)
+        keep_tensors(self.file(dtype), table, "scores the pairs again")
 
 
 def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, autocast: bool,
@@ -316,6 +297,7 @@ def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int
     processes each rank scores every size-th batch and the ranks add up one flat table, so
     each has them all."""
     from . import distributed
+    from .sft import TokenizedExample, collate_examples
 
     world = distributed.start()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
@@ -328,16 +310,8 @@ def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int
             if (b // batch_size) % world.size != world.rank:
                 continue
             idx = order[b : b + batch_size]
-            width = max(len(sequences[i][0]) + len(sequences[i][1]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attn, comp = torch.zeros_like(ids), torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                prompt, answer = sequences[i]
-                n = len(prompt) + len(answer)
-                ids[r, :n] = torch.tensor(prompt + answer)
-                attn[r, :n] = 1
-                comp[r, len(prompt) : n] = 1
-            batch = to_device({"input_ids": ids, "attention_mask": attn, "completion_mask": comp}, model)
+            chunk = [TokenizedExample(*sequences[i]) for i in idx]
+            batch = to_device(collate_examples(chunk, pad_id), model)
             logits, rows, targets = answer_logits(model, batch)
             lp = (logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)).float().cpu()
             rows = rows.cpu()

@@ -121,16 +121,21 @@ class AnswerCache:
         return stored if stored is not None else {}
 
 
-@functools.cache  # read once a process: the sources do not change under it
-def answering_code() -> str:
-    """What else decides a kept answer: this file and the penalty's source, torch's and
-    transformers' versions. An upgrade that changes how answers are made answers again."""
+def code_version(*files: str | Path) -> str:
+    """What else decides a kept answer or score: these source files' hash, torch's and
+    transformers' versions. An upgrade that changes how they are made makes them again."""
     import transformers
 
+    h = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files))
+    return f"{h.hexdigest()[:16]} torch {torch.__version__} transformers {transformers.__version__}"
+
+
+@functools.cache  # read once a process: the sources do not change under it
+def answering_code() -> str:
+    """What else decides a kept answer: this file and the penalty's source (``code_version``)."""
     from assistant import penalties
 
-    h = hashlib.sha256(Path(__file__).read_bytes() + Path(penalties.__file__).read_bytes())
-    return f"{h.hexdigest()[:16]} torch {torch.__version__} transformers {transformers.__version__}"
+    return code_version(__file__, penalties.__file__)
 
 
 def read_kept(path: Path, valid) -> object | None:
@@ -147,16 +152,49 @@ def read_kept(path: Path, valid) -> object | None:
     return None
 
 
-def keep(path: Path, data) -> None:
-    """Write ``data`` as JSON at ``path``, whole, then renamed (a reader sees the old file or
-    none); a folder that cannot be written only costs the reuse (said, not raised)."""
+def read_tensors(path: Path, valid, again: str) -> dict | None:
+    """The tensors kept at ``path`` (safetensors: tensors only, nothing a planted file could
+    run) when ``valid(them)``, else None: absent, or damaged or not what is expected (said,
+    with what happens ``again``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        data = load_file(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, SafetensorError, ValueError):
+        data = None
+    if data is not None and valid(data):
+        return data
+    print(f"kept reference in {path} is not readable; {again}", flush=True)
+    return None
+
+
+def _write_whole(path: Path, write, failed: str) -> None:
+    """``write(tmp)`` next to ``path``, then renamed over it (a reader sees the old file or
+    none); a folder that cannot be written only costs the reuse (``failed``, said)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
+        write(tmp)
         tmp.replace(path)
     except OSError as e:
-        print(f"answers not kept ({e}); the next job answers them again", flush=True)
+        print(failed.format(error=e), flush=True)
+
+
+def keep(path: Path, data) -> None:
+    """Write ``data`` as JSON at ``path``, whole (``_write_whole``)."""
+    _write_whole(path, lambda tmp: tmp.write_text(json.dumps(data)),
+                 "answers not kept ({error}); the next job answers them again")
+
+
+def keep_tensors(path: Path, tensors: dict, again: str) -> None:
+    """Write ``tensors`` as safetensors at ``path``, whole (``_write_whole``)."""
+    from safetensors.torch import save_file
+
+    _write_whole(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp),
+                 f"reference not kept ({{error}}); the next job {again}")
 
 
 def _conversation_key(conversation: list[dict]) -> str:

@@ -87,9 +87,10 @@ def score_pairs(store, model, tokenizer, config, cache) -> int:
         return 0
     data = build_preferences(store)
     pairs, votes = [asdict(p) for p in data.train_pairs], [asdict(u) for u in data.train_unpaired]
-    if not pairs or choose_objective(config.objective, pairs, votes) == "kto":
+    objective = choose_objective(config.objective, pairs, votes) if pairs else "kto"
+    if objective == "kto":
         return 0
-    if choose_objective(config.objective, pairs, votes) == "dpo" and config.early_close:
+    if objective == "dpo" and config.early_close:
         pairs += early_close_pairs(pairs)  # as tuning.dpo.train_loop adds them
     with_reference(model, pair_items(tokenizer, pairs, config), pad_id(tokenizer), config.dtype == "bfloat16", cache)
     return len(pairs)

@@ -34,7 +34,7 @@ import torch
 from .config import TrainConfig
 from .dpo import (_completion_ids, answer_logits, answer_token_share, autocast_on, optimise, pad_id,
                   sequence_logps, to_device)
-from .generation import answering_code, greedy_answers, keep, read_kept
+from .generation import answering_code, code_version, greedy_answers, keep, keep_tensors, read_kept, read_tensors
 from .general import questions as general_questions
 from .synthetic import prompts as open_prompts, spread
 
@@ -302,59 +302,35 @@ def prepare_replay(model, tokenizer, config: TrainConfig, cache: ReplayCache | N
 
 
 def reference_code() -> str:
-    """What else decides a kept reference: the files that tokenize and score the rows, torch's
-    and transformers' versions."""
-    import transformers
-
+    """What else decides a kept reference: the files that tokenize and score the rows
+    (``tuning.generation.code_version``)."""
     from . import dpo
 
-    h = hashlib.sha256(Path(__file__).read_bytes() + Path(dpo.__file__).read_bytes())
-    return f"{h.hexdigest()[:16]} torch {torch.__version__} transformers {transformers.__version__}"
+    return code_version(__file__, dpo.__file__)
 
 
 def read_reference(path: Path, items: list[TokenizedExample]) -> list[TokenizedExample] | None:
     """``items`` with the reference kept at ``path`` (``keep_reference``), or None when absent
     or not that reference (a row missing or of another shape: said, then computed again)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    def valid(kept: dict) -> bool:
+        return len(kept) == 2 * len(items) and all(
+            f"{i}.ids" in kept and f"{i}.logps" in kept and kept[f"{i}.ids"].shape == kept[f"{i}.logps"].shape
+            and kept[f"{i}.ids"].shape[0] == len(it.answer) and kept[f"{i}.ids"].dtype == torch.long
+            and kept[f"{i}.logps"].dtype == torch.float32 for i, it in enumerate(items))
 
-    try:
-        kept = load_file(path)
-    except FileNotFoundError:
+    kept = read_tensors(path, valid, "computing it again")
+    if kept is None:
         return None
-    except (OSError, SafetensorError, ValueError):
-        kept = {}
-    out = []
-    for i, it in enumerate(items):
-        ids, logps = kept.get(f"{i}.ids"), kept.get(f"{i}.logps")
-        if ids is None or logps is None or ids.shape != logps.shape or ids.shape[0] != len(it.answer) \
-                or ids.dtype != torch.long or logps.dtype != torch.float32:
-            print(f"kept reference in {path} is not readable; computing it again", flush=True)
-            return None
-        out.append(TokenizedExample(it.prompt, it.answer, ids, logps))
-    if len(kept) != 2 * len(items):
-        print(f"kept reference in {path} is not readable; computing it again", flush=True)
-        return None
-    return out
+    return [TokenizedExample(it.prompt, it.answer, kept[f"{i}.ids"], kept[f"{i}.logps"]) for i, it in enumerate(items)]
 
 
 def keep_reference(path: Path, items: list[TokenizedExample]) -> None:
     """Write the rows' reference at ``path`` (safetensors, whole, then renamed); a folder that
     cannot be written only costs the reuse."""
-    import os
-
-    from safetensors.torch import save_file
-
     tensors = {}
     for i, it in enumerate(items):
-        tensors[f"{i}.ids"], tensors[f"{i}.logps"] = it.ref_ids.contiguous(), it.ref_logps.contiguous()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(tensors, tmp)
-        tmp.replace(path)
-    except OSError as e:
-        print(f"reference not kept ({e}); the next job computes it again", flush=True)
+        tensors[f"{i}.ids"], tensors[f"{i}.logps"] = it.ref_ids, it.ref_logps
+    keep_tensors(path, tensors, "computes it again")
 
 
 def replay_for(model, tokenizer, config: TrainConfig, progress: Callable[[dict], None] | None = None,
