@@ -66,6 +66,12 @@ class DataPaths:
         the models."""
         return self.root / "references"
 
+    @property
+    def prepared(self) -> Path:
+        """What ``tuning.prepare`` last did ahead for the next job (counts, seconds, when):
+        the admin console shows it."""
+        return self.root / "prepared.json"
+
     def version_folder(self, row: dict) -> Path:
         """The folder of a registered version (an ``adapters`` row), resolved. Its recorded
         path must lead directly into the adapters folder: one that leads anywhere else

@@ -22,6 +22,7 @@ alone, and a job another machine queued is not this app's to fail at start.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 import psutil
 
+from assistant.paths import DataPaths
 from store.rows import utc_now
 from tuning.heartbeat import HEARTBEAT_S
 
@@ -307,6 +309,23 @@ class Preparer:
                 self._pauser = PauseWhileBusy(self._proc.pid,
                                               lambda: self.streaming() >= self.config.pause_training_at).start()
             return True
+
+    def status(self) -> dict:
+        """What the admin console shows: whether one runs now (``paused`` while users chat),
+        since when and for which live version, and what the last one to finish did
+        (``last``: ``DATA_DIR/prepared.json``, written by ``tuning.prepare``; None when none
+        finished or the file is not readable)."""
+        with self._lock:
+            running = self.running()
+            status = {"running": running, "paused": bool(running and self._pauser is not None and self._pauser.paused),
+                      "started_utc": self._at, "for_version": None if self._for is _NOTHING_YET else self._for}
+        try:
+            last = json.loads(DataPaths(self.config.data_dir).prepared.read_text())
+            if dt.datetime.fromisoformat(last["finished_utc"]).tzinfo is None:
+                raise ValueError("not a UTC time")
+        except (OSError, ValueError, TypeError, KeyError):  # none yet, or damaged: shown as none
+            last = None
+        return {**status, "last": last}
 
     def stop(self) -> None:
         """Stop a running one (a job is about to start, or the app stops) and wait for it."""

@@ -214,3 +214,47 @@ def test_an_admin_uploads_a_data_set_reads_its_report_and_trains_on_it(admin, st
     page.train_dataset(digest, req("root"))
     (job,) = store.jobs()
     assert launched == [job["id"]] and job["config_json"] == {"method": "sft", "dataset": digest}
+
+
+def test_the_console_says_what_was_prepared_ahead_for_the_next_job(admin, store, tmp_path, monkeypatch):
+    """The loop status names what ``tuning.prepare`` last did (``DATA_DIR/prepared.json``),
+    whether one runs now and is paused under chat load, and what it no longer covers: a
+    version that went live since, feedback given since. Off, nothing yet, or a damaged
+    record are said, not failed on."""
+    import json
+
+    from assistant.config import ServeConfig
+    from assistant.paths import DataPaths
+    from loop.jobs import Preparer
+    from store.rows import utc_now
+
+    page, _, _ = admin
+    assert "Prepared ahead for the next job:** off" in page._loop_text()
+    prep = page.c.preparer = Preparer(ServeConfig(data_dir=tmp_path), [], store)
+    assert "nothing yet: the next job answers and scores everything itself" in page._loop_text()
+    record = {"format": "float32", "replayed": 128, "replay_s": 111.0, "pairs": 259, "pairs_s": 66.8,
+              "live_version": None, "regression": 52, "regression_s": 20.1, "finished_utc": utc_now()}
+    DataPaths(tmp_path).prepared.write_text(json.dumps(record))
+    text = page._loop_text()
+    assert ("last done 0 min" in text and "128 replayed answers (111.0 s), 259 pairs scored (66.8 s), "
+            "52 regression answers of base model (20.1 s)" in text)
+    assert "went live since" not in text and "votes and edits since" not in text
+    _version(store, 1)
+    page.promote("v1", "", False, req("root"))
+    asked = []
+    monkeypatch.setattr(store, "feedback_count_since", lambda since: asked.append(since) or 5)
+    text = page._loop_text()
+    assert "v1 went live since" in text and "5 votes and edits since (scored ahead from 32 on" in text
+    assert asked == [record["finished_utc"]]
+    # One running now, for v1, stopped while users chat.
+    prep._for, prep._at = 1, utc_now()
+    prep._proc = SimpleNamespace(poll=lambda: None)
+    prep._pauser = SimpleNamespace(paused=True)
+    assert "answering for v1, started 0 min" in page._loop_text() and "paused while users chat" in page._loop_text()
+    prep._pauser.paused = False
+    assert "at idle priority" in page._loop_text()
+    prep._proc, prep._pauser = SimpleNamespace(poll=lambda: 0), None
+    for damaged in ("{not json", "[1, 2]", json.dumps({**record, "finished_utc": "2026-12-07T10:00:00"}),
+                    json.dumps({**record, "finished_utc": 7})):
+        DataPaths(tmp_path).prepared.write_text(damaged)
+        assert prep.status()["last"] is None and "nothing yet" in page._loop_text()

@@ -503,6 +503,9 @@ def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(stor
     log = (tmp_path / "prepare.log").read_text()
     assert "regression set: " in log and "the base model" in log and "priority: background" in log
     assert list((tmp_path / "models" / ".answers").glob("*.json")) and list((tmp_path / "models" / ".replay").glob("*.json"))
+    last = prep.status()["last"]  # what the console shows: the record tuning.prepare kept
+    assert not prep.status()["running"] and last["live_version"] is None and last["format"] == "float32"
+    assert last["regression"] == len(GateConfig().golden) and last["finished_utc"] > prep._at
     assert not prep.poll() and prep.started == [None]  # the same live version: nothing to do
     # Feedback grew since it started: again, so the new pairs' reference is scored ahead too.
     counted = []
@@ -521,6 +524,7 @@ def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(stor
     store.update_job(job, status="failed", error="test")
     monkeypatch.setattr(prep, "command", lambda: [sys.executable, "-c", "import time; time.sleep(120)"])
     assert prep.poll() and prep.started == [None, None, 7] and prep.running()
+    assert prep.status()["running"] and prep.status()["for_version"] == 7 and prep.status()["last"] == last
     running = store.create_job("root", {}, status="running")  # a job from the command line: it answers itself
     assert not prep.poll() and not prep.running() and prep._proc.returncode == -signal.SIGTERM
     store.update_job(running, status="failed", error="test")

@@ -183,10 +183,10 @@ def _write_whole(path: Path, write, failed: str) -> None:
         print(failed.format(error=e), flush=True)
 
 
-def keep(path: Path, data) -> None:
-    """Write ``data`` as JSON at ``path``, whole (``_write_whole``)."""
-    _write_whole(path, lambda tmp: tmp.write_text(json.dumps(data)),
-                 "answers not kept ({error}); the next job answers them again")
+def keep(path: Path, data, failed: str = "answers not kept ({error}); the next job answers them again") -> None:
+    """Write ``data`` as JSON at ``path``, whole (``_write_whole``; ``failed``: what a
+    folder that cannot be written costs, said)."""
+    _write_whole(path, lambda tmp: tmp.write_text(json.dumps(data)), failed)
 
 
 def keep_tensors(path: Path, tensors: dict, again: str) -> None:

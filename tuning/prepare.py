@@ -35,14 +35,17 @@ from assistant.paths import DATABASE_ENV, DataPaths, database_option
 def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_config=None) -> dict:
     """Answer the replayed questions with the model a job would start from and the
     regression set with the live version, each read from its cache where already answered.
-    Returns what it did: the live version, the counts and the seconds of each part."""
+    Returns what it did: the live version, the counts and the seconds of each part, and
+    when it finished; also kept in ``DATA_DIR/prepared.json`` for the admin console."""
     import torch
 
     from .config import TrainConfig
     from .gate import GateConfig, regression_answers
+    from .generation import keep
     from .sft import prepare_replay
     from .trainer import base_weight_shapes, build_model, live_active, parent_folder, reference_cache, replay_cache
     from assistant.precision import machine_format
+    from store.rows import utc_now
 
     config = config or TrainConfig()
     gate_config = gate_config or GateConfig()
@@ -70,6 +73,8 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     done["regression_s"] = round(time.monotonic() - t0, 1)
     print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
         f"answered or read in {done['regression_s']} s", flush=True)
+    done["finished_utc"] = utc_now()
+    keep(DataPaths(data_dir).prepared, done, "what was prepared is not recorded ({error}); the console cannot show it")
     return done
 
 

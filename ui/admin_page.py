@@ -245,7 +245,35 @@ class AdminPage:
         if cfg.retrain_every_hours:
             sched.append(f"every {cfg.retrain_every_hours} h")
         lines.append("**Scheduled retraining:** " + (" or ".join(sched) if sched else "off"))
+        lines.append(self._prepared_text(live))
         return "  \n".join(lines)
+
+    def _prepared_text(self, live: int | None) -> str:
+        """What was answered and scored ahead for the next job while the app was idle
+        (``loop.jobs.Preparer.status``): what the next job will not spend minutes on."""
+        head = "**Prepared ahead for the next job:** "
+        if self.c.preparer is None:
+            return head + "off (`--no-prepare-answers`): each job answers and scores everything itself before its first step"
+        st = self.c.preparer.status()
+        said = []
+        if st["running"]:
+            said.append(f"answering for {_version_label(st['for_version'])}, started {_ago(st['started_utc'])}"
+                        + (", paused while users chat" if st["paused"] else ", at idle priority"))
+        if last := st["last"]:
+            n = lambda key: last[key] if isinstance(last.get(key), (int, float)) else 0  # noqa: E731
+            who = last.get("live_version") if isinstance(last.get("live_version"), int) else None
+            said.append(f"last done {_ago(last['finished_utc'])}: {n('replayed')} replayed answers ({n('replay_s')} s), "
+                        f"{n('pairs')} pairs scored ({n('pairs_s')} s), {n('regression')} regression answers of "
+                        f"{_version_label(who)} ({n('regression_s')} s)")
+            if who != live:
+                said.append(f"{_version_label(live)} went live since: the next job answers what its start needs")
+            new = self.store.feedback_count_since(last["finished_utc"])
+            if new:
+                said.append(f"{new} votes and edits since (scored ahead from {self.c.preparer.new_feedback} on, "
+                            "or by the job)")
+        elif not st["running"]:
+            said.append("nothing yet: the next job answers and scores everything itself before its first step")
+        return head + "; ".join(said)
 
     def job_status(self, request: gr.Request):
         self._admin(request)
