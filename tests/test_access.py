@@ -106,7 +106,11 @@ def test_a_burst_of_wrong_passwords_is_cut_off_fast_and_the_right_one_works_afte
                 retry_after = int(r.headers["Retry-After"])
         assert codes == [400] * 5 + [429] * 25
         assert calls == ["root"] * 5  # refusals never reached the password check
-        assert slowest_refusal < 0.2 and 1 <= retry_after <= 3
+        # Refused at once, not held open until the 3 s wait is over (which would tie up a
+        # server thread per attacker's request). The bound is not a speed target: under CI
+        # on a machine running 2-3x slow a refusal took 0.23 s, over the 0.2 s once here;
+        # that none reached the password check is asserted above, by count.
+        assert slowest_refusal < 1.0 and 1 <= retry_after <= 3
         r = httpx.post(f"{url}/login", data={"username": "root", "password": "root-password"}, timeout=30)
         assert r.status_code == 429  # the right password waits too: it is not a way to probe
         r = httpx.post(f"{url}/login", data={"username": "mallory", "password": "mallory-password"}, timeout=30)
