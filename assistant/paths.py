@@ -67,6 +67,13 @@ class DataPaths:
         return self.root / "references"
 
     @property
+    def held_out(self) -> Path:
+        """What the gate keeps of the live version (or the base) on the held-out pairs for
+        the next job: its answers to their prompts and its log-probabilities of their answers
+        (``tuning.trainer.Kept``); from users' prompts, so here."""
+        return self.root / "held-out"
+
+    @property
     def prepared(self) -> Path:
         """What ``tuning.prepare`` last did ahead for the next job (counts, seconds, when):
         the admin console shows it."""

@@ -233,11 +233,13 @@ def test_the_console_says_what_was_prepared_ahead_for_the_next_job(admin, store,
     prep = page.c.preparer = Preparer(ServeConfig(data_dir=tmp_path), [], store)
     assert "nothing yet: the next job answers and scores everything itself" in page._loop_text()
     record = {"format": "float32", "replayed": 128, "replay_s": 111.0, "pairs": 259, "pairs_s": 66.8,
-              "live_version": None, "regression": 52, "regression_s": 20.1, "finished_utc": utc_now()}
+              "live_version": None, "regression": 52, "regression_s": 20.1, "held_out": 29, "held_out_s": 95.5,
+              "finished_utc": utc_now()}
     DataPaths(tmp_path).prepared.write_text(json.dumps(record))
     text = page._loop_text()
     assert ("last done 0 min" in text and "128 replayed answers (111.0 s), 259 pairs scored (66.8 s), "
-            "52 regression answers of base model (20.1 s)" in text)
+            "52 regression answers of base model (20.1 s), 29 held-out pairs scored and their prompts answered "
+            "(95.5 s)" in text)
     assert "went live since" not in text and "votes and edits since" not in text
     _version(store, 1)
     page.promote("v1", "", False, req("root"))

@@ -97,30 +97,54 @@ def test_the_next_version_is_gated_against_the_live_one(store, tmp_path, checkpo
     assert len(adapter_dirs(tmp_path)) == 2
 
 
-def test_the_live_versions_answers_are_kept_for_the_next_jobs_gate(store, tmp_path, monkeypatch):
-    """The gate's answers of the live version (tuning.generation.AnswerCache) are generated
-    once per live version: a second job against the same live version reads them (the same
-    answers), a promoted version is answered anew; the new version is always answered."""
-    from tuning import generation
+def test_the_live_versions_answers_and_scores_are_kept_for_the_next_jobs_gate(store, tmp_path, monkeypatch):
+    """What the gate asks of the live version (tuning.trainer.Kept) is answered and scored
+    once per live version: a second job against the same live version reads its regression
+    answers (beside the models), its answers to the held-out prompts and its and the base's
+    log-probabilities of the held-out pairs (in the data folder), and gets the same figures;
+    new held-out pairs are answered and scored, and only they are kept; a promoted version is
+    answered and scored anew. The new version is always answered and scored."""
+    from tuning import dpo, generation
 
     own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")  # its own: nothing kept yet
-    kept = []
-    real = generation.greedy_answers
-    monkeypatch.setattr(generation, "greedy_answers", lambda m, t, convs, **kw: kept.append(len(convs)) or real(m, t, convs, **kw))
+    answered, scored = [], []
+    real, real_score = generation.greedy_answers, dpo.token_logps
+    monkeypatch.setattr(generation, "greedy_answers", lambda m, t, convs, **kw: answered.append(len(convs)) or real(m, t, convs, **kw))
+    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **kw: (kw.get("alone") and scored.append(len(seqs)))
+                        or real_score(m, seqs, *a, **kw))
     data = tmp_path / "data"
+    held_out = lambda: sorted((data / "held-out").iterdir())  # noqa: E731
     first = run(store, data, own)
-    assert kept == [1]  # the base's answer to the regression question (held-out users' prompts are never kept)
+    # the base (live) answers the regression question and the 4 held-out prompts it reads; the
+    # base and the new version score the 8 held-out pairs (16 answers); the live base reads the base's
+    assert answered == [1, 4] and scored == [16, 16]
+    ev1 = store.adapter(first.version)["eval_json"]
+    assert ev1["live"]["reward_margin"] == 0 and ev1["live"]["logratios"] and ev1["reward_margin"] != 0
+    assert set(ev1["seconds"]) == {"base log-ratios", "candidate", "live"} and ev1["seconds"]["live"]["log-ratios"] >= 0
+    assert len(held_out()) == 2  # the base's scores and its answers to the held-out prompts
     second = run(store, data, own, config=FAST.replace(seed=1))
-    assert kept == [1], "the second job answered the live version's regression questions again"
-    ev1, ev2 = (store.adapter(r.version)["eval_json"] for r in (first, second))
+    assert answered == [1, 4] and scored == [16, 16, 16], "the second job answered or scored the live version again"
+    ev2 = store.adapter(second.version)["eval_json"]
     assert ev2["live"]["answers"] == ev1["live"]["answers"] and ev2["live"]["golden"] == ev1["live"]["golden"]
-    assert list((tmp_path / "models" / ".answers").glob("*.json"))
+    assert ev2["live"]["logratios"] == ev1["live"]["logratios"]
+    # Other held-out pairs (other users' prompts): answered and scored, and only they are kept.
+    others = toy_pairs(8, start=200, prefix="f")
+    third = train_adapter(toy_pairs(16), others, store=store, data_dir=data, base_model_dir=own, config=FAST,
+                          gate_config=GATE)
+    assert answered == [1, 4, 4] and scored == [16, 16, 16, 16, 16] and third.status == "succeeded"
+    kept_text = "".join(f.read_text() for f in held_out() if f.suffix == ".json")
+    assert "question 200?" in kept_text and "question 100?" not in kept_text
+    from safetensors.torch import load_file
+
+    assert [len(load_file(f)) for f in held_out() if f.suffix == ".safetensors"] == [16]
     store.record_promotion(first.version, "alice", "test")
-    third = run(store, data, own, config=FAST.replace(seed=2))
-    assert kept == [1, 1] and store.adapter(third.version)["eval_json"]["live_version"] == first.version
+    fourth = run(store, data, own, config=FAST.replace(seed=2))
+    assert answered == [1, 4, 4, 1, 4] and store.adapter(fourth.version)["eval_json"]["live_version"] == first.version
+    assert scored[5:] == [16, 16, 16]  # the base's scores of these pairs again (the third job kept others'), new, live
+    assert len(held_out()) == 3  # the base's scores, the live version's scores and answers; the base's answers left
     stored = "".join(f.read_text() for f in (tmp_path / "models" / ".answers").glob("*.json"))
     assert "question 1?" in stored and not [p for p in toy_pairs(8, start=100, prefix="e")
-                                            if p["prompt"][-1]["content"] in stored]
+                                            if p["prompt"][-1]["content"] in stored], "users' prompts beside the models"
 
 
 def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys, monkeypatch):
@@ -419,8 +443,9 @@ def test_a_long_run_keeps_a_bounded_history_with_its_whole_shape():
 def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_path, monkeypatch, capsys):
     """tuning.prepare answers the replayed questions with the job's starting model (and
     scores them: the replay's reference) and the regression set with the live version, into
-    the caches a job reads: the job that follows answers and scores none of them again (only its own new version and the users' held-out prompts), and
-    a promotion makes the live version's answers new work for the next prepare."""
+    the caches a job reads: the job that follows answers and scores none of them again
+    (only its own new version, and held-out prompts the store did not hold), and a
+    promotion makes the live version's answers new work for the next prepare."""
     from tuning import generation, sft
     from tuning.prepare import prepare
 
@@ -440,14 +465,16 @@ def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_
     assert "regression set: 1 answers of the base model" in capsys.readouterr().out
     assert prepare(store, data, own, config, GATE)["replayed"] == done["replayed"] and (golden, replayed) == ([1], [8])
 
+    # This job's pairs are not in the store, so their held-out prompts (4 read) were not
+    # prepared: the job answers them itself (tests/test_trainer.py: the scenario's are).
     first = run(store, data, own, config=config)
-    assert first.status == "succeeded" and (golden, replayed, scored) == ([1], [8], once), "the job answered what was prepared"
+    assert first.status == "succeeded" and (golden, replayed, scored) == ([1, 4], [8], once), "the job answered what was prepared"
     store.record_promotion(first.version, "alice", "test")
     assert prepare(store, data, own, config, GATE)["live_version"] == first.version
-    assert (golden, replayed) == ([1, 1], [8])  # the new live version's regression answers; the start is the same
+    assert (golden, replayed) == ([1, 4, 1], [8])  # the new live version's regression answers; the start is the same
     second = run(store, data, own, config=config.replace(seed=1))
     assert store.adapter(second.version)["eval_json"]["live_version"] == first.version
-    assert (golden, replayed) == ([1, 1], [8])
+    assert (golden, replayed) == ([1, 4, 1, 4], [8])
     # Another format is another start: the replayed answers are kept by format.
     assert prepare(store, data, own, config.replace(dtype="bfloat16"), GATE)["format"] == "bfloat16"
     assert replayed == [8, 8]
@@ -455,37 +482,56 @@ def test_answers_prepared_while_idle_are_the_ones_the_next_job_reads(store, tmp_
 
 def test_the_pairs_reference_prepared_from_the_store_is_the_one_the_next_job_reads(store, tmp_path, monkeypatch):
     """tuning.prepare also scores both answers of every training pair the store would give a
-    job now (the DPO reference), kept in the data folder; the job built from the same store
-    scores none of them again, and gets the numbers it would have computed itself."""
+    job now (the DPO reference), scores the held-out pairs with the base and the live
+    version and answers their prompts with the live version, all kept in the data folder;
+    the job built from the same store scores none of them again and answers only with its
+    own version, and gets the numbers it would have computed itself."""
     from dataclasses import asdict
 
     from feedback_scenario import build_scenario
-    from tuning import dpo, kto
+    from tuning import dpo, generation, kto
+    from tuning.gate import pair_logratios
     from tuning.pairs import build_preferences
     from tuning.prepare import prepare
 
     own = save_tiny_checkpoint(tmp_path / "models" / "tiny-chat")
     build_scenario(store)
-    scored, refs = [], []
-    real_score, real_ref = dpo.token_logps, dpo.with_reference
-    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **k: scored.append(len(seqs)) or real_score(m, seqs, *a, **k))
+    scored, alone, refs, answered = [], [], [], []
+    real_score, real_ref, real_greedy = dpo.token_logps, dpo.with_reference, generation.greedy_answers
+    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **k: (alone if k.get("alone") else scored).append(len(seqs))
+                        or real_score(m, seqs, *a, **k))
+
+    def greedy(m, t, convs, **k):  # counted where generated (a call with a cache generates through another)
+        if k.get("cache") is None:
+            answered.append(len(convs))
+        return real_greedy(m, t, convs, **k)
+
+    monkeypatch.setattr(generation, "greedy_answers", greedy)
     for module in (dpo, kto):  # a job with lone votes too trains both (tuning.kto)
         monkeypatch.setattr(module, "with_reference", lambda *a, **k: refs.append(real_ref(*a, **k)) or refs[-1])
     config, data = FAST.replace(replay=0), tmp_path / "data"
     done = prepare(store, data, own, config, GATE)
     built = build_preferences(store)
+    held = [asdict(p) for p in built.eval_pairs]
+    prompts = min(len({p["prompt"][-1]["content"] for p in held}), GATE.max_length_prompts)
     assert done["pairs"] >= len(built.train_pairs) > 0 and scored and scored[0] > 0
+    assert done["held_out"] == len(held) > 0 and alone == [2 * len(held)] and answered == [1, prompts]
     assert [p.parent.name for p in (data / "references").glob("*.safetensors")] == ["references"]
-    assert not list((own.parent).glob("references*")), "users' numbers beside the models"
-    job = train_adapter([asdict(p) for p in built.train_pairs], [asdict(p) for p in built.eval_pairs], store=store,
+    assert not list((own.parent).glob("references*")) and not list(own.parent.glob("held-out*")), \
+        "users' numbers beside the models"
+    job = train_adapter([asdict(p) for p in built.train_pairs], held, store=store,
                         data_dir=data, base_model_dir=own, config=config, gate_config=GATE,
                         votes=[asdict(u) for u in built.train_unpaired], eval_votes=[asdict(u) for u in built.eval_unpaired])
     assert job.status == "succeeded" and len(refs) == 2 and scored[1] == 0, "the job scored prepared pairs again"
+    assert alone == [2 * len(held)] * 2, "the job scored the base's held-out pairs again (only its new version's)"
+    assert answered == [1, prompts], "the job answered the base's held-out prompts again"
     from tuning.trainer import build_model
 
     model, tok = build_model(own, config)
     fresh = real_ref(model, dpo.pair_items(tok, [asdict(p) for p in built.train_pairs], config), dpo.pad_id(tok), False)
     assert [x for it in refs[1][: len(fresh)] for x in it.ref] == pytest.approx([x for it in fresh for x in it.ref], abs=1e-4)
+    live = store.adapter(job.version)["eval_json"]["live"]  # the base's, read from what was prepared
+    assert live["logratios"] == pytest.approx(pair_logratios(model, tok, held, adapter_off=True)[0], abs=1e-3)
 
 
 def test_the_app_answers_ahead_once_per_live_version_and_never_beside_a_job(store, tmp_path, monkeypatch):

@@ -291,15 +291,16 @@ class ReferenceCache:
 
 
 def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, autocast: bool,
-                batch_size: int = 16) -> list[torch.Tensor]:
+                batch_size: int = 16, alone: bool = False) -> list[torch.Tensor]:
     """Each (prompt, answer) sequence's answer-token log-probabilities under ``model`` as it
-    is (no gradient), float32 (len(answer),), in batches of similar length. With several
-    processes each rank scores every size-th batch and the ranks add up one flat table, so
-    each has them all."""
+    is (no gradient), float32 (len(answer),), in batches of similar length (sorted: little
+    padding). With several processes each rank scores every size-th batch and the ranks add
+    up one flat table, so each has them all; ``alone``: this process scores them all and
+    waits for no other (the gate, which runs on the leader only)."""
     from . import distributed
     from .sft import TokenizedExample, collate_examples
 
-    world = distributed.start()
+    world = distributed.World() if alone else distributed.start()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     offsets = [0, *accumulate(len(a) for _, a in sequences)]
     flat = torch.zeros(offsets[-1], dtype=torch.float32)
@@ -318,7 +319,8 @@ def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int
             for r, i in enumerate(idx):
                 flat[offsets[i] : offsets[i + 1]] = lp[rows == r]
     model.train(was_training)
-    flat = distributed.sum_across(flat)
+    if not alone:
+        flat = distributed.sum_across(flat)
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(sequences))]
 
 

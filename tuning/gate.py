@@ -50,18 +50,20 @@ An admin may promote a version that failed; the Controller (``loop.control``) re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from assistant.engine import Sampling
 
-from .dpo import collate, pad_id, sequence_logps, tokenize_pair
+from .dpo import ReferenceCache, pad_id, sequence_logps, tokenize_pair
 from .generation import AnswerCache, greedy_answers
 
 
@@ -220,34 +222,41 @@ class GateResult:
 
 
 def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, batch_size: int = 8,
-                   max_length: int = 512) -> tuple[list[float], list[float]]:
+                   max_length: int = 512, cache: ReferenceCache | None = None) -> tuple[list[float], list[float]]:
     """Per pair: log pi(chosen) - log pi(rejected) summed over answer tokens, and the same
     difference of per-token means.
 
     Runs in the model's own dtype: the trainer casts it to the machine's serving format.
+    Scores the answers in batches of ``2 * batch_size`` sequences of similar length
+    (``tuning.dpo.token_logps``). ``cache``: where a fixed model's token log-probabilities
+    of these answers are kept (the base's or the live version's, ``tuning.trainer.Kept``):
+    kept ones are read, the rest scored, and the file then holds these pairs' answers only.
     """
-    pad = pad_id(tokenizer)
+    from .dpo import sequence_key, token_logps
+
     items = [tokenize_pair(tokenizer, p, max_length) for p in pairs]
-    summed: list[float] = []
-    per_token: list[float] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            batch = collate(chunk, pad)
-            with torch.inference_mode():
-                if adapter_off:
-                    with model.disable_adapter():
-                        logps, counts = sequence_logps(model, batch)
-                else:
-                    logps, counts = sequence_logps(model, batch)
-            n = len(chunk)
-            means = logps / counts.clamp(min=1)
-            summed += (logps[:n] - logps[n:]).tolist()
-            per_token += (means[:n] - means[n:]).tolist()
-    finally:
-        model.train(was_training)
+    sides = [(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items]
+    keys = [sequence_key(*side) for side in sides]
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    read = cache.read(dtype) if cache is not None else {}
+    length = {k: len(answer) for k, (_, answer) in zip(keys, sides)}
+    table = {k: v for k, v in read.items() if length.get(k) == v.shape[0]}
+    missing = list(dict.fromkeys(k for k in keys if k not in table))
+    if missing:
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        off = model.disable_adapter() if adapter_off else contextlib.nullcontext()
+        with off:
+            scored = token_logps(model, [sides[first[k]] for k in missing], pad_id(tokenizer), False,
+                                 batch_size=2 * batch_size, alone=True)
+        table.update(zip(missing, scored))
+    if cache is not None and (missing or len(read) != len(table)):
+        cache.keep(dtype, {k: table[k] for k in dict.fromkeys(keys)})
+    n = len(items)
+    summed, per_token = [], []
+    for i in range(n):
+        c, r = table[keys[i]].double(), table[keys[n + i]].double()
+        summed.append(float(c.sum() - r.sum()))
+        per_token.append(float(c.sum() / max(len(c), 1) - r.sum() / max(len(r), 1)))
     return summed, per_token
 
 
@@ -513,15 +522,21 @@ def noninferior(losses: int, gains: int, n: int, tolerance: float) -> tuple[bool
 
 def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float], *,
             adapter_off: bool, beta: float, config: GateConfig, max_length: int = 512,
-            cache: AnswerCache | None = None) -> dict:
-    """One version's gate metrics; the active adapter is the version (or none: the base);
-    ``cache``: the version's kept answers (``tuning.generation.AnswerCache``), for a version
-    that does not change (the live one)."""
+            cache: AnswerCache | None = None, held: AnswerCache | None = None,
+            scores: ReferenceCache | None = None) -> dict:
+    """One version's gate metrics; the active adapter is the version (or none: the base).
+    For a version that does not change (the live one), what is kept of it
+    (``tuning.trainer.Kept``): ``cache`` its regression answers, ``held`` its answers to
+    the held-out prompts, ``scores`` its log-probabilities of the held-out pairs' answers.
+    Records the seconds its log-ratios and its answers took."""
+    t0 = time.monotonic()
     lr, per_token = pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off,
-                                   batch_size=config.batch_size, max_length=max_length)
+                                   batch_size=config.batch_size, max_length=max_length, cache=scores)
+    t1 = time.monotonic()
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
     reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], config)
-    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach, cache)
+    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach, cache, held)
+    seconds = {"log-ratios": round(t1 - t0, 1), "answers": round(time.monotonic() - t1, 1)}
     # Each held-out pair whose prompt was answered: the answer beside the pair's two sides,
     # cut to as far as the answers were read (for the behaviour check).
     pair_answers = [{"answer": answer, "chosen": _cut(tokenizer, _text(p["chosen"]), reach),
@@ -540,6 +555,7 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
                                 for p in eval_pairs]),
         "answer_reach": reach,
         "pair_answers": pair_answers,
+        "seconds": seconds,
     }
 
 
@@ -563,25 +579,35 @@ def regression_answers(model, tokenizer, config: GateConfig, adapter_off: bool,
                           frequency_penalty=config.frequency_penalty)
 
 
-def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
-                reach: int | None = None, cache: AnswerCache | None = None) -> tuple[dict, dict]:
-    """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
-    rows' distinct prompts (at most ``config.max_length_prompts``, ``reach`` tokens:
-    ``answer_reach``). Returns (answer by prompt key, the metrics every measure records:
-    the regression verdicts, mean answer tokens, damaged answers, answers)."""
+def held_out_prompts(rows: list[dict], config: GateConfig) -> list[list[dict]]:
+    """The rows' distinct prompts the gate answers: at most ``config.max_length_prompts``,
+    in the rows' order."""
     prompts: list[list[dict]] = []
     for r in rows:
         if r["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
             prompts.append(r["prompt"])
+    return prompts
+
+
+def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
+                reach: int | None = None, cache: AnswerCache | None = None,
+                held: AnswerCache | None = None) -> tuple[dict, dict]:
+    """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
+    rows' distinct prompts (``held_out_prompts``, ``reach`` tokens: ``answer_reach``),
+    read from ``cache`` and ``held`` where kept. Returns (answer by prompt key, the metrics
+    every measure records: the regression verdicts, mean answer tokens, damaged answers,
+    answers)."""
+    prompts = held_out_prompts(rows, config)
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     reach = reach or config.max_new_tokens
     kw = dict(batch_size=config.answer_batch_size, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty)
-    if reach == config.max_new_tokens and cache is None:  # one batched pass, as before
+    if reach == config.max_new_tokens and cache is None and held is None:  # one batched pass, as before
         answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
     else:  # greedy in float32: batching apart changes no answer (tuning.generation)
-        # Only the regression set's answers are kept (``cache``): users' prompts stay in the data folder.
-        answers = (regression_answers(model, tokenizer, config, adapter_off, cache)
-                   + greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, **kw))
+        # The regression set's answers are kept beside the models (``cache``), the users'
+        # prompts' in the data folder (``held``).
+        answers = regression_answers(model, tokenizer, config, adapter_off, cache)
+        answers += greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, cache=held, **kw)
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]

@@ -84,16 +84,19 @@ class AnswerCache:
     regression questions with the same live version at every job until a new one is
     promoted; the second job on reads them (on a 2-core CPU without fast kernels, a few
     minutes a job). Valid because float32 greedy answers do not depend on the batch (above).
-    The gate keeps only the regression set's answers here: users' prompts and data sets'
-    questions stay in the data folder (where a user's opt-out and the exports reach them).
+    The regression set's answers are kept beside the models; the live version's answers to
+    the held-out users' prompts in the data folder (``only_asked``: the file holds the
+    prompts of the last gate or preparation and nothing else, so a prompt whose
+    conversation was withdrawn leaves it at the next one); data sets' questions are not kept.
 
-    ``folder``: where the answers are kept (beside the prepared base models, shared by every
-    data folder using them). ``model``: what the answering model is, e.g. its base files
+    ``folder``: where the answers are kept (the regression set's beside the prepared base
+    models, shared by every data folder using them; users' prompts' in the data folder). ``model``: what the answering model is, e.g. its base files
     (``tuning.sft.starting_point``) and the live version's content hash; a file per model,
     token limit and frequency penalty, a prompt per entry."""
 
     folder: Path
     model: dict
+    only_asked: bool = False  # the file then holds the last call's prompts only (users' prompts)
 
     def file(self, max_new_tokens: int, frequency_penalty: float) -> Path:
         key = json.dumps({"model": self.model, "max_new_tokens": max_new_tokens, "code": answering_code(),
@@ -108,10 +111,15 @@ class AnswerCache:
         for c in conversations:
             if (k := _conversation_key(c)) not in stored:
                 missing[k] = c
+        asked = {_conversation_key(c) for c in conversations}
         if missing:
             got = greedy_answers(model, tokenizer, list(missing.values()), max_new_tokens=max_new_tokens,
                                  frequency_penalty=frequency_penalty, **kw)
             stored.update({k: [text, n] for k, (text, n) in zip(missing, got)})
+        if self.only_asked and set(stored) != asked:
+            stored = {k: v for k, v in stored.items() if k in asked}
+            keep(path, stored)
+        elif missing:
             keep(path, stored)
         return [tuple(stored[_conversation_key(c)]) for c in conversations]
 

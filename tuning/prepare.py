@@ -3,22 +3,24 @@
 Before its first step a feedback job answers the general questions it replays with the
 model it starts from (``TrainConfig.replay``) and scores those answers with it (the
 reference its replay loss holds the version to); it scores both answers of every pair with
-it (the DPO reference); and its gate answers the regression set with the live version. The
-first and the last depend only on those two models and are kept beside the prepared base
-models for the next job (``tuning.sft.ReplayCache``, ``tuning.generation.AnswerCache``).
-The pairs' reference comes from users' answers, so it is kept in the data folder
-(``tuning.dpo.ReferenceCache``), holding only the pairs the store would give a job now. On
-a 2-core CPU these are minutes of a job: of a 288-edit job on torch's, MKL's and oneDNN's
-AVX2 kernels in float32 (2026-12-07, Intel Xeon), the first step ended at 242 s and the
-gate took 124 s. The app runs this in the background at idle priority when it starts,
-whenever the live version changes and when feedback has grown (``loop.jobs.Preparer``); a
-job started meanwhile stops it and does the rest itself.
+it (the DPO reference). Its gate answers the regression set with the live version, scores
+the held-out pairs' answers with the base and the live version, and answers their prompts
+with the live version. The replayed and the regression answers depend only on the models
+and are kept beside the prepared base models for the next job
+(``tuning.sft.ReplayCache``, ``tuning.generation.AnswerCache``). What comes from users'
+answers and prompts is kept in the data folder, holding only the pairs the store would give
+a job now: the pairs' reference (``tuning.dpo.ReferenceCache``) and what the gate asks of
+the fixed versions on the held-out pairs (``tuning.trainer.Kept``). On a 2-core CPU these
+are minutes of a job: of a 288-edit job on torch's, MKL's and oneDNN's AVX2 kernels in
+float32 (2026-12-07, Intel Xeon), the first step ended at 242 s and the gate took 124 s.
+The app runs this in the background at idle priority when it starts, whenever the live
+version changes and when feedback has grown (``loop.jobs.Preparer``); a job started
+meanwhile stops it and does the rest itself.
 
     python -m tuning.prepare --data-dir DATA [--models-dir M] [--model DIR] [--set KEY=VALUE ...]
 
 ``--set`` takes the settings the app's jobs get (``app.py serve --train-set``): the format
-and the replay settings decide which answers a job reads. Users' prompts are never answered
-here: the held-out pairs' answers stay the job's.
+and the replay settings decide which answers a job reads.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     from .gate import GateConfig, regression_answers
     from .generation import keep
     from .sft import prepare_replay
+    from .pairs import build_preferences
     from .trainer import base_weight_shapes, build_model, live_active, parent_folder, reference_cache, replay_cache
     from assistant.precision import machine_format
     from store.rows import utc_now
@@ -60,37 +63,43 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     done["replay_s"] = round(time.monotonic() - t0, 1)
     print(f"replayed questions: {done.get('replayed', 0)} answered and scored, or read, in {done['replay_s']} s", flush=True)
     t0 = time.monotonic()
-    done["pairs"] = score_pairs(store, model, tokenizer, config, reference_cache(data_dir, base_model_dir, parent))
+    data = build_preferences(store)
+    done["pairs"] = score_pairs(data, model, tokenizer, config, reference_cache(data_dir, base_model_dir, parent))
     done["pairs_s"] = round(time.monotonic() - t0, 1)
     print(f"the store's training pairs: {done['pairs']} scored by the reference, or read, in {done['pairs_s']} s",
           flush=True)
     t0 = time.monotonic()
     model.to("cpu", torch.float32)  # as the gate answers (tuning.trainer.train_adapter)
     with live_active(model, store, data_dir, base_weight_shapes(base_model_dir), config, base_model_dir) as (
-            live, adapter_off, cache):
+            live, adapter_off, kept_live):
         done["live_version"] = live
-        done["regression"] = len(regression_answers(model, tokenizer, gate_config, adapter_off, cache))
-    done["regression_s"] = round(time.monotonic() - t0, 1)
-    print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
-        f"answered or read in {done['regression_s']} s", flush=True)
+        done["regression"] = len(regression_answers(model, tokenizer, gate_config, adapter_off, kept_live.regression))
+        done["regression_s"] = round(time.monotonic() - t0, 1)
+        print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
+              f"answered or read in {done['regression_s']} s", flush=True)
+        t0 = time.monotonic()
+        done["held_out"] = held_out(data, model, tokenizer, config, gate_config, data_dir, base_model_dir,
+                                    adapter_off, kept_live)
+        done["held_out_s"] = round(time.monotonic() - t0, 1)
+    print(f"held-out pairs: {done['held_out']} scored by the base and the live version, their prompts answered by "
+          f"the live version, or read, in {done['held_out_s']} s", flush=True)
     done["finished_utc"] = utc_now()
     keep(DataPaths(data_dir).prepared, done, "what was prepared is not recorded ({error}); the console cannot show it")
     return done
 
 
-def score_pairs(store, model, tokenizer, config, cache) -> int:
+def score_pairs(data, model, tokenizer, config, cache) -> int:
     """The reference's log-probabilities of the training pairs a job would build from the
-    store now, kept in ``cache`` (``tuning.dpo.with_reference``; those already kept are
-    read); how many pairs. None scored when the job would not train pairs by our DPO loop."""
+    store now (``data``: ``build_preferences``), kept in ``cache``
+    (``tuning.dpo.with_reference``; those already kept are read); how many pairs. None
+    scored when the job would not train pairs by our DPO loop."""
     from dataclasses import asdict
 
     from .dpo import early_close_pairs, pad_id, pair_items, with_reference
     from .kto import choose_objective
-    from .pairs import build_preferences
 
     if config.reference != "once" or config.trainer == "trl" or config.method == "sft":
         return 0
-    data = build_preferences(store)
     pairs, votes = [asdict(p) for p in data.train_pairs], [asdict(u) for u in data.train_unpaired]
     objective = choose_objective(config.objective, pairs, votes) if pairs else "kto"
     if objective == "kto":
@@ -99,6 +108,34 @@ def score_pairs(store, model, tokenizer, config, cache) -> int:
         pairs += early_close_pairs(pairs)  # as tuning.dpo.train_loop adds them
     with_reference(model, pair_items(tokenizer, pairs, config), pad_id(tokenizer), config.dtype == "bfloat16", cache)
     return len(pairs)
+
+
+def held_out(data, model, tokenizer, config, gate_config, data_dir, base_model_dir, adapter_off: bool, kept_live) -> int:
+    """What the next job's gate asks of the base and the live version on the held-out pairs
+    the store would give it now (``data``), kept in the data folder (``tuning.trainer.Kept``):
+    both versions' log-probabilities of the pairs' answers, and the live version's answers
+    to their prompts at the length the gate reads (``answer_reach``); the live version is
+    active (or, ``adapter_off``, the base is live). How many pairs; none for a job the DPO
+    gate would not judge (no held-out pairs)."""
+    from dataclasses import asdict
+
+    from .gate import _text, answer_reach, held_out_prompts, pair_logratios
+    from .generation import greedy_answers
+    from .trainer import kept, tidy
+
+    eval_pairs = [asdict(p) for p in data.eval_pairs]
+    if not eval_pairs or config.method == "sft":
+        return 0
+    base = kept(base_model_dir, data_dir, None)
+    kw = dict(batch_size=gate_config.batch_size, max_length=config.max_length)
+    pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, cache=base.scores, **kw)
+    pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off, cache=kept_live.scores, **kw)
+    reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], gate_config)
+    greedy_answers(model, tokenizer, held_out_prompts(eval_pairs, gate_config), max_new_tokens=reach,
+                   batch_size=gate_config.answer_batch_size, adapter_off=adapter_off,
+                   frequency_penalty=gate_config.frequency_penalty, cache=kept_live.held_out)
+    tidy(data_dir, {base.scores.file("float32")} | kept_live.files(reach, gate_config.frequency_penalty))
+    return len(eval_pairs)
 
 
 def _exit_with(parent: int) -> None:

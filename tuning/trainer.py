@@ -301,6 +301,47 @@ def answer_cache(base_model_dir: Path, version_hash: str | None):
                        {"base": starting_point(base_model_dir), "version": version_hash})
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What is kept of a version that does not change between jobs (the live one, or the
+    base while no version is live) for the next gate: ``regression`` its answers to the
+    regression set (beside the models, ``answer_cache``); ``held_out`` its answers to the
+    held-out prompts and ``scores`` its log-probabilities of the held-out pairs' answers,
+    both in the data folder (``DataPaths.held_out``), each holding the last gate's or
+    preparation's held-out pairs only. ``tuning.prepare`` fills them while the app is idle."""
+
+    regression: Any
+    held_out: Any
+    scores: Any
+
+    def files(self, max_new_tokens: int, frequency_penalty: float) -> set[Path]:
+        """The data-folder files this version's held-out figures are kept in (``tidy``)."""
+        return {self.held_out.file(max_new_tokens, frequency_penalty), self.scores.file("float32")}
+
+
+def kept(base_model_dir: Path, data_dir: Path, version_hash: str | None) -> Kept:
+    """What is kept of the base (``version_hash`` None) or of the version with that content hash."""
+    from .dpo import ReferenceCache
+    from .generation import AnswerCache
+    from .sft import starting_point
+
+    model = {"base": starting_point(base_model_dir), "version": version_hash}
+    folder = DataPaths(data_dir).held_out
+    return Kept(answer_cache(base_model_dir, version_hash), AnswerCache(folder, model, only_asked=True),
+                ReferenceCache(folder, model))
+
+
+def tidy(data_dir: Path, used: set[Path]) -> None:
+    """Remove the held-out answers and scores kept for other versions or other pairs' reach
+    than ``used``: a version no longer live is not asked again, and users' prompts are not
+    kept longer than a gate needs them."""
+    folder = DataPaths(data_dir).held_out
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.is_file() and f not in used:
+                f.unlink(missing_ok=True)
+
+
 def replay_cache(base_model_dir: Path, parent: Path | None):
     """Where jobs starting from this base (and parent version) keep their replayed answers:
     ``tuning.sft.ReplayCache``, beside the prepared base models."""
@@ -424,15 +465,24 @@ def failure_reason(error: Exception, phase: str | None) -> str:
 
 def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config, base_model_dir):
     """Gate metrics of the new adapter ('default') and the live version, side by side."""
+    base = kept(base_model_dir, data_dir, None)
+    t0 = time.monotonic()
     base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
-                             max_length=config.max_length)
+                                max_length=config.max_length, cache=base.scores)
+    base_s = round(time.monotonic() - t0, 1)
     kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, cache: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, cache=cache,
-                                           **kw), base_model_dir)
+        lambda adapter_off, k: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off,
+                                       **(dict(cache=k.regression, held=k.held_out, scores=k.scores) if k else {}),
+                                       **kw), base_model_dir)
+    live_kept = kept(base_model_dir, data_dir, store.adapter(live_version)["content_hash"] if live_version else None)
+    tidy(data_dir, {base.scores.file("float32")} | live_kept.files(live["answer_reach"], gate_config.frequency_penalty))
     gate = decide(candidate, live, gate_config)
-    return _evaluation(candidate, live_version, live, gate), gate
+    evaluation = _evaluation(candidate, live_version, live, gate)
+    # where the gate's time went: the base's log-ratios, then each version's log-ratios and answers
+    evaluation["seconds"] = {"base log-ratios": base_s, "candidate": candidate.get("seconds"), "live": live.get("seconds")}
+    return evaluation, gate
 
 
 def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, config, gate_config, base_model_dir):
@@ -443,8 +493,8 @@ def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, co
     kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, cache: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, cache=cache,
-                                               **kw), base_model_dir)
+        lambda adapter_off, k: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off,
+                                           cache=k and k.regression, **kw), base_model_dir)
     gate = decide_kto(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
@@ -458,7 +508,7 @@ def _votes_separated(model, tokenizer, eval_votes, store, data_dir, base_shapes,
     kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, cache: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw),
+        lambda adapter_off, _: measure_votes(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off, **kw),
         base_model_dir)
     evaluation = {**evaluation, **candidate, "live": {**evaluation["live"], **live}}
     return _with_checks(evaluation, gate, vote_checks(candidate, live, gate_config))
@@ -469,8 +519,8 @@ def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, confi
     questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, cache: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config,
-                                               cache=cache), base_model_dir)
+        lambda adapter_off, k: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config,
+                                           cache=k and k.regression), base_model_dir)
     gate = decide_sft(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
@@ -484,8 +534,8 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     only_domain = dataclasses.replace(gate_config, golden=())
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, cache: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain,
-                                               cache=cache), base_model_dir)
+        lambda adapter_off, k: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain,
+                                           cache=k and k.regression), base_model_dir)
     evaluation = {**evaluation, "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
                   "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
                   "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
@@ -494,24 +544,24 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
 
 def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one, base_model_dir):
     """(live version, the new adapter's figures, the live version's figures), each from
-    ``measure_one(adapter_off, cache)`` with the adapter to measure active: 'default' for
-    the new one, then the live version (``live_active``). The live version's answers are
-    kept (``answer_cache``): the next job's gate reads them."""
+    ``measure_one(adapter_off, kept)`` with the adapter to measure active: 'default' for
+    the new one (``kept`` None), then the live version (``live_active``) with what is kept
+    of it (``Kept``): the next job's gate reads what this one answered and scored."""
     model.set_adapter("default")
     candidate = measure_one(False, None)
-    with live_active(model, store, data_dir, base_shapes, config, base_model_dir) as (live_version, adapter_off, cache):
-        return live_version, candidate, measure_one(adapter_off, cache)
+    with live_active(model, store, data_dir, base_shapes, config, base_model_dir) as (live_version, adapter_off, kept):
+        return live_version, candidate, measure_one(adapter_off, kept)
 
 
 @contextlib.contextmanager
 def live_active(model, store, data_dir, base_shapes, config, base_model_dir):
-    """With the live version answering: yields (live version or None, adapter_off, its
-    ``answer_cache``). The live version's folder, validated against its recorded hash, is
-    loaded beside the model's adapter as 'live' and removed after (or the adapter is
+    """With the live version answering: yields (live version or None, adapter_off, what is
+    kept of it: ``Kept``). The live version's folder, validated against its recorded hash,
+    is loaded beside the model's adapter as 'live' and removed after (or the adapter is
     switched off when the base model is live)."""
     live_version = store.live_version()
     if live_version is None:
-        yield None, True, answer_cache(base_model_dir, None)
+        yield None, True, kept(base_model_dir, data_dir, None)
         return
     row = store.adapter(live_version)
     folder = DataPaths(data_dir).version_folder(row)
@@ -520,7 +570,7 @@ def live_active(model, store, data_dir, base_shapes, config, base_model_dir):
     model.load_adapter(folder, adapter_name="live")
     model.set_adapter("live")
     try:
-        yield live_version, False, answer_cache(base_model_dir, row["content_hash"])
+        yield live_version, False, kept(base_model_dir, data_dir, row["content_hash"])
     finally:
         model.set_adapter(active)
         model.delete_adapter("live")

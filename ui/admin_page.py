@@ -264,7 +264,8 @@ class AdminPage:
             who = last.get("live_version") if isinstance(last.get("live_version"), int) else None
             said.append(f"last done {_ago(last['finished_utc'])}: {n('replayed')} replayed answers ({n('replay_s')} s), "
                         f"{n('pairs')} pairs scored ({n('pairs_s')} s), {n('regression')} regression answers of "
-                        f"{_version_label(who)} ({n('regression_s')} s)")
+                        f"{_version_label(who)} ({n('regression_s')} s), {n('held_out')} held-out pairs scored "
+                        f"and their prompts answered ({n('held_out_s')} s)")
             if who != live:
                 said.append(f"{_version_label(live)} went live since: the next job answers what its start needs")
             new = self.store.feedback_count_since(last["finished_utc"])
