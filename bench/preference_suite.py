@@ -220,6 +220,7 @@ def run_kind(kind: Kind, model_dir: Path, shown: list[tuple[str, str]], held_q: 
         # the first step ended, the steps, then saving and the gate ("evaluating")
         "phases": marks.get("phases"), "first step s": marks.get("first step"), "last step s": marks.get("last step"),
         **({"prepared ahead": ahead} if ahead else {}),
+        "gate s": ev.get("seconds"),  # the base's log-ratios, each version's log-ratios and answers
         "examples": [f"{q} -> {a[:100]}" for q, a in zip(held_q[:2], answers[:2])],
         "answers": answers,
         # held-out answers that do not follow, by their ends (where a closing would be)
