@@ -283,6 +283,44 @@ def test_the_pairs_reference_is_kept_and_only_new_answers_are_scored(lora_model,
     assert len(cache.read("float32")) == scored[4]
 
 
+def test_the_gates_held_out_log_ratios_are_the_ones_it_computes_whether_kept_or_not(lora_model, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """tuning.gate.pair_logratios: the same log-ratios as summing each answer's token
+    log-probabilities one pair at a time (unpadded), kept or not; with a cache (what the
+    gate keeps of a fixed version, tuning.trainer.Kept) the next call reads them, with the
+    adapter on or off as asked; a damaged file is said and scored again."""
+    import torch
+
+    from tuning import dpo
+    from tuning.gate import pair_logratios
+
+    model, tok = lora_model
+    with torch.no_grad():  # a LoRA that changes answers: adapter on and off must differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    pairs = toy_pairs(6)
+    one = []
+    for p in pairs:  # each pair alone, no padding, no cache
+        it = dpo.tokenize_pair(tok, p, 512)
+        lp = dpo.token_logps(model, [(it.prompt, it.chosen), (it.prompt, it.rejected)], dpo.pad_id(tok), False, alone=True)
+        one.append(float(lp[0].double().sum() - lp[1].double().sum()))
+    scored = []
+    real = dpo.token_logps
+    monkeypatch.setattr(dpo, "token_logps", lambda m, seqs, *a, **k: scored.append(len(seqs)) or real(m, seqs, *a, **k))
+    on, _ = pair_logratios(model, tok, pairs, adapter_off=False, batch_size=4)
+    assert on == pytest.approx(one, abs=1e-4) and scored == [12]
+    cache = dpo.ReferenceCache(tmp_path / "held-out", {"version": "v1"})
+    assert pair_logratios(model, tok, pairs, adapter_off=False, cache=cache)[0] == pytest.approx(one, abs=1e-4)
+    assert pair_logratios(model, tok, pairs, adapter_off=False, cache=cache)[0] == pytest.approx(one, abs=1e-4)
+    assert scored == [12, 12], "kept log-probabilities were scored again"
+    off = pair_logratios(model, tok, pairs, adapter_off=True)[0]
+    assert off != pytest.approx(one, abs=1e-3), "the adapter off scored as on"
+    cache.file("float32").write_bytes(b"damaged")
+    assert pair_logratios(model, tok, pairs, adapter_off=False, cache=cache)[0] == pytest.approx(one, abs=1e-4)
+    assert scored[-1] == 12 and "not readable; scoring the pairs again" in capsys.readouterr().out
+
+
 def test_lora_on_top_layers_only(tmp_path):
     from tuning.trainer import load_for_training
     from tiny import save_tiny_checkpoint
