@@ -147,6 +147,31 @@ def test_the_live_versions_answers_and_scores_are_kept_for_the_next_jobs_gate(st
                                             if p["prompt"][-1]["content"] in stored], "users' prompts beside the models"
 
 
+def test_kept_held_out_answers_that_cannot_be_removed_do_not_fail_the_job(store, tmp_path, checkpoint, monkeypatch, capsys):
+    """A data folder where the held-out answers of other pairs cannot be removed (a
+    read-only mount, a file held open elsewhere): the job still registers its version and
+    says what was left; the next job or preparation removes them."""
+    import pathlib
+
+    data = tmp_path / "data"
+    first = run(store, data, checkpoint)
+    store.record_promotion(first.version, "alice", "test")  # the base's answers are no longer asked: removed
+    real = pathlib.Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self.parent.name == "held-out":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+    other = run(store, data, checkpoint, config=FAST.replace(seed=1))
+    assert other.status == "succeeded" and store.adapter(other.version)["eval_json"]["live_version"] == first.version
+    assert "kept held-out answers not tidied" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert run(store, data, checkpoint, config=FAST.replace(seed=2)).status == "succeeded"
+    assert len(list((data / "held-out").iterdir())) == 3  # the base's scores, the live version's scores and answers
+
+
 def test_kept_answers_are_the_answers_and_only_in_float32(tmp_path, checkpoint, capsys, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
