@@ -522,11 +522,11 @@ def noninferior(losses: int, gains: int, n: int, tolerance: float) -> tuple[bool
 
 def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float], *,
             adapter_off: bool, beta: float, config: GateConfig, max_length: int = 512,
-            cache: AnswerCache | None = None, held: AnswerCache | None = None,
+            cache: AnswerCache | None = None, held_cache: AnswerCache | None = None,
             scores: ReferenceCache | None = None) -> dict:
     """One version's gate metrics; the active adapter is the version (or none: the base).
     For a version that does not change (the live one), what is kept of it
-    (``tuning.trainer.Kept``): ``cache`` its regression answers, ``held`` its answers to
+    (``tuning.trainer.Kept``): ``cache`` its regression answers, ``held_cache`` its answers to
     the held-out prompts, ``scores`` its log-probabilities of the held-out pairs' answers.
     Records the seconds its log-ratios and its answers took."""
     t0 = time.monotonic()
@@ -535,7 +535,7 @@ def measure(model, tokenizer, eval_pairs: list[dict], base_logratios: list[float
     t1 = time.monotonic()
     margins = [beta * (a - b) for a, b in zip(lr, base_logratios)]
     reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], config)
-    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach, cache, held)
+    by_prompt, answered = _answer_all(model, tokenizer, eval_pairs, config, adapter_off, reach, cache, held_cache)
     seconds = {"log-ratios": round(t1 - t0, 1), "answers": round(time.monotonic() - t1, 1)}
     # Each held-out pair whose prompt was answered: the answer beside the pair's two sides,
     # cut to as far as the answers were read (for the behaviour check).
@@ -579,35 +579,28 @@ def regression_answers(model, tokenizer, config: GateConfig, adapter_off: bool,
                           frequency_penalty=config.frequency_penalty)
 
 
-def held_out_prompts(rows: list[dict], config: GateConfig) -> list[list[dict]]:
-    """The rows' distinct prompts the gate answers: at most ``config.max_length_prompts``,
-    in the rows' order."""
+def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
+                reach: int | None = None, cache: AnswerCache | None = None,
+                held_cache: AnswerCache | None = None) -> tuple[dict, dict]:
+    """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
+    rows' distinct prompts (at most ``config.max_length_prompts``, ``reach`` tokens:
+    ``answer_reach``), read from ``cache`` and ``held_cache`` where kept. Returns (answer
+    by prompt key, the metrics every measure records: the regression verdicts, mean answer
+    tokens, damaged answers, answers)."""
     prompts: list[list[dict]] = []
     for r in rows:
         if r["prompt"] not in prompts and len(prompts) < config.max_length_prompts:
             prompts.append(r["prompt"])
-    return prompts
-
-
-def _answer_all(model, tokenizer, rows: list[dict], config: GateConfig, adapter_off: bool,
-                reach: int | None = None, cache: AnswerCache | None = None,
-                held: AnswerCache | None = None) -> tuple[dict, dict]:
-    """Greedy answers, as served, to the regression set (``max_new_tokens``) and to the
-    rows' distinct prompts (``held_out_prompts``, ``reach`` tokens: ``answer_reach``),
-    read from ``cache`` and ``held`` where kept. Returns (answer by prompt key, the metrics
-    every measure records: the regression verdicts, mean answer tokens, damaged answers,
-    answers)."""
-    prompts = held_out_prompts(rows, config)
     golden_convs = [[{"role": "user", "content": g.prompt}] for g in config.golden]
     reach = reach or config.max_new_tokens
     kw = dict(batch_size=config.answer_batch_size, adapter_off=adapter_off, frequency_penalty=config.frequency_penalty)
-    if reach == config.max_new_tokens and cache is None and held is None:  # one batched pass, as before
+    if reach == config.max_new_tokens and cache is None and held_cache is None:  # one batched pass, as before
         answers = greedy_answers(model, tokenizer, golden_convs + prompts, max_new_tokens=reach, **kw)
     else:  # greedy in float32: batching apart changes no answer (tuning.generation)
         # The regression set's answers are kept beside the models (``cache``), the users'
-        # prompts' in the data folder (``held``).
+        # prompts' in the data folder (``held_cache``).
         answers = regression_answers(model, tokenizer, config, adapter_off, cache)
-        answers += greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, cache=held, **kw)
+        answers += greedy_answers(model, tokenizer, prompts, max_new_tokens=reach, cache=held_cache, **kw)
     golden = {g.prompt: {"answer": a, "passed": golden_passes(a, g), "kind": g.kind}
               for g, (a, _) in zip(config.golden, answers)}
     held = answers[len(golden_convs):]

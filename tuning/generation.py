@@ -107,21 +107,18 @@ class AnswerCache:
                 frequency_penalty: float, **kw) -> list[tuple[str, int]]:
         path = self.file(max_new_tokens, frequency_penalty)
         stored = self._read(path)
-        missing: dict[str, list[dict]] = {}
-        for c in conversations:
-            if (k := _conversation_key(c)) not in stored:
-                missing[k] = c
-        asked = {_conversation_key(c) for c in conversations}
+        keys = [_conversation_key(c) for c in conversations]
+        missing = {k: c for k, c in zip(keys, conversations) if k not in stored}
         if missing:
             got = greedy_answers(model, tokenizer, list(missing.values()), max_new_tokens=max_new_tokens,
                                  frequency_penalty=frequency_penalty, **kw)
             stored.update({k: [text, n] for k, (text, n) in zip(missing, got)})
-        if self.only_asked and set(stored) != asked:
-            stored = {k: v for k, v in stored.items() if k in asked}
+        if self.only_asked and stored.keys() != set(keys):
+            stored = {k: v for k, v in stored.items() if k in set(keys)}
             keep(path, stored)
         elif missing:
             keep(path, stored)
-        return [tuple(stored[_conversation_key(c)]) for c in conversations]
+        return [tuple(stored[k]) for k in keys]
 
     def _read(self, path: Path) -> dict:
         stored = read_kept(path, lambda d: isinstance(d, dict) and all(

@@ -44,8 +44,8 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     from .config import TrainConfig
     from .gate import GateConfig, regression_answers
     from .generation import keep
-    from .sft import prepare_replay
     from .pairs import build_preferences
+    from .sft import prepare_replay
     from .trainer import base_weight_shapes, build_model, live_active, parent_folder, reference_cache, replay_cache
     from assistant.precision import machine_format
     from store.rows import utc_now
@@ -71,15 +71,15 @@ def prepare(store, data_dir: Path, base_model_dir: Path, config=None, gate_confi
     t0 = time.monotonic()
     model.to("cpu", torch.float32)  # as the gate answers (tuning.trainer.train_adapter)
     with live_active(model, store, data_dir, base_weight_shapes(base_model_dir), config, base_model_dir) as (
-            live, adapter_off, kept_live):
+            live, adapter_off, fixed):
         done["live_version"] = live
-        done["regression"] = len(regression_answers(model, tokenizer, gate_config, adapter_off, kept_live.regression))
+        done["regression"] = len(regression_answers(model, tokenizer, gate_config, adapter_off, fixed.regression))
         done["regression_s"] = round(time.monotonic() - t0, 1)
         print(f"regression set: {done['regression']} answers of {'v%s' % live if live else 'the base model'} "
               f"answered or read in {done['regression_s']} s", flush=True)
         t0 = time.monotonic()
         done["held_out"] = held_out(data, model, tokenizer, config, gate_config, data_dir, base_model_dir,
-                                    adapter_off, kept_live)
+                                    adapter_off, fixed)
         done["held_out_s"] = round(time.monotonic() - t0, 1)
     print(f"held-out pairs: {done['held_out']} scored by the base and the live version, their prompts answered by "
           f"the live version, or read, in {done['held_out_s']} s", flush=True)
@@ -110,31 +110,22 @@ def score_pairs(data, model, tokenizer, config, cache) -> int:
     return len(pairs)
 
 
-def held_out(data, model, tokenizer, config, gate_config, data_dir, base_model_dir, adapter_off: bool, kept_live) -> int:
+def held_out(data, model, tokenizer, config, gate_config, data_dir, base_model_dir, adapter_off: bool, live) -> int:
     """What the next job's gate asks of the base and the live version on the held-out pairs
-    the store would give it now (``data``), kept in the data folder (``tuning.trainer.Kept``):
+    the store would give it now (``data``), asked the way the gate asks it
+    (``tuning.trainer.measure_fixed``) and kept in the data folder (``tuning.trainer.Kept``):
     both versions' log-probabilities of the pairs' answers, and the live version's answers
-    to their prompts at the length the gate reads (``answer_reach``); the live version is
-    active (or, ``adapter_off``, the base is live). How many pairs; none for a job the DPO
-    gate would not judge (no held-out pairs)."""
+    to their prompts; the live version is active (or, ``adapter_off``, the base is live).
+    How many pairs; none for a job the DPO gate would not judge (no held-out pairs)."""
     from dataclasses import asdict
 
-    from .gate import _text, answer_reach, held_out_prompts, pair_logratios
-    from .generation import greedy_answers
-    from .trainer import kept, tidy
+    from .trainer import base_logratios, measure_fixed
 
     eval_pairs = [asdict(p) for p in data.eval_pairs]
     if not eval_pairs or config.method == "sft":
         return 0
-    base = kept(base_model_dir, data_dir, None)
-    kw = dict(batch_size=gate_config.batch_size, max_length=config.max_length)
-    pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, cache=base.scores, **kw)
-    pair_logratios(model, tokenizer, eval_pairs, adapter_off=adapter_off, cache=kept_live.scores, **kw)
-    reach = answer_reach(tokenizer, [_text(p["chosen"]) for p in eval_pairs], gate_config)
-    greedy_answers(model, tokenizer, held_out_prompts(eval_pairs, gate_config), max_new_tokens=reach,
-                   batch_size=gate_config.answer_batch_size, adapter_off=adapter_off,
-                   frequency_penalty=gate_config.frequency_penalty, cache=kept_live.held_out)
-    tidy(data_dir, {base.scores.file("float32")} | kept_live.files(reach, gate_config.frequency_penalty))
+    base, base_lr = base_logratios(model, tokenizer, eval_pairs, data_dir, base_model_dir, config, gate_config)
+    measure_fixed(model, tokenizer, eval_pairs, base, base_lr, adapter_off, live, data_dir, config, gate_config)
     return len(eval_pairs)
 
 

@@ -314,9 +314,6 @@ class Kept:
     held_out: Any
     scores: Any
 
-    def files(self, max_new_tokens: int, frequency_penalty: float) -> set[Path]:
-        """The data-folder files this version's held-out figures are kept in (``tidy``)."""
-        return {self.held_out.file(max_new_tokens, frequency_penalty), self.scores.file("float32")}
 
 
 def kept(base_model_dir: Path, data_dir: Path, version_hash: str | None) -> Kept:
@@ -329,6 +326,28 @@ def kept(base_model_dir: Path, data_dir: Path, version_hash: str | None) -> Kept
     folder = DataPaths(data_dir).held_out
     return Kept(answer_cache(base_model_dir, version_hash), AnswerCache(folder, model, only_asked=True),
                 ReferenceCache(folder, model))
+
+
+def base_logratios(model, tokenizer, eval_pairs: list[dict], data_dir: Path, base_model_dir: Path, config,
+                   gate_config) -> tuple[Kept, list[float]]:
+    """What is kept of the base, and its log-ratios of the held-out pairs (read where kept):
+    every DPO gate's reference point (``tuning.gate.measure``)."""
+    base = kept(base_model_dir, data_dir, None)
+    return base, pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
+                                max_length=config.max_length, cache=base.scores)[0]
+
+
+def measure_fixed(model, tokenizer, eval_pairs: list[dict], base: Kept, base_lr: list[float], adapter_off: bool,
+                  fixed: Kept, data_dir: Path, config, gate_config) -> dict:
+    """``tuning.gate.measure`` of a version that does not change between jobs (the live one,
+    active, or the base: ``adapter_off``), reading and keeping what is kept of it (``fixed``),
+    then removing what is kept for versions and pairs no longer asked (``tidy``). The gate
+    and ``tuning.prepare`` both call this, so what is prepared is what the gate reads."""
+    out = measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, beta=config.beta, config=gate_config,
+                  max_length=config.max_length, cache=fixed.regression, held_cache=fixed.held_out, scores=fixed.scores)
+    tidy(data_dir, {base.scores.file("float32"), fixed.scores.file("float32"),
+                    fixed.held_out.file(out["answer_reach"], gate_config.frequency_penalty)})
+    return out
 
 
 def tidy(data_dir: Path, used: set[Path]) -> None:
@@ -467,19 +486,15 @@ def failure_reason(error: Exception, phase: str | None) -> str:
 
 def _evaluate(model, tokenizer, eval_pairs, store, data_dir, base_shapes, config, gate_config, base_model_dir):
     """Gate metrics of the new adapter ('default') and the live version, side by side."""
-    base = kept(base_model_dir, data_dir, None)
     t0 = time.monotonic()
-    base_lr, _ = pair_logratios(model, tokenizer, eval_pairs, adapter_off=True, batch_size=gate_config.batch_size,
-                                max_length=config.max_length, cache=base.scores)
+    base, base_lr = base_logratios(model, tokenizer, eval_pairs, data_dir, base_model_dir, config, gate_config)
     base_s = round(time.monotonic() - t0, 1)
-    kw = dict(beta=config.beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, k: measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off,
-                                       **(dict(cache=k.regression, held=k.held_out, scores=k.scores) if k else {}),
-                                       **kw), base_model_dir)
-    live_kept = kept(base_model_dir, data_dir, store.adapter(live_version)["content_hash"] if live_version else None)
-    tidy(data_dir, {base.scores.file("float32")} | live_kept.files(live["answer_reach"], gate_config.frequency_penalty))
+        lambda adapter_off, fixed: measure_fixed(model, tokenizer, eval_pairs, base, base_lr, adapter_off, fixed,
+                                                 data_dir, config, gate_config) if fixed else
+        measure(model, tokenizer, eval_pairs, base_lr, adapter_off=adapter_off, beta=config.beta, config=gate_config,
+                max_length=config.max_length), base_model_dir)
     gate = decide(candidate, live, gate_config)
     evaluation = _evaluation(candidate, live_version, live, gate)
     # where the gate's time went: the base's log-ratios, then each version's log-ratios and answers
@@ -495,8 +510,8 @@ def _evaluate_kto(model, tokenizer, eval_votes, store, data_dir, base_shapes, co
     kw = dict(beta=config.kto_beta, config=gate_config, max_length=config.max_length)
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, k: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off,
-                                           cache=k and k.regression, **kw), base_model_dir)
+        lambda adapter_off, fixed: measure_kto(model, tokenizer, eval_votes, base_lr, adapter_off=adapter_off,
+                                               cache=fixed and fixed.regression, **kw), base_model_dir)
     gate = decide_kto(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
@@ -521,8 +536,8 @@ def _evaluate_sft(model, tokenizer, heldout, store, data_dir, base_shapes, confi
     questions, answered by the new adapter and by the live version (tuning.gate.decide_sft)."""
     live_version, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, k: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config,
-                                           cache=k and k.regression), base_model_dir)
+        lambda adapter_off, fixed: measure_sft(model, tokenizer, heldout, adapter_off=adapter_off, config=gate_config,
+                                               cache=fixed and fixed.regression), base_model_dir)
     gate = decide_sft(candidate, live, gate_config)
     return _evaluation(candidate, live_version, live, gate), gate
 
@@ -536,8 +551,8 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
     only_domain = dataclasses.replace(gate_config, golden=())
     _, candidate, live = _live_and_candidate(
         model, store, data_dir, base_shapes, config,
-        lambda adapter_off, k: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain,
-                                           cache=k and k.regression), base_model_dir)
+        lambda adapter_off, fixed: measure_sft(model, tokenizer, domain, adapter_off=adapter_off, config=only_domain,
+                                               cache=fixed and fixed.regression), base_model_dir)
     evaluation = {**evaluation, "domain": candidate["domain"], "domain_passed": candidate["domain_passed"],
                   "domain_total": candidate["domain_total"], "live": {**evaluation["live"], "domain": live["domain"],
                   "domain_passed": live["domain_passed"], "domain_total": live["domain_total"]}}
@@ -546,13 +561,13 @@ def _domain_kept(model, tokenizer, domain, store, data_dir, base_shapes, config,
 
 def _live_and_candidate(model, store, data_dir, base_shapes, config, measure_one, base_model_dir):
     """(live version, the new adapter's figures, the live version's figures), each from
-    ``measure_one(adapter_off, kept)`` with the adapter to measure active: 'default' for
-    the new one (``kept`` None), then the live version (``live_active``) with what is kept
+    ``measure_one(adapter_off, fixed)`` with the adapter to measure active: 'default' for
+    the new one (``fixed`` None), then the live version (``live_active``) with what is kept
     of it (``Kept``): the next job's gate reads what this one answered and scored."""
     model.set_adapter("default")
     candidate = measure_one(False, None)
-    with live_active(model, store, data_dir, base_shapes, config, base_model_dir) as (live_version, adapter_off, kept):
-        return live_version, candidate, measure_one(adapter_off, kept)
+    with live_active(model, store, data_dir, base_shapes, config, base_model_dir) as (live_version, adapter_off, fixed):
+        return live_version, candidate, measure_one(adapter_off, fixed)
 
 
 @contextlib.contextmanager
