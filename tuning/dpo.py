@@ -324,6 +324,28 @@ def token_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(sequences))]
 
 
+def kept_logps(sides: list[tuple[list[int], list[int]]], cache: ReferenceCache | None, dtype: str,
+               score: Callable[[list], list[torch.Tensor]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Each (prompt, answer) side's name (``sequence_key``) and a table of their token
+    log-probabilities: those ``cache`` keeps for ``dtype`` with the right length are read,
+    the others scored once each by ``score(sides)``; the cache then holds these sides and
+    nothing else. The pairs' reference (``with_reference``) and the gate's fixed versions
+    (``tuning.gate.pair_logratios``) both keep their scores this way."""
+    keys = [sequence_key(*side) for side in sides]
+    length = {k: len(answer) for k, (_, answer) in zip(keys, sides)}
+    read = cache.read(dtype) if cache is not None else {}
+    table = {k: v for k, v in read.items() if length.get(k) == v.shape[0]}
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    missing = [k for k in first if k not in table]
+    if missing:
+        table.update(zip(missing, score([sides[first[k]] for k in missing])))
+    if cache is not None and (missing or len(read) != len(table)):
+        cache.keep(dtype, {k: table[k] for k in first})
+    return keys, table
+
+
 def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: bool,
                    cache: ReferenceCache | None = None) -> list[TokenizedPair]:
     """The items with the reference's log-probabilities attached (adapter off, no gradient),
@@ -340,18 +362,12 @@ def with_reference(model, items: list[TokenizedPair], pad_id: int, autocast: boo
     if distributed.start().several:
         cache = None
     sides = [(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items]
-    keys = [sequence_key(*s) for s in sides]
-    length = {k: len(answer) for k, (_, answer) in zip(keys, sides)}
-    dtype = "bfloat16" if autocast else "float32"
-    read = cache.read(dtype) if cache is not None else {}
-    kept = {k: v for k, v in read.items() if length.get(k) == v.shape[0]}
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}
-    missing = [k for k in first if k not in kept]
-    with model.disable_adapter():
-        scored = token_logps(model, [sides[first[k]] for k in missing], pad_id, autocast)
-    table = {**kept, **dict(zip(missing, scored))}
-    if cache is not None and (missing or len(read) != len(kept)):
-        cache.keep(dtype, {k: table[k] for k in first})
+
+    def score(missing):
+        with model.disable_adapter():
+            return token_logps(model, missing, pad_id, autocast)
+
+    keys, table = kept_logps(sides, cache, "bfloat16" if autocast else "float32", score)
     n, out = len(items), []
     for i, it in enumerate(items):
         ref = []

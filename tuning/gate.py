@@ -232,25 +232,16 @@ def pair_logratios(model, tokenizer, pairs: list[dict], *, adapter_off: bool, ba
     of these answers are kept (the base's or the live version's, ``tuning.trainer.Kept``):
     kept ones are read, the rest scored, and the file then holds these pairs' answers only.
     """
-    from .dpo import sequence_key, token_logps
+    from .dpo import kept_logps, token_logps
 
     items = [tokenize_pair(tokenizer, p, max_length) for p in pairs]
     sides = [(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items]
-    keys = [sequence_key(*side) for side in sides]
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    read = cache.read(dtype) if cache is not None else {}
-    length = {k: len(answer) for k, (_, answer) in zip(keys, sides)}
-    table = {k: v for k, v in read.items() if length.get(k) == v.shape[0]}
-    missing = list(dict.fromkeys(k for k in keys if k not in table))
-    if missing:
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        off = model.disable_adapter() if adapter_off else contextlib.nullcontext()
-        with off:
-            scored = token_logps(model, [sides[first[k]] for k in missing], pad_id(tokenizer), False,
-                                 batch_size=2 * batch_size, alone=True)
-        table.update(zip(missing, scored))
-    if cache is not None and (missing or len(read) != len(table)):
-        cache.keep(dtype, {k: table[k] for k in dict.fromkeys(keys)})
+
+    def score(missing):
+        with model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            return token_logps(model, missing, pad_id(tokenizer), False, batch_size=2 * batch_size, alone=True)
+
+    keys, table = kept_logps(sides, cache, str(next(model.parameters()).dtype).removeprefix("torch."), score)
     n = len(items)
     summed, per_token = [], []
     for i in range(n):
