@@ -113,8 +113,9 @@ class AnswerCache:
             got = greedy_answers(model, tokenizer, list(missing.values()), max_new_tokens=max_new_tokens,
                                  frequency_penalty=frequency_penalty, **kw)
             stored.update({k: [text, n] for k, (text, n) in zip(missing, got)})
-        if self.only_asked and stored.keys() != set(keys):
-            stored = {k: v for k, v in stored.items() if k in set(keys)}
+        asked = set(keys)
+        if self.only_asked and stored.keys() != asked:
+            stored = {k: v for k, v in stored.items() if k in asked}
             keep(path, stored)
         elif missing:
             keep(path, stored)

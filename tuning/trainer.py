@@ -315,7 +315,6 @@ class Kept:
     scores: Any
 
 
-
 def kept(base_model_dir: Path, data_dir: Path, version_hash: str | None) -> Kept:
     """What is kept of the base (``version_hash`` None) or of the version with that content hash."""
     from .dpo import ReferenceCache
