@@ -8,10 +8,12 @@ defaults), each forward and backward. Three savings make it compute less for the
 numbers (``tests/test_dpo.py``): the prefix every row shares runs once
 (``tuning.dpo.shared_prefix``), rows run in groups of similar length instead of all padded
 to the longest (``row_groups``), and a rejected answer stops after its last marked token
-(``tokenize_pair``). Each is switched off here one at a time, and all together, on the same
-steps, in rounds (the machine's load drifts, so compare within a round): pairs of two
-kinds a user teaches, an added opening (the rejected answer's first token is its last
-marked one) and a shortened answer (the rejected answer is the longer), on the embedded
+(``tokenize_pair``), and a rejected answer whose context is its chosen answer's start (an
+added closing) is read from the chosen row instead of run (``covering_rows``). Each is
+switched off here one at a time, and all together, on the same steps, in rounds (the
+machine's load drifts, so compare within a round): pairs of three kinds a user teaches,
+an added opening (the rejected answer's first token is its last marked one), a shortened
+answer (the rejected answer is the longer) and an added closing, on the embedded
 model's own answers to the replayed questions, with the replayed rows beside them. Prints
 the CPU and format with the table. Documented, not a test.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = ["all on", "no shared prefix", "no length groups", "rejected not cut", "all off"]
+SETTINGS = ["all on", "no shared prefix", "no length groups", "rejected not cut", "covered row runs", "all off"]
 
 
 def main() -> int:
@@ -68,6 +70,8 @@ def main() -> int:
                      "rejected": r["messages"][1:]} for r in shown],
         "shorter": [{"prompt": r["messages"][:1], "chosen": [{"role": "assistant", "content": first_sentence(r["messages"][1]["content"])}],
                      "rejected": r["messages"][1:]} for r in shown],
+        "closing": [{"prompt": r["messages"][:1], "chosen": [{"role": "assistant", "content": r["messages"][1]["content"] + " I hope this helps!"}],
+                     "rejected": r["messages"][1:]} for r in shown],
     }
     replay = sft.with_replay_reference(model, [sft.tokenize_example(tok, r, config.max_length) for r in replayed], pad, autocast)
     loop = sft.Replay(replay, config.replay_per_step, config.replay_weight, pad, autocast)
@@ -87,11 +91,13 @@ def main() -> int:
     opt = torch.optim.AdamW(params, lr=config.learning_rate)
     model.train()
     times: dict = {(k, s): [] for k in kinds for s in SETTINGS}
+    covering = dpo.covering_rows
     for rnd in range(a.rounds):
         for kind in kinds:
             for setting in SETTINGS:
                 dpo.SHARED_PREFIX_MIN = 10**9 if setting in ("no shared prefix", "all off") else 8
                 dpo.PASS_TOKENS = 10**9 if setting in ("no length groups", "all off") else 48
+                dpo.covering_rows = (lambda *a: {}) if setting in ("covered row runs", "all off") else covering
                 pairs = whole[kind] if setting in ("rejected not cut", "all off") else items[kind]
                 seconds = []
                 for s in range(steps):

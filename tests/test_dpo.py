@@ -99,6 +99,60 @@ def test_a_batch_runs_its_shared_prefix_once_and_its_rows_in_groups_of_similar_l
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(apart[1], whole[1]))
 
 
+def test_a_rejected_answer_that_the_chosen_one_only_extends_is_read_from_the_chosen_row(monkeypatch):
+    """answer_logits: with an added closing the rejected answer is the chosen one's start
+    and its end-of-turn; with an added opening, under edit marks, it is one token after the
+    prompt. Neither row runs (covering_rows): the chosen row's hidden states give the same
+    log-probabilities and gradients as computing them."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuning import dpo
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pairs = toy_pairs(3)
+    for i, p in enumerate(pairs):
+        answer = "it is " + "so, " * (5 + 4 * i) + "done."
+        p["rejected"] = [{"role": "assistant", "content": answer}]
+        added = answer + " Anything else?" if i < 2 else "Sure! " + answer  # two closings, one opening
+        p["chosen"] = [{"role": "assistant", "content": added}]
+    items = [tokenize_pair(tok, p, 512, dpo_tokens="edit") for p in pairs]
+    assert len(items[2].rejected) == 1  # the opening's rejected answer: its first token
+    batch = collate(items, tok.pad_token_id)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert dpo.covering_rows(batch["input_ids"], lengths, batch["completion_mask"]) == {3: 0, 4: 1, 5: 2}
+    rows = []
+    backbone = model.get_base_model().model
+    real = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda **kw: rows.append(kw["input_ids"].shape[0]) or real(**kw))
+
+    def run(cover: bool):
+        if not cover:
+            monkeypatch.setattr(dpo, "covering_rows", lambda *a: {})
+        model.zero_grad()
+        logps, counts = sequence_logps(model, batch)
+        logps.sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    read = run(cover=True)
+    assert sum(rows[1:]) == 3  # after the shared prefix, the three chosen rows only
+    rows.clear()
+    computed = run(cover=False)
+    assert sum(rows[1:]) == 6
+    assert torch.equal(read[1], computed[1])
+    assert torch.allclose(read[0], computed[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(read[2], computed[2]))
+    # A row that only looks alike (another token before its last) still runs.
+    other = batch["input_ids"].clone()
+    other[3, lengths[3] - 2] = (other[3, lengths[3] - 2] + 1) % len(tok)
+    assert 3 not in dpo.covering_rows(other, lengths, batch["completion_mask"])
+
+
 def test_edited_tokens_mark_what_the_edit_changed():
     # An added opening: the inserted tokens, nothing of the kept answer.
     assert edited_tokens([9, 8, 1, 2, 3, 0], [1, 2, 3, 0]) == (1, 1, 1, 0, 0, 0)

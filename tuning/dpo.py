@@ -444,6 +444,26 @@ def row_groups(lengths: list[int], overhead: int | None = None) -> list[list[int
     return groups[::-1]
 
 
+def covering_rows(ids: torch.Tensor, lengths: list[int], comp: torch.Tensor) -> dict[int, int]:
+    """{row: another row} for each row whose tokens, all but its last, begin another row
+    that is computed (not itself covered): every position that predicts one of its tokens
+    has the same context there, so the same hidden states, and the row need not run. A
+    rejected answer that an added closing only extends (the answer, then its end-of-turn
+    where the chosen one goes on) is such a row, as long as the chosen one; so is the one
+    token left of a rejected answer after an added opening."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    run: list[int] = []
+    host: dict[int, int] = {}
+    for r in order:
+        need = lengths[r] - 1
+        c = next((c for c in run if comp[r].any() and lengths[c] >= need and torch.equal(ids[r, :need], ids[c, :need])), None)
+        if c is None:
+            run.append(r)
+        else:
+            host[r] = c
+    return host
+
+
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The logits at the M positions that predict an answer token (``completion_mask``):
     (M, V) float32 logits, (M,) the sequence each belongs to, (M,) the tokens they predict.
@@ -456,7 +476,10 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     - the rows run in groups of similar length (``row_groups``), each cut to its longest
       row: a batch of replayed answers of 18 and 96 tokens, short chosen answers beside
       long rejected ones (a shortened answer), a rejected answer cut after its last marked
-      token (an added opening) are not all padded to the longest and computed."""
+      token (an added opening) are not all padded to the longest and computed;
+    - a row whose context is another row's (``covering_rows``: the rejected answer of an
+      added closing, all but its end-of-turn, is its chosen answer's start) does not run:
+      its positions are read from that row's hidden states."""
     from transformers import DynamicCache
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -468,8 +491,12 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
         kv = backbone(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=True).past_key_values
         kv = [(layer.keys, layer.values) for layer in kv.layers]
     lengths = attn.sum(1).tolist()  # right-padded: a row's tokens are its first ``length``
+    host = covering_rows(ids, lengths, comp)
+    run = [r for r in range(ids.shape[0]) if r not in host]
     picked: list = [None] * ids.shape[0]
-    for group in row_groups([n - prefix for n in lengths]):
+    states: dict = {}
+    for group in row_groups([lengths[r] - prefix for r in run]):
+        group = [run[g] for g in group]
         width, at = max(lengths[r] for r in group), torch.tensor(group, device=ids.device)
         past = None
         if kv is not None:
@@ -479,7 +506,10 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
                           use_cache=past is not None).last_hidden_state  # (rows, width - prefix, H)
         # Position t predicts token t+1; the hidden states start at position ``prefix``.
         for j, r in enumerate(group):
+            states[r] = hidden[j]
             picked[r] = hidden[j, :-1][comp[r, prefix + 1 : width].bool()]
+    for r, c in host.items():  # the same context as row c up to r's last token: c's states
+        picked[r] = states[c][: lengths[r] - 1 - prefix][comp[r, prefix + 1 : lengths[r]].bool()]
     mask = comp[:, 1:].bool()  # (N, T-1)
     rows = mask.nonzero()[:, 0]  # (M,) which sequence each scored position belongs to, in row order as picked
     logits = lm.get_output_embeddings()(torch.cat(picked)).float()  # (M, V)
