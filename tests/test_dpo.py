@@ -442,6 +442,36 @@ def test_edit_dpo_counts_only_what_tells_the_answers_apart():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_chosen_tail_ends_the_chosen_answer_after_its_last_edited_token_and_changes_only_the_whole_answer_mean():
+    """TrainConfig.chosen_tail: an added opening keeps ``tail`` chosen tokens after its last
+    edited one; the DPO and edit marks, the unlikelihood positions and the DPO log-ratios
+    are those of the whole pair (what comes later changes nothing before it); an added
+    closing, edited at its end, keeps all of it."""
+    tok = tiny_tokenizer()
+    answer = "yes it is, " * 12 + "so."
+    opening = {"prompt": [{"role": "user", "content": "q?"}], "chosen": [{"role": "assistant", "content": "Great question! " + answer}],
+               "rejected": [{"role": "assistant", "content": answer}]}
+    closing = {**opening, "chosen": [{"role": "assistant", "content": answer + " Anything else?"}]}
+    args = dict(nll_tokens="both", dpo_tokens="edit", kept=True, unlike=True)
+    whole, cut = (tokenize_pair(tok, opening, 512, **args, tail=t) for t in (0, 3))
+    last = max(i for i, m in enumerate(whole.dpo[0]) if m)
+    assert len(cut.chosen) == last + 1 + 3 < len(whole.chosen)
+    assert cut.chosen == whole.chosen[: len(cut.chosen)] and cut.rejected == whole.rejected
+    assert cut.dpo == (whole.dpo[0][: len(cut.chosen)], whole.dpo[1]) and sum(cut.dpo[0]) == sum(whole.dpo[0])
+    assert cut.nll == whole.nll[: len(cut.chosen)] and cut.unlike == whole.unlike
+    ends = [tokenize_pair(tok, closing, 512, **args, tail=t) for t in (0, 3)]
+    assert ends[0] == ends[1]
+    model = tiny_model(len(tok)).eval()
+    with torch.no_grad():
+        a = sequence_logps(model, collate([whole], tok.pad_token_id), nll=True)
+        b = sequence_logps(model, collate([cut], tok.pad_token_id), nll=True)
+    assert torch.allclose(a[0], b[0], atol=1e-5)  # the DPO log-ratios' sums
+    assert torch.allclose(a[2], b[2], atol=1e-5)  # the edit mean's sums
+    assert b[1][0] < a[1][0]  # the whole-answer mean reads fewer tokens
+    with pytest.raises(ValueError, match="chosen_tail"):
+        TrainConfig(chosen_tail=-1).check()
+
+
 def test_replayed_answers_hold_a_dpo_version_to_what_it_said_elsewhere():
     """TrainConfig.replay in a feedback job: each DPO step also trains the KL from the starting
     model's distribution on replayed general answers (tuning.sft.Replay). The same DPO run

@@ -147,10 +147,13 @@ def _completion_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> list[i
 
 
 def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "answer",
-                  dpo_tokens: str = "answer", kept: bool = False, unlike: bool = False) -> TokenizedPair:
+                  dpo_tokens: str = "answer", kept: bool = False, unlike: bool = False,
+                  tail: int = 0) -> TokenizedPair:
     """Chat-template a pair; over ``max_length`` keep the prompt's end and the answers' start.
     ``nll_tokens="edit"`` marks the chosen tokens the NLL term counts (:func:`edited_tokens`;
-    with ``kept``, also :func:`kept_starts`); ``unlike`` lists :func:`kept_unlikes`."""
+    with ``kept``, also :func:`kept_starts`); ``unlike`` lists :func:`kept_unlikes`.
+    ``tail`` > 0 (with ``dpo_tokens="edit"``): the chosen answer ends ``tail`` tokens after
+    its last edited one (``TrainConfig.chosen_tail``)."""
     prompt = tokenizer.apply_chat_template(
         pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
@@ -176,6 +179,10 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
         # computed. An added opening leaves one rejected token (its first) to score.
         end = max((i for i, m in enumerate(cut) if m), default=len(cut) - 1) + 1
         rejected, marks = rejected[:end], (edited, cut[:end])
+        if tail > 0:  # only the whole-answer NLL mean read the chosen answer's tokens past this
+            end = max(i for i, m in enumerate(edited) if m) + 1 + tail
+            chosen, edited, marks = chosen[:end], edited[:end], (edited[:end], marks[1])
+            nll = nll[:end] if nll is not None else None
     return TokenizedPair(prompt, chosen, rejected, nll, marks,
                          unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
 
@@ -638,7 +645,7 @@ def train_loop(
 def pair_items(tokenizer, pairs: list[dict], config: TrainConfig) -> list[TokenizedPair]:
     """The pairs tokenized as ``config`` trains them."""
     return [tokenize_pair(tokenizer, p, config.max_length, config.nll_tokens, config.dpo_tokens,
-                          config.nll_kept_starts, config.unlike_kept_starts > 0) for p in pairs]
+                          config.nll_kept_starts, config.unlike_kept_starts > 0, config.chosen_tail) for p in pairs]
 
 
 def early_close_pairs(pairs: list[dict]) -> list[dict]:
