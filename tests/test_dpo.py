@@ -10,6 +10,20 @@ from tuning.config import TrainConfig
 from tuning.dpo import Cancelled, collate, dpo_loss, edited_tokens, pair_loss, sequence_logps, tokenize_pair, train_loop
 
 
+def moved_lora(tok):
+    """The tiny model with a LoRA adapter whose B factors are not zero: the policy differs
+    from the reference, so the DPO term has a gradient (seeded: the same adapter each time)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
 def test_equal_policy_and_reference_give_log_2():
     x = torch.tensor([-5.0, -12.0, -0.3])
     losses, cr, rr = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
@@ -56,20 +70,13 @@ def test_a_batch_runs_its_shared_prefix_once_and_its_rows_in_groups_of_similar_l
     the rows go on from its keys and values; the rows run in groups of similar length, each
     cut to its longest row, where the padding saved is worth another pass. The same
     log-probabilities and gradients as one padded batch computed whole."""
-    from peft import LoraConfig, get_peft_model
-
     from tuning import dpo
 
     assert dpo.row_groups([10, 200, 12, 190], overhead=48) == [[0, 2], [3, 1]]
     assert dpo.row_groups([10, 200, 12, 190], overhead=1000) == [[0, 2, 3, 1]]  # a pass costs more than the padding
     assert dpo.row_groups([50, 52, 51], overhead=48) == [[0, 2, 1]]
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = moved_lora(tok)
     pairs = toy_pairs(3)
     for i, p in enumerate(pairs):  # chosen answers much shorter than rejected ones
         p["rejected"] = [{"role": "assistant", "content": "no, " * (30 + 3 * i) + "it is not."}]
@@ -104,17 +111,10 @@ def test_a_rejected_answer_that_the_chosen_one_only_extends_is_read_from_the_cho
     and its end-of-turn; with an added opening, under edit marks, it is one token after the
     prompt. Neither row runs (covering_rows): the chosen row's hidden states give the same
     log-probabilities and gradients as computing them."""
-    from peft import LoraConfig, get_peft_model
-
     from tuning import dpo
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = moved_lora(tok)
     pairs = toy_pairs(3)
     for i, p in enumerate(pairs):
         answer = "it is " + "so, " * (5 + 4 * i) + "done."
@@ -421,17 +421,10 @@ def test_edit_dpo_counts_only_what_tells_the_answers_apart():
     # the same loss and gradients as with the whole rejected answer, its later tokens unmarked.
     import dataclasses
 
-    from peft import LoraConfig, get_peft_model
-
     full = tokenize_pair(tok, pair, 512).rejected
     assert len(item.rejected) == max(i for i, m in enumerate(rejected_marks) if m) + 1 < len(full)
     whole_item = dataclasses.replace(item, rejected=full, dpo=(chosen_marks, rejected_marks + (0,) * (len(full) - len(item.rejected))))
-    torch.manual_seed(0)
-    lora = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)  # not the reference, so the DPO term has a gradient
+    lora = moved_lora(tok)
     grads = []
     for it in (item, whole_item):
         lora.zero_grad()
