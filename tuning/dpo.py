@@ -454,10 +454,11 @@ def row_groups(lengths: list[int], overhead: int | None = None) -> list[list[int
 def covering_rows(ids: torch.Tensor, lengths: list[int], comp: torch.Tensor) -> dict[int, int]:
     """{row: another row} for each row whose tokens, all but its last, begin another row
     that is computed (not itself covered): every position that predicts one of its tokens
-    has the same context there, so the same hidden states, and the row need not run. A
-    rejected answer that an added closing only extends (the answer, then its end-of-turn
-    where the chosen one goes on) is such a row, as long as the chosen one; so is the one
-    token left of a rejected answer after an added opening."""
+    has the same context there, so the same hidden states, and the row need not run. Such
+    rows: the rejected answer of an added closing (the chosen answer up to where the
+    closing begins, then its end-of-turn), the chosen answer of a shortened one (the
+    rejected answer's start, then its end-of-turn), and the one token left of a rejected
+    answer after an added opening."""
     order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
     run: list[int] = []
     host: dict[int, int] = {}
