@@ -178,11 +178,11 @@ def tokenize_pair(tokenizer, pair: dict, max_length: int, nll_tokens: str = "ans
         # and under causal attention what comes after changes nothing before: it is not
         # computed. An added opening leaves one rejected token (its first) to score.
         end = max((i for i, m in enumerate(cut) if m), default=len(cut) - 1) + 1
+        if tail > 0:  # past this only the whole-answer NLL mean reads the chosen answer
+            keep = max(i for i, m in enumerate(edited) if m) + 1 + tail
+            chosen, edited = chosen[:keep], edited[:keep]
+            nll = nll[:keep] if nll is not None else None
         rejected, marks = rejected[:end], (edited, cut[:end])
-        if tail > 0:  # only the whole-answer NLL mean read the chosen answer's tokens past this
-            end = max(i for i, m in enumerate(edited) if m) + 1 + tail
-            chosen, edited, marks = chosen[:end], edited[:end], (edited[:end], marks[1])
-            nll = nll[:end] if nll is not None else None
     return TokenizedPair(prompt, chosen, rejected, nll, marks,
                          unlike=kept_unlikes(chosen, edited, starts) if unlike else None)
 
@@ -464,8 +464,8 @@ def covering_rows(ids: torch.Tensor, lengths: list[int], comp: torch.Tensor) -> 
     host: dict[int, int] = {}
     for r in order:
         need = lengths[r] - 1
-        c = next((c for c in run if comp[r].any() and lengths[c] >= need and torch.equal(ids[r, :need], ids[c, :need])), None)
-        if c is None:
+        c = next((c for c in run if lengths[c] >= need and torch.equal(ids[r, :need], ids[c, :need])), None)
+        if c is None or not comp[r].any():
             run.append(r)
         else:
             host[r] = c
@@ -501,7 +501,6 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     lengths = attn.sum(1).tolist()  # right-padded: a row's tokens are its first ``length``
     host = covering_rows(ids, lengths, comp)
     run = [r for r in range(ids.shape[0]) if r not in host]
-    picked: list = [None] * ids.shape[0]
     states: dict = {}
     for group in row_groups([lengths[r] - prefix for r in run]):
         group = [run[g] for g in group]
@@ -513,11 +512,9 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
         hidden = backbone(input_ids=ids[at, prefix:width], attention_mask=attn[at, :width], past_key_values=past,
                           use_cache=past is not None).last_hidden_state  # (rows, width - prefix, H)
         # Position t predicts token t+1; the hidden states start at position ``prefix``.
-        for j, r in enumerate(group):
-            states[r] = hidden[j]
-            picked[r] = hidden[j, :-1][comp[r, prefix + 1 : width].bool()]
-    for r, c in host.items():  # the same context as row c up to r's last token: c's states
-        picked[r] = states[c][: lengths[r] - 1 - prefix][comp[r, prefix + 1 : lengths[r]].bool()]
+        states.update((r, hidden[j]) for j, r in enumerate(group))
+    # A covered row reads its host's states: the same context up to its last token.
+    picked = [states[host.get(r, r)][: max(n - 1 - prefix, 0)][comp[r, prefix + 1 : n].bool()] for r, n in enumerate(lengths)]
     mask = comp[:, 1:].bool()  # (N, T-1)
     rows = mask.nonzero()[:, 0]  # (M,) which sequence each scored position belongs to, in row order as picked
     logits = lm.get_output_embeddings()(torch.cat(picked)).float()  # (M, V)
