@@ -1,6 +1,7 @@
 """The gate's greedy answers two ways: transformers' ``generate`` (every row stays in the
 batch until the last one ends, what the gate used before) and ``tuning.generation``'s own
-loop (a row leaves when its answer ends). Prints the seconds of each and how many answers
+loop (a row leaves when its answer ends; a step's grouped-query attention copies no keys or
+values). Prints the seconds of each and how many answers
 are the same, for a LoRA kept apart (as the gate and vLLM run a version) and for the base.
 
     .venv/bin/python bench/answering_bench.py [--tokens 256] [--dtype float32]
@@ -85,7 +86,7 @@ def main() -> int:
         now = greedy_answers(model, tok, convs, max_new_tokens=a.tokens, frequency_penalty=gate.frequency_penalty,
                              adapter_off=adapter_off, **kw)
         t2 = time.monotonic()
-        rows.append(f"{'base' if adapter_off else 'LoRA kept apart'}: generate {t1 - t0:.1f} s, ended rows leave "
+        rows.append(f"{'base' if adapter_off else 'LoRA kept apart'}: generate {t1 - t0:.1f} s, our loop "
                     f"{t2 - t1:.1f} s ({(t2 - t1) / (t1 - t0):.2f}x), the same answers "
                     f"{sum(x == y for x, y in zip(before, now))}/{len(convs)}, {sum(n for _, n in now)} answer tokens")
     print(f"{time.strftime('%Y-%m-%d')}, {describe_cpu(*cpu_info())}, {a.dtype}, {len(convs)} prompts up to "

