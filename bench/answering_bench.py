@@ -56,24 +56,18 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from assistant.model_files import prepare_embedded_model
     from assistant.precision import cpu_info, describe_cpu
     from tuning.gate import GateConfig
     from tuning.generation import greedy_answers
 
+    from merged_answers import random_lora  # noqa: E402 (bench/ is on the path as the script's folder)
+
     folder = prepare_embedded_model(a.models_dir)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, a.dtype)),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    model = random_lora(folder, 16, 0.02, a.dtype).eval()
     gate = GateConfig()
     convs = ([[{"role": "user", "content": g.prompt + " Explain in detail."}] for g in gate.golden[:32]]
              + [[{"role": "user", "content": g.prompt}] for g in gate.golden])

@@ -20,6 +20,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def random_lora(folder: Path, rank: int, std: float, dtype: str = "float32"):
+    """The model in ``folder`` with a rank-``rank`` LoRA on every linear layer whose B is
+    drawn with standard deviation ``std`` (peft starts it at zero: it would change nothing),
+    the same every run: what a trained version costs to run, for the answering benchmarks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return model
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,9 +45,7 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--models-dir", type=Path, default=Path(os.environ.get("ASSISTANT_MODELS_DIR", ROOT / "data" / "models")))
     a = p.parse_args()
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from assistant.model_files import prepare_embedded_model
     from assistant.precision import cpu_info, describe_cpu
@@ -38,13 +54,7 @@ def main() -> int:
 
     folder = prepare_embedded_model(a.models_dir)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-                           LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules="all-linear"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.002)
+    model = random_lora(folder, a.rank, 0.002)
     gate = GateConfig()
     convs = [[{"role": "user", "content": g.prompt}] for g in gate.golden]
     kw = dict(max_new_tokens=a.tokens, batch_size=gate.answer_batch_size, frequency_penalty=gate.frequency_penalty)
